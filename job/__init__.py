@@ -1,0 +1,1 @@
+"""A resumable training job for a MAGVIT-style video tokenizer."""

@@ -1,0 +1,228 @@
+"""Checkpoints (SPEC §4, §7, §10): format, manifest, commit order, finding the newest valid one.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
+
+- ``model.safetensors``: the weights alone; the same weights give the same bytes,
+- ``optimizer.safetensors``: the optimizer's tensors,
+- ``rng.safetensors``: the random generators' states,
+- ``state.json``: everything else (position in the data, history, scheduler, config),
+- ``manifest.json``: written last, the sha256 and size of every file above plus step, epoch
+  and created_at. Without a manifest whose every hash matches, the folder does not count.
+
+Nothing here unpickles: tensors go through safetensors, the rest through JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from job.storage import Layout, RunStore
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+log = structlog.get_logger("job.checkpoint")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: missing manifest, a hash or size that does not match."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back and verified: tensors by file, and the JSON state."""
+
+    name: str
+    manifest: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def encode_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> dict[str, bytes]:
+    """The files of a checkpoint, as bytes (no manifest yet)."""
+    optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
+    return {
+        MODEL_FILE: save_tensors(_cpu_contiguous(model.state_dict())),
+        OPTIMIZER_FILE: save_tensors(_cpu_contiguous(optimizer_tensors)),
+        RNG_FILE: save_tensors(_rng_states()),
+        STATE_FILE: _json_bytes({**state, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}),
+    }
+
+
+def make_manifest(files: dict[str, bytes], step: int, epoch: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "epoch": epoch,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            for name, data in sorted(files.items())
+        },
+    }
+
+
+class Checkpointer:
+    """Writes, finds, loads and prunes the checkpoints of one run folder."""
+
+    def __init__(self, store: RunStore, keep_last: int):
+        self.store = store
+        self.keep_last = keep_last
+
+    def save(
+        self,
+        step: int,
+        epoch: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        state: dict[str, Any],
+    ) -> str:
+        """Commit a checkpoint in the order files, manifest, latest.json. Returns its name."""
+        name = Layout.checkpoint_name(step)
+        files = encode_checkpoint(model, optimizer, scheduler, state)
+        manifest = make_manifest(files, step, epoch)
+        # A folder of this name can only be a leftover of an attempt that died before or
+        # after committing it, from a step this attempt has redone: it is replaced.
+        self.store.delete_tree(Layout.checkpoint_dir(name))
+        for filename, data in files.items():
+            self.store.write_bytes(Layout.checkpoint_file(name, filename), data)
+        self.store.write_json(Layout.checkpoint_file(name, MANIFEST_FILE), manifest)
+        self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
+        return name
+
+    def names(self) -> list[str]:
+        """Checkpoint folder names, oldest first (committed or not)."""
+        return [n for n in self.store.list_dir(Layout.checkpoints) if n.startswith("step-")]
+
+    def committed(self) -> list[str]:
+        """Folders with a manifest, oldest first; cheap (hashes are not checked)."""
+        return [n for n in self.names() if self.store.exists(Layout.checkpoint_file(n, MANIFEST_FILE))]
+
+    def load(self, name: str) -> Checkpoint:
+        """Read and verify every file against the manifest; raise CheckpointError on any doubt."""
+        manifest = self.store.read_json(Layout.checkpoint_file(name, MANIFEST_FILE))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise CheckpointError(f"{name}: no readable manifest.json")
+        missing = {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE} - set(manifest["files"])
+        if missing:
+            raise CheckpointError(f"{name}: manifest lacks {', '.join(sorted(missing))}")
+        blobs = {}
+        for filename, expected in manifest["files"].items():
+            data = self.store.read_bytes(Layout.checkpoint_file(name, filename))
+            if data is None:
+                raise CheckpointError(f"{name}/{filename}: missing")
+            if len(data) != expected.get("size"):
+                raise CheckpointError(f"{name}/{filename}: size {len(data)}, manifest says {expected.get('size')}")
+            if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
+                raise CheckpointError(f"{name}/{filename}: sha256 does not match the manifest")
+            blobs[filename] = data
+        try:
+            return Checkpoint(
+                name=name,
+                manifest=manifest,
+                model=load_tensors(blobs[MODEL_FILE]),
+                optimizer=load_tensors(blobs[OPTIMIZER_FILE]),
+                rng=load_tensors(blobs[RNG_FILE]),
+                state=json.loads(blobs[STATE_FILE]),
+            )
+        except (ValueError, RuntimeError) as exc:  # hashes matched but the content is not ours
+            raise CheckpointError(f"{name}: unreadable content: {exc}") from exc
+
+    def load_newest_valid(self) -> Checkpoint | None:
+        """The newest checkpoint that passes verification; each one skipped is logged as a warning."""
+        for name in reversed(self.names()):
+            try:
+                return self.load(name)
+            except CheckpointError as exc:
+                log.warning("checkpoint.skipped", checkpoint=name, reason=str(exc))
+        return None
+
+    def prune(self, newest: str, best: str | None) -> list[str]:
+        """Delete what the just-committed ``newest`` has replaced: committed checkpoints beyond the
+        last ``keep_last`` (the best is kept), and leftovers older than ``newest``.
+        The manifest goes first, so that a half-deleted folder never counts as a checkpoint."""
+        committed = [n for n in self.committed() if n <= newest]
+        keep = set(committed[-self.keep_last :]) | {newest} | ({best} if best else set())
+        doomed = [n for n in self.names() if n < newest and n not in keep]
+        for name in doomed:
+            self.store.delete_tree(Layout.checkpoint_file(name, MANIFEST_FILE))
+            self.store.delete_tree(Layout.checkpoint_dir(name))
+        return doomed
+
+
+def restore(
+    checkpoint: Checkpoint,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Put model, optimizer, scheduler and random generators back exactly as they were saved."""
+    model.load_state_dict(checkpoint.model)
+    optimizer.load_state_dict(_join_optimizer_state(checkpoint.optimizer, checkpoint.state["optimizer"]))
+    scheduler.load_state_dict(checkpoint.state["scheduler"])
+    torch.set_rng_state(checkpoint.rng["cpu"])
+    cuda_states = [checkpoint.rng[k] for k in sorted(checkpoint.rng) if k.startswith("cuda.")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+# --- encoding helpers --------------------------------------------------------------------
+
+
+def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{i:02d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as (tensors for safetensors, the rest for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{key}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, param_id, name = key.split(".", 2)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in rest["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()

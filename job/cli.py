@@ -1,0 +1,114 @@
+"""Command line (SPEC §3): ``python -m job MODE [options]``; parsing and exit codes only.
+
+Heavy imports (torch) happen inside the modes, so ``--help`` and usage errors answer fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_DATA = 3
+
+MODES = {
+    "generate": "write the dataset (train also does it when the dataset is missing)",
+    "train": "resumable training; resumes automatically when the run already has checkpoints",
+}
+
+
+def common_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--run-uri", default=os.environ.get("JOB_RUN_URI"),
+        help="run folder: a local path (s3:// in a later release); env JOB_RUN_URI; default ./runs/<preset>",
+    )
+    parent.add_argument(
+        "--preset", default=os.environ.get("JOB_PRESET", "default"),
+        help="smoke | small | default (env JOB_PRESET; default: default)",
+    )
+    parent.add_argument("--config", metavar="FILE", help="JSON or TOML file of config sections, applied after the preset")
+    parent.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one dotted config key, e.g. --set train.epochs=3 (repeatable; applied last)",
+    )
+    parent.add_argument(
+        "--cache-dir", default=os.environ.get("JOB_CACHE_DIR"),
+        help="local working copy of a remote run (env JOB_CACHE_DIR)",
+    )
+    parent.add_argument(
+        "--log-level", default=os.environ.get("JOB_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+        help="env JOB_LOG_LEVEL; default INFO",
+    )
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m job", description="MAGVIT-style video tokenizer training job")
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+    parent = common_options()
+    for name, help_text in MODES.items():
+        modes.add_parser(name, parents=[parent], help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from job.config import ConfigError, build_config  # after parsing: --help stays instant
+    from job.monitor import setup_logging
+
+    setup_logging(args.log_level, mode=args.mode)
+    try:
+        cfg = build_config(args.preset, args.config, args.overrides)
+    except ConfigError as exc:
+        return fail(EXIT_USAGE, "bad configuration", exc)
+    run_uri = args.run_uri or os.path.join("runs", args.preset)
+    return run_mode(args.mode, lambda: dispatch(args.mode, cfg, run_uri))
+
+
+def dispatch(mode: str, cfg, run_uri: str) -> None:
+    from job.storage import open_run_store
+    from job.train import run_generate, train
+
+    store = open_run_store(run_uri)
+    if mode == "generate":
+        store.check_writable()
+        run_generate(cfg, store)
+    elif mode == "train":
+        train(cfg, store)
+
+
+def run_mode(mode: str, body: Callable[[], None]) -> int:
+    """Run a mode and turn its failure into the exit code SPEC §3 promises."""
+    from job.config import ConfigError
+    from job.data import DataError
+
+    try:
+        body()
+    except ConfigError as exc:
+        return fail(EXIT_USAGE, "refused", exc)
+    except DataError as exc:
+        return fail(EXIT_BAD_DATA, "bad input data", exc)
+    except KeyboardInterrupt as exc:
+        return fail(EXIT_FAILED, "interrupted", exc)
+    except Exception as exc:
+        return fail(EXIT_FAILED, f"{mode} failed", exc, with_traceback=True)
+    return EXIT_OK
+
+
+def fail(code: int, what: str, exc: BaseException, with_traceback: bool = False) -> int:
+    import structlog
+
+    log = structlog.get_logger("job.cli")
+    if with_traceback:
+        log.error(what, error=str(exc), exit_code=code, exc_info=exc)
+    else:
+        log.error(what, error=str(exc), exit_code=code)
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    return code

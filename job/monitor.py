@@ -1,0 +1,220 @@
+"""Monitoring (SPEC §8, §9): structured logs, progress.json / PROGRESS.txt and the heartbeat.
+
+Imports no torch, so that a laptop can use the same progress rendering as the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from job.storage import Layout, RunStore
+
+STATUSES = ("starting", "running", "completed", "failed", "preempted", "stalled")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# Fields stamped on every record of this process (mode, attempt, rank). A plain dict rather
+# than contextvars, because records also come from the heartbeat and other threads.
+_RUN_CONTEXT: dict[str, Any] = {}
+
+
+def bind_run_context(**fields: Any) -> None:
+    _RUN_CONTEXT.update(fields)
+
+
+def _add_run_context(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in _RUN_CONTEXT.items():
+        event.setdefault(key, value)
+    return event
+
+
+_SHARED_PROCESSORS = [
+    _add_run_context,
+    structlog.stdlib.add_logger_name,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.processors.StackInfoRenderer(),
+]
+
+
+def _json_formatter() -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED_PROCESSORS,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+    )
+
+
+def setup_logging(level: str = "INFO", **context: Any) -> None:
+    """JSON lines on stdout, flushed per record. Goes through the standard library's logging so
+    that third-party loggers land in the same pipeline; ``context`` (mode, rank, ...) is bound
+    to every record."""
+    structlog.configure(
+        processors=[*_SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(_json_formatter())
+    root.addHandler(stdout)
+    root.setLevel(level.upper())
+    _RUN_CONTEXT.clear()
+    bind_run_context(**context)
+
+
+def add_log_file(path: Path) -> None:
+    """Also write every record, as JSON lines, to ``path`` (one file per attempt)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(_json_formatter())
+    logging.getLogger().addHandler(handler)
+
+
+class Progress:
+    """The live state of a run: ``progress.json`` for programs, ``PROGRESS.txt`` for people.
+
+    Updated from the training thread and the heartbeat thread, hence the lock."""
+
+    def __init__(self, store: RunStore, **fields: Any):
+        self.store = store
+        self._lock = threading.Lock()
+        now = utc_now()
+        self.fields: dict[str, Any] = {
+            "status": "starting",
+            "mode": "train",
+            "epoch": 0,
+            "epochs": 0,
+            "step": 0,
+            "total_steps": 0,
+            "loss": None,
+            "samples_per_second": None,
+            "eta_seconds": None,
+            "started_at": now,
+            "updated_at": now,
+            "heartbeat_at": now,
+            "attempt": 0,
+            "last_checkpoint": None,
+            **fields,
+        }
+
+    def update(self, **fields: Any) -> None:
+        """Merge ``fields`` and rewrite both files."""
+        with self._lock:
+            self.fields.update(fields)
+            self.fields["updated_at"] = utc_now()
+            self._write()
+
+    def beat(self) -> None:
+        with self._lock:
+            self.fields["heartbeat_at"] = utc_now()
+            self._write()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.fields)
+
+    def _write(self) -> None:
+        self.store.write_json(Layout.progress, self.fields)
+        self.store.write_text(Layout.progress_text, render_progress(self.fields))
+
+
+def render_progress(p: dict[str, Any]) -> str:
+    """A few lines a person can read at a glance."""
+    loss = "-" if p.get("loss") is None else f"{p['loss']:.5f}"
+    rate = "-" if p.get("samples_per_second") is None else f"{p['samples_per_second']:.1f} samples/s"
+    eta = "-" if p.get("eta_seconds") is None else format_duration(p["eta_seconds"])
+    pct = 100.0 * p.get("step", 0) / p["total_steps"] if p.get("total_steps") else 0.0
+    lines = [
+        f"status:          {p.get('status')} ({p.get('mode')}, attempt {p.get('attempt')})",
+        f"epoch:           {p.get('epoch')}/{p.get('epochs')}",
+        f"step:            {p.get('step')}/{p.get('total_steps')} ({pct:.1f}%)",
+        f"loss:            {loss}",
+        f"speed:           {rate}",
+        f"eta:             {eta}",
+        f"last checkpoint: {p.get('last_checkpoint') or '-'}",
+        f"started:         {p.get('started_at')}",
+        f"updated:         {p.get('updated_at')}",
+        f"heartbeat:       {p.get('heartbeat_at')}",
+    ]
+    if p.get("error"):
+        lines.append(f"error:           {p['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Heartbeat:
+    """A daemon thread that, every ``interval`` seconds, logs and refreshes progress.json,
+    so that a reader can tell a slow run from a dead one."""
+
+    def __init__(self, progress: Progress, interval: float):
+        self.progress = progress
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._log = structlog.get_logger("job.heartbeat")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.progress.beat()
+                state = self.progress.snapshot()
+                self._log.info("heartbeat", step=state["step"], status=state["status"])
+            except Exception:  # a failed beat must not kill the thread: the next one may succeed
+                self._log.exception("heartbeat.failed")
+
+
+class RateMeter:
+    """Samples per second over the recent past, and the ETA it implies."""
+
+    def __init__(self, window_seconds: float = 30.0):
+        self.window = window_seconds
+        self._points: list[tuple[float, int]] = []
+
+    def add(self, samples_done: int) -> None:
+        now = time.monotonic()
+        self._points.append((now, samples_done))
+        while len(self._points) > 2 and now - self._points[0][0] > self.window:
+            self._points.pop(0)
+
+    def rate(self) -> float | None:
+        if len(self._points) < 2:
+            return None
+        (t0, n0), (t1, n1) = self._points[0], self._points[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+    def eta(self, samples_left: int) -> float | None:
+        rate = self.rate()
+        return samples_left / rate if rate else None

@@ -1,0 +1,435 @@
+"""``train``: the story of one run (SPEC §7), readable top to bottom.
+
+1. Preflight the run folder, find the newest valid checkpoint, refuse a resume that would
+   change the math.
+2. Make sure the dataset exists; build model, optimizer and schedule.
+3. Restore everything the checkpoint holds: weights, optimizer, schedule, random states, the
+   position inside the epoch, the metrics history, the attempt counter.
+4. Train: batches in a per-epoch order that is a pure function of (seed, epoch), so that a
+   resumed run sees exactly the batches the uninterrupted one would have; validate at each
+   epoch end; checkpoint by epochs, steps and minutes; stop at the end with a final one.
+
+A killed and restarted run therefore ends with the same bytes of ``model.safetensors`` as a
+run that was never interrupted (on the same CPU machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from job.checkpoint import Checkpointer, restore
+from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys, split_sizes
+from job.data import VideoDataset, generate_dataset
+from job.model import VideoTokenizer, codebook_stats, compute_loss, reconstruction_loss
+from job.monitor import Heartbeat, Progress, RateMeter, add_log_file, bind_run_context, format_duration, utc_now
+from job.storage import Layout, RunStore, StorageError
+
+log = structlog.get_logger("job.train")
+
+
+class ResumeRefused(ConfigError):
+    """The run folder holds a run whose math differs from the requested config (exit 2)."""
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint and restored on resume."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    sample_in_epoch: int = 0  # samples of the current epoch's order already trained on
+    epoch_loss_sum: float = 0.0  # running train loss of the current epoch, across resumes
+    epoch_batches: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # {"checkpoint": name, "val_loss": x}
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which process this is. One process for now; DDP will fill these from torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None:
+    preflight(cfg, store)
+    attempt = recorded_attempt(store) + 1
+    bind_run_context(attempt=attempt)
+    add_log_file(store.local_path(Layout.log_file(attempt)))
+
+    checkpointer = Checkpointer(store, cfg.checkpoint.keep_last)
+    previous = checkpointer.load_newest_valid()
+    position = Position()
+    if previous is not None:
+        refuse_math_changes(previous.state["config"], cfg)
+        position = position_from_state(previous.state)
+    position.attempt = max(attempt, position.attempt + 1)
+    store.write_json(Layout.config, cfg.to_dict())
+
+    n_train = split_sizes(cfg.data)[0]
+    steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    progress = Progress(
+        store, attempt=position.attempt, epochs=cfg.train.epochs, total_steps=total_steps,
+        step=position.step, epoch=min(position.epoch + 1, cfg.train.epochs),
+        last_checkpoint=previous.name if previous else None,
+    )
+    progress.update(status="starting")
+
+    try:
+        run_attempt(cfg, store, topology, checkpointer, previous, position, progress, total_steps, steps_per_epoch)
+    except Exception as exc:
+        progress.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def run_attempt(cfg, store, topology, checkpointer, previous, position, progress, total_steps, steps_per_epoch) -> None:
+    dataset = prepare_dataset(cfg, store)
+    device = pick_device(cfg)
+    model, optimizer, scheduler = build_training(cfg, device, total_steps)
+    if previous is not None:
+        restore(previous, model, optimizer, scheduler)
+        log.info(
+            "train.resumed", checkpoint=previous.name, step=position.step, epoch=position.epoch,
+            sample_in_epoch=position.sample_in_epoch,
+        )
+    else:
+        log.info("train.fresh_start", total_steps=total_steps)
+    write_metrics(store, position.metrics)
+
+    if position.step >= total_steps:
+        log.info("train.already_complete", step=position.step, total_steps=total_steps)
+        progress.update(status="completed", step=position.step)
+        return
+
+    loop = TrainingLoop(cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position, topology, device)
+    with Heartbeat(progress, cfg.monitor.heartbeat_seconds):
+        loop.run(total_steps, steps_per_epoch)
+    progress.update(status="completed", eta_seconds=0)
+    log.info("train.completed", step=position.step, best=position.best, checkpoint=progress.fields["last_checkpoint"])
+
+
+class TrainingLoop:
+    """The epochs and batches of one attempt, and the checkpoints they trigger."""
+
+    def __init__(self, cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position, topology, device):
+        self.cfg, self.store, self.dataset = cfg, store, dataset
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.checkpointer, self.progress, self.pos = checkpointer, progress, position
+        self.topology, self.device = topology, device
+        self.train_indices = dataset.split("train")
+        self.val_indices = dataset.split("val")
+        self.rate = RateMeter()
+        self.last_save = time.monotonic()
+        self.last_progress_write = 0.0
+
+    def run(self, total_steps: int, steps_per_epoch: int) -> None:
+        cfg, pos = self.cfg, self.pos
+        batch_size = cfg.train.batch_size
+        self.progress.update(status="running")
+        while pos.epoch < cfg.train.epochs:
+            epoch_started = time.monotonic()
+            order = epoch_order(cfg.seed, pos.epoch, len(self.train_indices))
+            while pos.sample_in_epoch < len(order):
+                batch = order[pos.sample_in_epoch : pos.sample_in_epoch + batch_size]
+                loss = self.train_step(self.train_indices[batch[self.topology.rank :: self.topology.world_size]])
+                pos.step += 1
+                pos.sample_in_epoch += len(batch)
+                pos.epoch_loss_sum += loss
+                pos.epoch_batches += 1
+                self.report_batch(loss, total_steps, steps_per_epoch)
+                if pos.sample_in_epoch < len(order):
+                    reason = self.checkpoint_reason(at_epoch_end=False)
+                    if reason:
+                        self.save(reason)
+            self.finish_epoch(time.monotonic() - epoch_started, total_steps)
+
+    def train_step(self, indices: np.ndarray) -> float:
+        videos, _ = self.dataset.get(indices)
+        videos = videos.to(self.device, non_blocking=True)
+        with self.autocast():
+            out = self.model(videos)
+            loss, _ = compute_loss(out, videos, self.cfg.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def finish_epoch(self, seconds: float, total_steps: int) -> None:
+        pos = self.pos
+        val = self.validate()
+        pos.epoch += 1
+        record = {
+            "epoch": pos.epoch,
+            "step": pos.step,
+            "train_loss": pos.epoch_loss_sum / max(1, pos.epoch_batches),
+            **val,
+            "lr": self.scheduler.get_last_lr()[0],
+            "seconds": round(seconds, 3),
+            "attempt": pos.attempt,
+            "time": utc_now(),
+        }
+        pos.metrics.append(record)
+        pos.sample_in_epoch, pos.epoch_loss_sum, pos.epoch_batches = 0, 0.0, 0
+        write_metrics(self.store, pos.metrics)
+        log.info("train.epoch", **record)
+        self.progress.update(epoch=min(pos.epoch + 1, self.cfg.train.epochs), loss=record["train_loss"])
+
+        final = pos.step >= total_steps
+        reason = "final" if final else self.checkpoint_reason(at_epoch_end=True)
+        if reason:
+            if pos.best is None or val["val_loss"] < pos.best["val_loss"]:
+                pos.best = {"checkpoint": Layout.checkpoint_name(pos.step), "val_loss": val["val_loss"]}
+            self.save(reason)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.eval()
+        indices = self.val_indices
+        batch_size = cfg.train.batch_size
+        if cfg.train.val_batches:
+            indices = indices[: cfg.train.val_batches * batch_size]
+        losses, mses, codes = [], [], []
+        for start in range(0, len(indices), batch_size):
+            videos, _ = self.dataset.get(indices[start : start + batch_size])
+            videos = videos.to(self.device)
+            with self.autocast():
+                out = self.model(videos)
+            recon = out.recon.float()
+            losses.append(float(reconstruction_loss(recon, videos, cfg.model)) * len(videos))
+            mses.append(float(torch.mean((recon - videos) ** 2)) * len(videos))
+            codes.append(out.codes.cpu())
+        self.model.train()
+        stats = codebook_stats(torch.cat(codes), self.model.codebook_size)
+        n = len(indices)
+        return {
+            "val_loss": sum(losses) / n,
+            "val_mse": sum(mses) / n,
+            "codebook_usage": stats["usage"],
+            "codebook_perplexity": stats["perplexity"],
+        }
+
+    def checkpoint_reason(self, at_epoch_end: bool) -> str | None:
+        c, pos = self.cfg.checkpoint, self.pos
+        if at_epoch_end and c.every_epochs and pos.epoch % c.every_epochs == 0:
+            return "epochs"
+        if c.every_steps and pos.step % c.every_steps == 0:
+            return "steps"
+        if c.every_minutes and time.monotonic() - self.last_save >= c.every_minutes * 60:
+            return "minutes"
+        return None
+
+    def save(self, reason: str) -> None:
+        pos = self.pos
+        started = time.monotonic()
+        name = self.checkpointer.save(
+            pos.step, pos.epoch, self.model, self.optimizer, self.scheduler,
+            state_from(pos, self.cfg, reason),
+        )
+        pruned = self.checkpointer.prune(name, pos.best["checkpoint"] if pos.best else None)
+        self.last_save = time.monotonic()
+        log.info(
+            "checkpoint.saved", checkpoint=name, reason=reason, step=pos.step, epoch=pos.epoch,
+            seconds=round(self.last_save - started, 3), pruned=pruned,
+        )
+        self.progress.update(last_checkpoint=name, step=pos.step)
+
+    def report_batch(self, loss: float, total_steps: int, steps_per_epoch: int) -> None:
+        pos, cfg = self.pos, self.cfg
+        self.rate.add(pos.step * cfg.train.batch_size)
+        if pos.step % cfg.train.log_every_batches and pos.step != total_steps:
+            return
+        rate = self.rate.rate()
+        eta = self.rate.eta((total_steps - pos.step) * cfg.train.batch_size)
+        log.info(
+            "train.progress", epoch=pos.epoch + 1, epochs=cfg.train.epochs,
+            batch=math.ceil(pos.sample_in_epoch / cfg.train.batch_size), batches=steps_per_epoch,
+            step=pos.step, total_steps=total_steps, loss=round(loss, 6),
+            lr=self.scheduler.get_last_lr()[0], samples_per_second=rate and round(rate, 1),
+            eta=eta and format_duration(eta),
+        )
+        now = time.monotonic()
+        if now - self.last_progress_write >= cfg.monitor.progress_every_seconds:
+            self.last_progress_write = now
+            self.progress.update(step=pos.step, loss=loss, samples_per_second=rate, eta_seconds=eta)
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+# --- pieces of the story -----------------------------------------------------------------
+
+
+def preflight(cfg: Config, store: RunStore) -> None:
+    """Before any work: the run folder is writable and its disk can hold data and checkpoints."""
+    store.check_writable()
+    d = cfg.data
+    dataset_bytes = 0 if d.uri else d.num_samples * (d.frames * d.height * d.width + 8)
+    # weights + two AdamW moments, for the kept checkpoints plus best and the one being written
+    checkpoint_bytes = 3 * 4 * estimate_parameters(cfg) * (cfg.checkpoint.keep_last + 2)
+    needed = int(1.2 * (dataset_bytes + checkpoint_bytes)) + (64 << 20)
+    free = shutil.disk_usage(store.root).free
+    if free < needed:
+        raise StorageError(
+            f"not enough disk space under {store.root}: {free >> 20} MiB free, "
+            f"about {needed >> 20} MiB needed for the dataset and the kept checkpoints"
+        )
+
+
+def estimate_parameters(cfg: Config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in VideoTokenizer(cfg.model, cfg.data).parameters())
+
+
+def refuse_math_changes(saved_config: dict[str, Any], cfg: Config) -> None:
+    changed = diff_keys(saved_config, cfg.to_dict(), MATH_SECTIONS)
+    if changed:
+        raise ResumeRefused(
+            "refusing to resume: the run's checkpoints were trained with different "
+            f"{', '.join(changed)}; use a new --run-uri, or the run's own config "
+            "(only train.epochs, checkpoint, monitor and logging settings may change)"
+        )
+
+
+def recorded_attempt(store: RunStore) -> int:
+    """The attempt counter of the previous attempt, as progress.json recorded it (0 if none)."""
+    progress = store.read_json(Layout.progress)
+    attempt = progress.get("attempt") if isinstance(progress, dict) else None
+    return attempt if isinstance(attempt, int) else 0
+
+
+def data_directory(cfg: Config, store: RunStore) -> Path:
+    if cfg.data.uri:
+        return Path(cfg.data.uri).expanduser()
+    return store.local_path(Layout.data + "/manifest.json").parent
+
+
+def prepare_dataset(cfg: Config, store: RunStore) -> VideoDataset:
+    """Open the dataset, generating it first (resumably) when it is missing."""
+    directory = data_directory(cfg, store)
+    if not (directory / "manifest.json").exists():
+        run_generate(cfg, store)
+    return VideoDataset(directory, cfg.data, verify=True)
+
+
+def run_generate(cfg: Config, store: RunStore) -> dict[str, Any]:
+    directory = data_directory(cfg, store)
+    started = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        log.info(
+            "generate.progress", samples=done, total=total, percent=round(100 * done / total, 1),
+            samples_per_second=round(done / elapsed, 1) if elapsed > 0 else None,
+        )
+
+    log.info("generate.start", directory=str(directory), samples=cfg.data.num_samples)
+    manifest = generate_dataset(cfg.data, directory, progress=report)
+    log.info("generate.done", seconds=round(time.monotonic() - started, 2), shards=len(manifest["shards"]))
+    return manifest
+
+
+def pick_device(cfg: Config) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(wanted)
+    if device.type == "cpu":
+        # Exact resume needs the same arithmetic every time: deterministic kernels, and a thread
+        # count that does not depend on the moment the process started.
+        torch.use_deterministic_algorithms(True)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+    elif not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {wanted} requested but CUDA is not available")
+    return device
+
+
+def build_training(cfg: Config, device: torch.device, total_steps: int):
+    torch.manual_seed(cfg.seed)
+    model = VideoTokenizer(cfg.model, cfg.data).to(device)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+        foreach=False,  # the same kernels on every attempt; foreach is a speed detail we do not need on CPU
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o.warmup_steps, total_steps, o.min_lr_ratio))
+    return model, optimizer, scheduler
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Linear warmup to the base rate, then cosine decay to ``min_ratio`` of it at the last step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the training samples in one epoch: a pure function of (seed, epoch)."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+
+
+def state_from(pos: Position, cfg: Config, reason: str) -> dict[str, Any]:
+    return {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "sample_in_epoch": pos.sample_in_epoch,
+        "epoch_loss_sum": pos.epoch_loss_sum,
+        "epoch_batches": pos.epoch_batches,
+        "metrics": pos.metrics,
+        "best": pos.best,
+        "attempt": pos.attempt,
+        "reason": reason,
+        "config": cfg.to_dict(),
+    }
+
+
+def position_from_state(state: dict[str, Any]) -> Position:
+    return Position(
+        step=state["step"],
+        epoch=state["epoch"],
+        sample_in_epoch=state["sample_in_epoch"],
+        epoch_loss_sum=state["epoch_loss_sum"],
+        epoch_batches=state["epoch_batches"],
+        metrics=list(state["metrics"]),
+        best=state["best"],
+        attempt=state["attempt"],
+    )
+
+
+def write_metrics(store: RunStore, metrics: list[dict[str, Any]]) -> None:
+    """metrics.jsonl is rewritten whole from the history, so that epochs redone after a resume
+    appear once."""
+    store.write_text(Layout.metrics, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+

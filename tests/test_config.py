@@ -1,0 +1,99 @@
+"""Configuration and the command line: presets, file, --set, env, and refusal before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from job.config import ConfigError, build_config, diff_keys, MATH_SECTIONS
+from tests.conftest import job_env, run_job
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_presets_resolve_and_differ():
+    smoke, small, default = (build_config(p) for p in ("smoke", "small", "default"))
+    assert default.data.num_samples == 10_000 and default.data.frames == 16 and default.data.height == 64
+    assert default.train.epochs == 100 and default.checkpoint.every_epochs == 10
+    assert default.checkpoint.every_minutes == 10 and default.monitor.heartbeat_seconds == 30
+    assert default.train.log_every_batches == 5
+    assert smoke.data.num_samples < small.data.num_samples < default.data.num_samples
+
+
+def test_precedence_preset_then_file_then_set(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("seed = 3\n[train]\nepochs = 7\nbatch_size = 4\n")
+    cfg = build_config("smoke", toml, ["train.epochs=9", "model.channel_mults=1,2", "train.bf16=false"])
+    assert cfg.seed == 3 and cfg.train.batch_size == 4  # from the file
+    assert cfg.train.epochs == 9  # --set wins over the file
+    assert cfg.model.channel_mults == (1, 2) and cfg.train.bf16 is False
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({"optim": {"lr": 0.5}}))
+    assert build_config("smoke", as_json).optim.lr == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.epochz=3", "train.epochz"),
+        ("nosuch.key=1", "nosuch"),
+        ("train.epochs=three", "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("train.epochs=0", "train.epochs"),
+        ("optim.lr=-1", "optim.lr"),
+        ("data.height=17", "data.height"),  # not divisible by the model's downsampling
+        ("data.classes=linear,circular", "data.classes"),
+        ("train.bf16=maybe", "train.bf16"),
+        ("epochs", "epochs"),
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        build_config("smoke", None, [override])
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json"):
+        build_config("smoke", bad)
+    with pytest.raises(ConfigError, match="preset"):
+        build_config("huge")
+
+
+def test_math_keys_are_data_model_optim_seed_not_epochs():
+    a = build_config("smoke").to_dict()
+    b = build_config("smoke", None, ["train.epochs=9", "checkpoint.every_steps=2", "model.channels=4", "seed=1"]).to_dict()
+    assert diff_keys(a, b, MATH_SECTIONS) == ["model.channels", "seed"]
+
+
+@pytest.mark.parametrize("mode", ["generate", "train"])
+def test_help_for_each_mode(mode):
+    result = run_job(mode, "--help")
+    assert result.returncode == 0
+    for option in ("--run-uri", "--preset", "--config", "--set", "--cache-dir", "--log-level"):
+        assert option in result.stdout
+
+
+def test_bad_override_exits_2_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", "train.epochz=3")
+    assert result.returncode == 2
+    assert "train.epochz" in result.stderr
+    assert not run.exists()
+
+
+def test_unknown_mode_and_preset_exit_2(tmp_path):
+    assert run_job("fly").returncode == 2
+    result = run_job("train", "--preset", "huge", "--run-uri", str(tmp_path / "r"))
+    assert result.returncode == 2 and "huge" in result.stderr
+
+
+def test_env_selects_preset_and_run_uri(tmp_path):
+    run = tmp_path / "from-env"
+    env = job_env(JOB_PRESET="smoke", JOB_RUN_URI=str(run), JOB_LOG_LEVEL="WARNING")
+    result = run_job("generate", env=env)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert manifest["num_samples"] == build_config("smoke").data.num_samples

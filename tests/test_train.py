@@ -1,0 +1,202 @@
+"""train on a local run folder: the §4 layout, checkpoints, and automatic, byte-exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from job.config import build_config, split_sizes
+from tests.conftest import ROOT, final_model, job_command, job_env, log_events, run_job, sha256
+
+pytestmark = pytest.mark.timeout(300)
+
+PROGRESS_FIELDS = {
+    "status", "mode", "epoch", "epochs", "step", "total_steps", "loss", "samples_per_second",
+    "eta_seconds", "started_at", "updated_at", "heartbeat_at", "attempt", "last_checkpoint",
+}
+SMOKE = build_config("smoke")
+SMOKE_STEPS = SMOKE.train.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.train.batch_size)
+
+
+def committed_checkpoints(run: Path) -> list[str]:
+    return sorted(p.parent.name for p in (run / "checkpoints").glob("step-*/manifest.json"))
+
+
+def test_run_folder_layout_after_a_smoke_run(smoke_baseline):
+    run = smoke_baseline
+    progress = json.loads((run / "progress.json").read_text())
+    assert PROGRESS_FIELDS <= set(progress)
+    assert progress["status"] == "completed" and progress["step"] == progress["total_steps"] == SMOKE_STEPS
+    assert progress["attempt"] == 1 and progress["last_checkpoint"] == f"step-{SMOKE_STEPS:08d}"
+    assert "completed" in (run / "PROGRESS.txt").read_text()
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == SMOKE.train.epochs
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(1, SMOKE.train.epochs + 1))
+    for m in metrics:
+        assert {"train_loss", "val_loss", "lr", "codebook_usage", "codebook_perplexity", "seconds"} <= set(m)
+
+    events = [json.loads(line) for line in (run / "logs" / "attempt-001.jsonl").read_text().splitlines()]
+    names = [e["event"] for e in events]
+    assert "train.progress" in names and "train.epoch" in names and "checkpoint.saved" in names
+    assert all(e["attempt"] == 1 and "timestamp" in e and "level" in e for e in events)
+
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest == {"checkpoint": f"step-{SMOKE_STEPS:08d}", "step": SMOKE_STEPS}
+    assert (run / "data" / "manifest.json").exists()
+
+
+def test_checkpoint_manifest_lists_every_file_with_its_hash(smoke_baseline):
+    for name in committed_checkpoints(smoke_baseline):
+        folder = smoke_baseline / "checkpoints" / name
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files = {p.name for p in folder.iterdir()} - {"manifest.json"}
+        assert set(manifest["files"]) == files >= {"model.safetensors", "optimizer.safetensors", "state.json"}
+        for filename, entry in manifest["files"].items():
+            assert sha256(folder / filename) == entry["sha256"]
+            assert (folder / filename).stat().st_size == entry["size"]
+        assert manifest["step"] == int(name.removeprefix("step-"))
+        assert {"epoch", "created_at"} <= set(manifest)
+        # the manifest is written last: nothing in the folder is newer than it
+        assert all(
+            (folder / f).stat().st_mtime_ns <= (folder / "manifest.json").stat().st_mtime_ns for f in files
+        )
+
+
+def test_keeps_last_k_and_the_best(smoke_baseline):
+    kept = committed_checkpoints(smoke_baseline)
+    state = json.loads((smoke_baseline / "checkpoints" / kept[-1] / "state.json").read_text())
+    best = state["best"]["checkpoint"]
+    every = [f"step-{s:08d}" for s in range(SMOKE.checkpoint.every_steps, SMOKE_STEPS + 1, SMOKE.checkpoint.every_steps)]
+    expected_last = sorted(set(kept) - {best})[-SMOKE.checkpoint.keep_last :]
+    assert set(kept) == set(expected_last) | {best}
+    assert kept[-1] == f"step-{SMOKE_STEPS:08d}"  # the final one
+    assert len(kept) <= SMOKE.checkpoint.keep_last + 1 < len(every)
+    assert not list((smoke_baseline / "checkpoints").glob("**/*.tmp"))
+
+
+def test_a_rerun_of_a_completed_run_changes_nothing(smoke_baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    before = sha256(final_model(run))
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "train.already_complete" in result.stdout
+    assert sha256(final_model(run)) == before
+    assert json.loads((run / "progress.json").read_text())["attempt"] == 2
+
+
+def kill_when_training(run: Path, rng: random.Random, max_delay: float) -> int | None:
+    """Start train, wait until it reports training, SIGKILL it after a random delay.
+    Returns the exit code if it finished before the kill, else None."""
+    proc = subprocess.Popen(
+        job_command("train", "--preset", "smoke", "--run-uri", str(run)),
+        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    training = threading.Event()
+
+    def watch() -> None:
+        for line in proc.stdout:
+            if '"train.progress"' in line or '"train.resumed"' in line or '"train.fresh_start"' in line:
+                training.set()
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    training.wait(timeout=60)
+    time.sleep(rng.uniform(0.05, max_delay))
+    if proc.poll() is not None:
+        reader.join(5)
+        return proc.returncode
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    reader.join(5)
+    return None
+
+
+def test_sigkill_at_random_moments_resumes_to_identical_weights(smoke_baseline, tmp_path):
+    seed = int(os.environ.get("KILL_SEED", random.randrange(1 << 30)))
+    print(f"kill seed: {seed} (rerun with KILL_SEED={seed})")
+    rng = random.Random(seed)
+    run = tmp_path / "killed"
+    kills = 0
+    for _ in range(30):
+        if kill_when_training(run, rng, max_delay=0.5) is None:
+            kills += 1
+        if kills >= 5:
+            break
+    assert kills >= 5, "the run finished before it could be killed 5 times"
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 0, result.stderr
+    assert sha256(final_model(run)) == sha256(final_model(smoke_baseline)), f"kill seed {seed}"
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "completed" and progress["attempt"] >= kills + 1
+    metrics = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, SMOKE.train.epochs + 1))
+
+
+def damage_newest(run: Path, how: str) -> tuple[str, str]:
+    """Damage the newest checkpoint's weights; return (damaged, previous) names."""
+    names = committed_checkpoints(run)
+    weights = run / "checkpoints" / names[-1] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    weights.write_bytes(bytes(data))
+    return names[-1], names[-2]
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(smoke_baseline, tmp_path, how):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    damaged, previous = damage_newest(run, how)
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 0, result.stderr
+    events = log_events(result.stdout)
+    skipped = [e for e in events if e["event"] == "checkpoint.skipped"]
+    assert skipped and skipped[0]["checkpoint"] == damaged and skipped[0]["level"] == "warning"
+    resumed = [e for e in events if e["event"] == "train.resumed"]
+    assert resumed and resumed[0]["checkpoint"] == previous
+    # training redid the steps after `previous` and wrote a sound final checkpoint in place
+    assert sha256(final_model(run)) == sha256(final_model(smoke_baseline))
+
+
+def test_a_resume_that_changes_the_math_is_refused(smoke_baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    before = sha256(final_model(run))
+    result = run_job(
+        "train", "--preset", "smoke", "--run-uri", str(run),
+        "--set", "model.channels=4", "--set", "data.seed=9", "--set", "optim.lr=0.1", "--set", "train.epochs=5",
+    )
+    assert result.returncode == 2
+    named = re.search(r"trained with different (.*?);", result.stderr).group(1).split(", ")
+    assert named == ["data.seed", "model.channels", "optim.lr"]  # not train.epochs: extending is allowed
+    assert sha256(final_model(run)) == before
+
+
+def test_raising_epochs_continues_the_run(smoke_baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    epochs = SMOKE.train.epochs + 1
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", f"train.epochs={epochs}")
+    assert result.returncode == 0, result.stderr
+    resumed = [e for e in log_events(result.stdout) if e["event"] == "train.resumed"]
+    assert resumed and resumed[0]["step"] == SMOKE_STEPS
+    metrics = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, epochs + 1))
+    progress = json.loads((run / "progress.json").read_text())
+    steps_per_epoch = SMOKE_STEPS // SMOKE.train.epochs
+    assert progress["status"] == "completed" and progress["step"] == steps_per_epoch * epochs

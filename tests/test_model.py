@@ -1,0 +1,187 @@
+"""The video tokenizer: shapes, codes, gradients, determinism, and a loss that an all-black output loses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from job.config import ModelConfig, build_config
+from job.model import VideoTokenizer, codebook_stats, compute_loss, reconstruction_loss
+
+pytestmark = pytest.mark.timeout(120)
+
+PRESETS = ("smoke", "small")
+
+
+def make_model(preset: str, seed: int = 0) -> tuple[VideoTokenizer, ModelConfig]:
+    cfg = build_config(preset)
+    torch.manual_seed(seed)
+    return VideoTokenizer(cfg.model, cfg.data), cfg.model
+
+
+def sparse_videos(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Videos like the dataset's: one small Gaussian blob per frame on black, values in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.rand(batch, frames, 2, generator=generator) * torch.tensor([height - 6.0, width - 6.0]) + 3.0
+    ys = torch.arange(height, dtype=torch.float32)[:, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, :]
+    dy = ys - centres[..., 0, None, None]
+    dx = xs - centres[..., 1, None, None]
+    blobs = torch.exp(-(dy**2 + dx**2) / (2 * 1.0**2))
+    return blobs[:, None]
+
+
+def videos_for(model: VideoTokenizer, batch: int = 2) -> torch.Tensor:
+    return sparse_videos(batch, *model.input_shape)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_forward_shapes_and_ranges(preset: str) -> None:
+    model, _ = make_model(preset)
+    video = videos_for(model)
+    out = model(video)
+    assert out.recon.shape == video.shape
+    assert 0.0 <= out.recon.min() and out.recon.max() <= 1.0
+    assert out.codes.shape == (2, *model.latent_shape())
+    assert out.codes.dtype == torch.int64
+    assert 0 <= out.codes.min() and out.codes.max() < model.codebook_size
+    assert out.entropy_loss.ndim == 0 and torch.isfinite(out.entropy_loss)
+    assert out.commitment_loss.ndim == 0 and torch.isfinite(out.commitment_loss)
+    assert out.commitment_loss > 0  # train mode: LFQ computes it
+
+
+def test_latent_shape_follows_the_config() -> None:
+    cfg = build_config("default")
+    model = VideoTokenizer(cfg.model, cfg.data)
+    assert model.codebook_size == 2**10
+    assert model.latent_shape() == (16 // 4, 64 // 4, 64 // 4)
+    smoke, _ = make_model("smoke")
+    assert smoke.latent_shape() == (2, 8, 8)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_encode_decode_roundtrip(preset: str) -> None:
+    model, _ = make_model(preset)
+    video = videos_for(model)
+    codes = model.encode(video)
+    assert codes.shape == (2, *model.latent_shape()) and codes.dtype == torch.int64
+    assert 0 <= codes.min() and codes.max() < model.codebook_size
+    recon = model.decode(codes)
+    assert recon.shape == video.shape
+    assert 0.0 <= recon.min() and recon.max() <= 1.0
+
+
+def test_encode_and_decode_match_forward_in_either_mode() -> None:
+    model, _ = make_model("smoke")
+    video = videos_for(model)
+    model.train()
+    train_codes = model.encode(video)
+    assert model.training and model.quantizer.training  # encode restores the mode it found
+    model.eval()
+    with torch.no_grad():
+        out = model(video)
+    assert torch.equal(model.encode(video), out.codes)
+    assert torch.equal(train_codes, out.codes)
+    torch.testing.assert_close(model.decode(out.codes), out.recon)
+    assert out.entropy_loss == 0 and out.commitment_loss == 0  # eval mode: no aux losses
+
+
+def test_wrong_input_shape_is_refused() -> None:
+    model, _ = make_model("smoke")
+    with pytest.raises(ValueError, match="expected video"):
+        model(torch.zeros(1, 1, 4, 8, 8))
+    with pytest.raises(ValueError, match="expected codes"):
+        model.decode(torch.zeros(1, 2, 4, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gradients_reach_the_first_encoder_conv(preset: str) -> None:
+    model, model_cfg = make_model(preset)
+    video = videos_for(model)
+    loss, parts = compute_loss(model(video), video, model_cfg)
+    loss.backward()
+    first_conv = model.encoder.layers[0]
+    assert isinstance(first_conv, torch.nn.Conv3d)
+    grad = first_conv.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert set(parts) == {"loss", "recon", "entropy", "commitment", "mse"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in parts.values())
+    expected = (
+        parts["recon"]
+        + model_cfg.entropy_loss_weight * parts["entropy"]
+        + model_cfg.commitment_loss_weight * parts["commitment"]
+    )
+    assert parts["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def gradients_of_one_step(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    model, model_cfg = make_model("smoke", seed=seed)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    video = videos_for(model, batch=4)
+    loss, _ = compute_loss(model(video), video, model_cfg)
+    loss.backward()
+    return weights, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_same_seed_gives_identical_weights_and_bit_identical_gradients() -> None:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        weights_a, grads_a = gradients_of_one_step(seed=0)
+        weights_b, grads_b = gradients_of_one_step(seed=0)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    weights_c, _ = gradients_of_one_step(seed=1)
+    assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+
+
+def test_reconstruction_loss_makes_all_black_lose() -> None:
+    model_cfg = ModelConfig()
+    target = sparse_videos(4, 8, 32, 32, seed=3)
+    is_object = target > model_cfg.foreground_threshold
+    assert is_object.float().mean() < 0.05  # as sparse as the real frames
+
+    all_black = torch.zeros_like(target)
+    object_with_haze = torch.where(is_object, target, torch.full_like(target, 0.1))
+
+    # Plain MSE prefers the output that misses the object entirely...
+    assert F.mse_loss(all_black, target) < F.mse_loss(object_with_haze, target)
+    # ...the balanced loss prefers the one that gets the object right.
+    assert reconstruction_loss(object_with_haze, target, model_cfg) < reconstruction_loss(all_black, target, model_cfg)
+    assert reconstruction_loss(target, target, model_cfg) == 0
+
+
+def test_reconstruction_loss_weights_object_and_background_shares() -> None:
+    model_cfg = ModelConfig(foreground_balance=0.5)
+    target = torch.zeros(1, 1, 1, 2, 5)
+    target[..., 0, 0] = 1.0  # 1 object pixel, 9 background pixels
+    recon = torch.full_like(target, 0.2)
+    object_mse, background_mse = 0.8**2, 0.2**2
+    expected = 0.5 * object_mse + 0.5 * background_mse
+    assert reconstruction_loss(recon, target, model_cfg).item() == pytest.approx(expected)
+
+
+def test_reconstruction_loss_without_object_pixels_is_background_mse() -> None:
+    model_cfg = ModelConfig()
+    target = torch.zeros(2, 1, 2, 4, 4)
+    recon = torch.full_like(target, 0.3)
+    assert reconstruction_loss(recon, target, model_cfg).item() == pytest.approx(0.09)
+
+
+def test_codebook_stats_on_crafted_codes() -> None:
+    size = 64
+    same = codebook_stats(torch.full((4, 2, 8, 8), 7, dtype=torch.int64), size)
+    assert same["usage"] == pytest.approx(1 / size)
+    assert same["perplexity"] == pytest.approx(1.0)
+    uniform = codebook_stats(torch.arange(size).repeat(3).reshape(3, 1, 8, 8), size)
+    assert uniform["usage"] == pytest.approx(1.0)
+    assert uniform["perplexity"] == pytest.approx(size)
+    half = codebook_stats(torch.arange(size // 2), size)
+    assert half["usage"] == pytest.approx(0.5)
+    assert half["perplexity"] == pytest.approx(size / 2)

@@ -95,37 +95,32 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
         last_checkpoint=previous.name if previous else None,
     )
     progress.update(status="starting")
-
     try:
-        run_attempt(cfg, store, topology, checkpointer, previous, position, progress, total_steps, steps_per_epoch)
+        dataset = prepare_dataset(cfg, store)
+        device = pick_device(cfg)
+        model, optimizer, scheduler = build_training(cfg, device, total_steps)
+        if previous is not None:
+            restore(previous, model, optimizer, scheduler)
+            log.info(
+                "train.resumed", checkpoint=previous.name, step=position.step, epoch=position.epoch,
+                sample_in_epoch=position.sample_in_epoch,
+            )
+        else:
+            log.info("train.fresh_start", total_steps=total_steps)
+        write_metrics(store, position.metrics)
+
+        if position.step < total_steps:
+            loop = TrainingLoop(
+                cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position, topology, device
+            )
+            with Heartbeat(progress, cfg.monitor.heartbeat_seconds):
+                loop.run(total_steps, steps_per_epoch)
+        else:
+            log.info("train.already_complete", step=position.step, total_steps=total_steps)
     except Exception as exc:
         progress.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
-
-
-def run_attempt(cfg, store, topology, checkpointer, previous, position, progress, total_steps, steps_per_epoch) -> None:
-    dataset = prepare_dataset(cfg, store)
-    device = pick_device(cfg)
-    model, optimizer, scheduler = build_training(cfg, device, total_steps)
-    if previous is not None:
-        restore(previous, model, optimizer, scheduler)
-        log.info(
-            "train.resumed", checkpoint=previous.name, step=position.step, epoch=position.epoch,
-            sample_in_epoch=position.sample_in_epoch,
-        )
-    else:
-        log.info("train.fresh_start", total_steps=total_steps)
-    write_metrics(store, position.metrics)
-
-    if position.step >= total_steps:
-        log.info("train.already_complete", step=position.step, total_steps=total_steps)
-        progress.update(status="completed", step=position.step)
-        return
-
-    loop = TrainingLoop(cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position, topology, device)
-    with Heartbeat(progress, cfg.monitor.heartbeat_seconds):
-        loop.run(total_steps, steps_per_epoch)
-    progress.update(status="completed", eta_seconds=0)
+    progress.update(status="completed", step=position.step, eta_seconds=0)
     log.info("train.completed", step=position.step, best=position.best, checkpoint=progress.fields["last_checkpoint"])
 
 

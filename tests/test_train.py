@@ -200,3 +200,29 @@ def test_raising_epochs_continues_the_run(smoke_baseline, tmp_path):
     progress = json.loads((run / "progress.json").read_text())
     steps_per_epoch = SMOKE_STEPS // SMOKE.train.epochs
     assert progress["status"] == "completed" and progress["step"] == steps_per_epoch * epochs
+
+
+def test_heartbeat_and_checkpoints_by_minutes(tmp_path):
+    run = tmp_path / "run"
+    result = run_job(
+        "train", "--preset", "smoke", "--run-uri", str(run), "--set", "monitor.heartbeat_seconds=0.2",
+        "--set", "checkpoint.every_minutes=0.003", "--set", "checkpoint.every_steps=0", "--set", "checkpoint.every_epochs=0",
+    )
+    assert result.returncode == 0, result.stderr
+    events = log_events(result.stdout)
+    beats = [e for e in events if e["event"] == "heartbeat"]
+    assert len(beats) >= 2 and all(e["logger"] == "job.heartbeat" and "step" in e for e in beats)
+    reasons = {e["reason"] for e in events if e["event"] == "checkpoint.saved"}
+    assert reasons == {"minutes", "final"}
+
+
+def test_a_corrupt_dataset_shard_stops_with_exit_3(tmp_path):
+    run = tmp_path / "run"
+    assert run_job("generate", "--preset", "smoke", "--run-uri", str(run)).returncode == 0
+    shard = run / "data" / "shard-00001.videos.npy"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 3
+    assert "shard-00001.videos.npy" in result.stderr

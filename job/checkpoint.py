@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -31,8 +32,10 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = Layout.checkpoint_manifest_file
 FORMAT_VERSION = 1
+# What resuming reads from state.json; encode_checkpoint always writes these.
+REQUIRED_STATE = frozenset({"step", "epoch", "sample_in_epoch", "config", "optimizer", "scheduler"})
 
 log = structlog.get_logger("job.checkpoint")
 
@@ -111,6 +114,26 @@ class Checkpointer:
         self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
         return name
 
+    def mirror_unsent(self) -> None:
+        """Queue for upload, in commit order, the checkpoints this machine's working copy holds
+        but the run URI does not (an earlier attempt ended before its backlog drained)."""
+        if self.store.remote is None:
+            return
+        local = [n for n in self.store.local.list_dir(Layout.checkpoints) if n.startswith("step-")]
+        unsent = [
+            n for n in local
+            if self.store.local.exists(Layout.checkpoint_file(n, MANIFEST_FILE))
+            and not self.store.exists_remotely(Layout.checkpoint_file(n, MANIFEST_FILE))
+        ]
+        for name in unsent:
+            manifest = self.store.read_json(Layout.checkpoint_file(name, MANIFEST_FILE)) or {}
+            for filename in manifest.get("files", {}):
+                self.store.publish(Layout.checkpoint_file(name, filename))
+            self.store.publish(Layout.checkpoint_file(name, MANIFEST_FILE))
+            log.info("checkpoint.reupload", checkpoint=name)
+        if unsent and self.store.local.exists(Layout.latest):
+            self.store.publish(Layout.latest)
+
     def names(self) -> list[str]:
         """Checkpoint folder names, oldest first (committed or not)."""
         return [n for n in self.store.list_dir(Layout.checkpoints) if n.startswith("step-")]
@@ -138,7 +161,7 @@ class Checkpointer:
                 raise CheckpointError(f"{name}/{filename}: sha256 does not match the manifest")
             blobs[filename] = data
         try:
-            return Checkpoint(
+            checkpoint = Checkpoint(
                 name=name,
                 manifest=manifest,
                 model=load_tensors(blobs[MODEL_FILE]),
@@ -146,8 +169,12 @@ class Checkpointer:
                 rng=load_tensors(blobs[RNG_FILE]),
                 state=json.loads(blobs[STATE_FILE]),
             )
-        except (ValueError, RuntimeError) as exc:  # hashes matched but the content is not ours
+        except (ValueError, RuntimeError, SafetensorError) as exc:  # hashes matched, but the content is not ours
             raise CheckpointError(f"{name}: unreadable content: {exc}") from exc
+        missing_state = REQUIRED_STATE - set(checkpoint.state) if isinstance(checkpoint.state, dict) else REQUIRED_STATE
+        if missing_state:
+            raise CheckpointError(f"{name}: state.json lacks {', '.join(sorted(missing_state))}")
+        return checkpoint
 
     def load_newest_valid(self) -> Checkpoint | None:
         """The newest checkpoint that passes verification; each one skipped is logged as a warning."""
@@ -160,13 +187,12 @@ class Checkpointer:
 
     def prune(self, newest: str, best: str | None) -> list[str]:
         """Delete what the just-committed ``newest`` has replaced: committed checkpoints beyond the
-        last ``keep_last`` (the best is kept), and leftovers older than ``newest``.
-        The manifest goes first, so that a half-deleted folder never counts as a checkpoint."""
+        last ``keep_last`` (the best is kept), and leftovers older than ``newest``. The store
+        removes a manifest before the files it lists, so a half-deleted folder never counts."""
         committed = [n for n in self.committed() if n <= newest]
         keep = set(committed[-self.keep_last :]) | {newest} | ({best} if best else set())
         doomed = [n for n in self.names() if n < newest and n not in keep]
         for name in doomed:
-            self.store.delete_tree(Layout.checkpoint_file(name, MANIFEST_FILE))
             self.store.delete_tree(Layout.checkpoint_dir(name))
         return doomed
 

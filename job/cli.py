@@ -14,18 +14,21 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BAD_DATA = 3
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 MODES = {
     "generate": "write the dataset (train also does it when the dataset is missing)",
     "train": "resumable training; resumes automatically when the run already has checkpoints",
 }
+# status takes its own arguments (RUN_URI first, no config): it runs on a laptop without torch.
+STATUS_HELP = "read only the run folder and print where the run stands (exit 0 healthy, 1 not, 2 no such run)"
 
 
 def common_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "--run-uri", default=os.environ.get("JOB_RUN_URI"),
-        help="run folder: a local path (s3:// in a later release); env JOB_RUN_URI; default ./runs/<preset>",
+        help="run folder: a local path or s3://bucket/prefix (env JOB_RUN_URI; default ./runs/<preset>)",
     )
     parent.add_argument(
         "--preset", default=os.environ.get("JOB_PRESET", "default"),
@@ -54,11 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
     parent = common_options()
     for name, help_text in MODES.items():
         modes.add_parser(name, parents=[parent], help=help_text, description=help_text)
+    add_status_mode(modes)
     return parser
+
+
+def add_status_mode(modes: argparse._SubParsersAction) -> None:
+    status = modes.add_parser("status", help=STATUS_HELP, description=STATUS_HELP)
+    status.add_argument("uri", nargs="?", metavar="RUN_URI", help="the run folder: a local path or s3://bucket/prefix")
+    status.add_argument(
+        "--run-uri", default=os.environ.get("JOB_RUN_URI"),
+        help="the same, when RUN_URI is not given (env JOB_RUN_URI)",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    status.add_argument(
+        "--watch", type=positive_seconds, metavar="SECONDS",
+        help="print again every SECONDS until the run completes, fails or stalls (Ctrl-C ends it)",
+    )
+
+
+def positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.mode == "status":
+        return run_status(args)
 
     from job.config import ConfigError, build_config  # after parsing: --help stays instant
     from job.monitor import setup_logging
@@ -69,28 +96,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(EXIT_USAGE, "bad configuration", exc)
     run_uri = args.run_uri or os.path.join("runs", args.preset)
-    return run_mode(args.mode, lambda: dispatch(args.mode, cfg, run_uri))
+    return run_mode(args.mode, lambda: dispatch(args.mode, cfg, run_uri, args.cache_dir))
 
 
-def dispatch(mode: str, cfg, run_uri: str) -> None:
-    from job.storage import open_run_store
+def run_status(args: argparse.Namespace) -> int:
+    """No logging setup: stdout belongs to the report, for a person or a --json reader."""
+    uri = args.uri or args.run_uri
+    if not uri:
+        print("error: status needs RUN_URI (or --run-uri, or env JOB_RUN_URI)", file=sys.stderr)
+        return EXIT_USAGE
+    from job.status import status_main
+
+    return status_main(uri, args.json, args.watch)
+
+
+def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> None:
+    from job.storage import RunStore
     from job.train import run_generate, train
 
-    store = open_run_store(run_uri)
-    if mode == "generate":
-        store.check_writable()
-        run_generate(cfg, store)
-    elif mode == "train":
-        train(cfg, store)
+    store = RunStore(run_uri, cache_dir, retry_max_seconds=cfg.storage.retry_max_seconds)
+    try:
+        if mode == "generate":
+            store.preflight(cfg.storage.connect_seconds)
+            run_generate(cfg, store)
+            store.flush(cfg.storage.flush_seconds)
+        elif mode == "train":
+            train(cfg, store)
+    finally:
+        store.close()
 
 
 def run_mode(mode: str, body: Callable[[], None]) -> int:
     """Run a mode and turn its failure into the exit code SPEC §3 promises."""
     from job.config import ConfigError
     from job.data import DataError
+    from job.train import Preempted
 
     try:
         body()
+    except Preempted as exc:
+        return fail(EXIT_PREEMPTED, "preempted", exc)
     except ConfigError as exc:
         return fail(EXIT_USAGE, "refused", exc)
     except DataError as exc:
@@ -105,10 +150,12 @@ def run_mode(mode: str, body: Callable[[], None]) -> int:
 def fail(code: int, what: str, exc: BaseException, with_traceback: bool = False) -> int:
     import structlog
 
+    from job.monitor import redact_environment_secrets
+
     log = structlog.get_logger("job.cli")
     if with_traceback:
         log.error(what, error=str(exc), exit_code=code, exc_info=exc)
     else:
         log.error(what, error=str(exc), exit_code=code)
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    print(f"error: {redact_environment_secrets(str(exc))}", file=sys.stderr, flush=True)
     return code

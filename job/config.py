@@ -87,6 +87,15 @@ class MonitorConfig:
     heartbeat_seconds: float = 30.0
     watchdog_minutes: float = 15.0
     progress_every_seconds: float = 5.0  # how often progress.json is rewritten between batches
+    plot_every_seconds: float = 30.0  # plots are redrawn at epoch ends and checkpoints, at most this often (and at the end)
+
+
+@dataclass
+class StorageConfig:
+    connect_seconds: float = 300.0  # how long a start retries an unreachable run URI before exit 1
+    flush_seconds: float = 120.0  # how long the end of a run waits for the upload backlog
+    signal_flush_seconds: float = 5.0  # the same after SIGTERM, inside docker stop's 10 s
+    retry_max_seconds: float = 30.0  # longest pause between two upload retries
 
 
 @dataclass
@@ -98,6 +107,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -147,6 +157,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.epochs": 4,
         "train.batch_size": 8,
         "train.log_every_batches": 2,
+        # One thread: a tiny model gains nothing from two, and fault drills run beside an S3
+        # server and other jobs, where two spinning OpenMP threads per process slow it 10x.
+        "train.threads": 1,
         "checkpoint.every_epochs": 1,
         "checkpoint.every_steps": 5,
         "checkpoint.every_minutes": 0.0,
@@ -229,6 +242,8 @@ def validate(config: Config) -> None:
         "monitor.heartbeat_seconds": mon.heartbeat_seconds,
         "monitor.watchdog_minutes": mon.watchdog_minutes,
         "monitor.progress_every_seconds": mon.progress_every_seconds,
+        "monitor.plot_every_seconds": mon.plot_every_seconds,
+        "storage.retry_max_seconds": config.storage.retry_max_seconds,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -240,6 +255,9 @@ def validate(config: Config) -> None:
         "model.commitment_loss_weight": m.commitment_loss_weight, "train.val_batches": t.val_batches,
         "train.threads": t.threads, "checkpoint.every_epochs": c.every_epochs,
         "checkpoint.every_steps": c.every_steps, "checkpoint.every_minutes": c.every_minutes,
+        "storage.connect_seconds": config.storage.connect_seconds,
+        "storage.flush_seconds": config.storage.flush_seconds,
+        "storage.signal_flush_seconds": config.storage.signal_flush_seconds,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -6,11 +6,15 @@ Imports no torch, so that a laptop can use the same progress rendering as the jo
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import threading
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,6 +43,50 @@ def _add_run_context(_logger: Any, _name: str, event: dict[str, Any]) -> dict[st
     return event
 
 
+# Environment variables whose values must never reach a log line or a file of the run.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+SECRET_KEY_WORDS = ("secret", "password", "token", "credential", "authorization")
+REDACTED = "[REDACTED]"
+# Clients that log request details (signed headers, credentials providers) at DEBUG.
+NOISY_LOGGERS = ("botocore", "boto3", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp", "s3transfer")
+
+
+def redact(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if any(w in str(k).lower() for w in SECRET_KEY_WORDS) else redact(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+def _secrets() -> tuple[str, ...]:
+    return tuple(v for k in SECRET_ENV_VARS if len(v := os.environ.get(k, "")) >= 4)
+
+
+def redact_environment_secrets(value: Any) -> Any:
+    return redact(value, _secrets())
+
+
+def _redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    return redact_environment_secrets(event)
+
+
+def _progress_bar(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """For a person at a terminal: a bar on batch-progress lines."""
+    step, total = event.get("step"), event.get("total_steps")
+    if event.get("event") == "train.progress" and isinstance(step, int) and total:
+        filled = int(30 * step / total)
+        event["bar"] = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * step / total:5.1f}%"
+    return event
+
+
 _SHARED_PROCESSORS = [
     _add_run_context,
     structlog.stdlib.add_logger_name,
@@ -48,14 +96,17 @@ _SHARED_PROCESSORS = [
 ]
 
 
-def _json_formatter() -> logging.Formatter:
+def _formatter(console: bool = False) -> logging.Formatter:
+    """JSON lines, or for a terminal a readable line with a progress bar. Secrets are redacted
+    last, after exceptions have been rendered to text."""
+    render = [structlog.processors.format_exc_info, _redact_secrets]
+    if console:
+        render += [_progress_bar, structlog.dev.ConsoleRenderer(colors=False)]
+    else:
+        render += [structlog.processors.JSONRenderer(sort_keys=False)]
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_SHARED_PROCESSORS,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
     )
 
 
@@ -74,9 +125,11 @@ def setup_logging(level: str = "INFO", **context: Any) -> None:
         root.removeHandler(handler)
         handler.close()
     stdout = logging.StreamHandler(sys.stdout)
-    stdout.setFormatter(_json_formatter())
+    stdout.setFormatter(_formatter(console=sys.stdout.isatty()))
     root.addHandler(stdout)
     root.setLevel(level.upper())
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     _RUN_CONTEXT.clear()
     bind_run_context(**context)
 
@@ -85,7 +138,7 @@ def add_log_file(path: Path) -> None:
     """Also write every record, as JSON lines, to ``path`` (one file per attempt)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(_json_formatter())
+    handler.setFormatter(_formatter())
     logging.getLogger().addHandler(handler)
 
 
@@ -133,8 +186,9 @@ class Progress:
             return dict(self.fields)
 
     def _write(self) -> None:
-        self.store.write_json(Layout.progress, self.fields)
-        self.store.write_text(Layout.progress_text, render_progress(self.fields))
+        fields = redact_environment_secrets(self.fields)  # an error message may quote anything
+        self.store.write_json(Layout.progress, fields)
+        self.store.write_text(Layout.progress_text, render_progress(fields))
 
 
 def render_progress(p: dict[str, Any]) -> str:
@@ -171,9 +225,10 @@ class Heartbeat:
     """A daemon thread that, every ``interval`` seconds, logs and refreshes progress.json,
     so that a reader can tell a slow run from a dead one."""
 
-    def __init__(self, progress: Progress, interval: float):
+    def __init__(self, progress: Progress, interval: float, on_beat: Callable[[], None] = lambda: None):
         self.progress = progress
         self.interval = interval
+        self.on_beat = on_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._log = structlog.get_logger("job.heartbeat")
@@ -192,6 +247,7 @@ class Heartbeat:
                 self.progress.beat()
                 state = self.progress.snapshot()
                 self._log.info("heartbeat", step=state["step"], status=state["status"])
+                self.on_beat()
             except Exception:  # a failed beat must not kill the thread: the next one may succeed
                 self._log.exception("heartbeat.failed")
 
@@ -218,3 +274,91 @@ class RateMeter:
     def eta(self, samples_left: int) -> float | None:
         rate = self.rate()
         return samples_left / rate if rate else None
+
+
+class Watchdog:
+    """Ends a run that has stopped making progress (SPEC §8).
+
+    When no ``touch()`` arrives for ``limit`` seconds it logs every thread's stack, marks the
+    run ``stalled``, gives ``on_stall`` (e.g. a bounded upload flush) its chance, and ends the
+    process with exit 75 so that the restart policy starts it again. A hung main thread cannot
+    raise, so the exit is ``os._exit`` from this thread."""
+
+    EXIT_STALLED = 75
+
+    def __init__(self, progress: Progress, limit: float, on_stall: Callable[[], None] = lambda: None):
+        self.progress = progress
+        self.limit = limit
+        self.on_stall = on_stall
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._log = structlog.get_logger("job.watchdog")
+
+    def touch(self) -> None:
+        self._last = time.monotonic()
+
+    def __enter__(self) -> "Watchdog":
+        self.touch()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.limit / 4)):
+            idle = time.monotonic() - self._last
+            if idle >= self.limit:
+                self._stall(idle)
+
+    def _stall(self, idle: float) -> None:
+        try:
+            self._log.error("watchdog.stalled", idle_seconds=round(idle, 1), limit_seconds=self.limit, stacks=thread_stacks())
+            self.progress.update(status="stalled", error=f"no training step for {idle:.0f} s")
+            self.on_stall()
+        finally:
+            logging.shutdown()
+            os._exit(self.EXIT_STALLED)
+
+
+def thread_stacks() -> dict[str, str]:
+    """Every thread's current stack, by thread name."""
+    frames = sys._current_frames()
+    return {
+        f"{thread.name} ({thread.ident})": "".join(traceback.format_stack(frames[thread.ident]))
+        for thread in threading.enumerate()
+        if thread.ident in frames
+    }
+
+
+class StopRequest:
+    """SIGTERM / SIGINT as a request: the training loop finishes its step, saves and exits 143.
+
+    A second signal while the first is being honoured changes nothing; `docker stop` sends
+    SIGKILL after its grace period anyway."""
+
+    EXIT_CODE = 143
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            structlog.get_logger("job.signals").warning("signal.received", signal=self.signal_name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None

@@ -15,9 +15,12 @@ run that was never interrupted (on the same CPU machine).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import shutil
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,9 +33,12 @@ import torch
 
 from job.checkpoint import Checkpointer, restore
 from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys, split_sizes
-from job.data import VideoDataset, generate_dataset
+from job.data import DataError, VideoDataset, generate_dataset
 from job.model import VideoTokenizer, codebook_stats, compute_loss, reconstruction_loss
-from job.monitor import Heartbeat, Progress, RateMeter, add_log_file, bind_run_context, format_duration, utc_now
+from job.monitor import (
+    Heartbeat, Progress, RateMeter, StopRequest, Watchdog, add_log_file, bind_run_context, format_duration, utc_now,
+)
+from job.plots import BackgroundPlots, loss_curves_png, reconstruction_grid_png
 from job.storage import Layout, RunStore, StorageError
 
 log = structlog.get_logger("job.train")
@@ -71,13 +77,19 @@ class Topology:
 # --- the run -----------------------------------------------------------------------------
 
 
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint has been saved (exit 143)."""
+
+
 def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None:
     preflight(cfg, store)
     attempt = recorded_attempt(store) + 1
     bind_run_context(attempt=attempt)
-    add_log_file(store.local_path(Layout.log_file(attempt)))
+    log_file = Layout.log_file(attempt)
+    add_log_file(store.local_path(log_file))
 
     checkpointer = Checkpointer(store, cfg.checkpoint.keep_last)
+    checkpointer.mirror_unsent()  # what a previous attempt committed locally but could not upload
     previous = checkpointer.load_newest_valid()
     position = Position()
     if previous is not None:
@@ -95,48 +107,83 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
         last_checkpoint=previous.name if previous else None,
     )
     progress.update(status="starting")
+    # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
+    heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=lambda: store.publish(log_file))
     try:
-        dataset = prepare_dataset(cfg, store)
-        device = pick_device(cfg)
-        model, optimizer, scheduler = build_training(cfg, device, total_steps)
-        if previous is not None:
-            restore(previous, model, optimizer, scheduler)
-            log.info(
-                "train.resumed", checkpoint=previous.name, step=position.step, epoch=position.epoch,
-                sample_in_epoch=position.sample_in_epoch,
-            )
-        else:
-            log.info("train.fresh_start", total_steps=total_steps)
-        write_metrics(store, position.metrics)
+        with StopRequest() as stop, heartbeat:
+            dataset = prepare_dataset(cfg, store)
+            device = pick_device(cfg)
+            model, optimizer, scheduler = build_training(cfg, device, total_steps)
+            if previous is not None:
+                restore(previous, model, optimizer, scheduler)
+                log.info(
+                    "train.resumed", checkpoint=previous.name, step=position.step, epoch=position.epoch,
+                    sample_in_epoch=position.sample_in_epoch,
+                )
+            else:
+                log.info("train.fresh_start", total_steps=total_steps)
+            write_metrics(store, position.metrics)
 
-        if position.step < total_steps:
-            loop = TrainingLoop(
-                cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position, topology, device
-            )
-            with Heartbeat(progress, cfg.monitor.heartbeat_seconds):
-                loop.run(total_steps, steps_per_epoch)
-        else:
-            log.info("train.already_complete", step=position.step, total_steps=total_steps)
+            if position.step < total_steps:
+                watchdog = Watchdog(
+                    progress, cfg.monitor.watchdog_minutes * 60,
+                    on_stall=lambda: flush_quietly(store, log_file, cfg.storage.signal_flush_seconds),
+                )
+                plots = BackgroundPlots(store.write_bytes)
+                loop = TrainingLoop(
+                    cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position,
+                    topology, device, stop, watchdog, plots,
+                )
+                try:
+                    with watchdog:
+                        loop.run(total_steps, steps_per_epoch)
+                finally:
+                    plots.close(timeout=cfg.storage.signal_flush_seconds)
+            else:
+                log.info("train.already_complete", step=position.step, total_steps=total_steps)
+    except Preempted:
+        progress.update(status="preempted")
+        flush_quietly(store, log_file, cfg.storage.signal_flush_seconds)
+        raise
     except Exception as exc:
         progress.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        flush_quietly(store, log_file, cfg.storage.signal_flush_seconds)
         raise
     progress.update(status="completed", step=position.step, eta_seconds=0)
     log.info("train.completed", step=position.step, best=position.best, checkpoint=progress.fields["last_checkpoint"])
+    store.publish(log_file)
+    store.flush(cfg.storage.flush_seconds)
+
+
+def flush_quietly(store: RunStore, log_file: str, timeout: float) -> None:
+    """On the way out after a failure: deliver what can be delivered in ``timeout``; the original
+    failure, not the upload backlog, is what the exit code reports."""
+    store.publish(log_file)
+    try:
+        store.flush(timeout)
+    except StorageError as exc:
+        log.error("storage.backlog_left", error=str(exc))
 
 
 class TrainingLoop:
     """The epochs and batches of one attempt, and the checkpoints they trigger."""
 
-    def __init__(self, cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position, topology, device):
+    def __init__(
+        self, cfg, store, dataset, model, optimizer, scheduler, checkpointer, progress, position, topology, device,
+        stop, watchdog, plots,
+    ):
         self.cfg, self.store, self.dataset = cfg, store, dataset
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.checkpointer, self.progress, self.pos = checkpointer, progress, position
         self.topology, self.device = topology, device
+        self.stop, self.watchdog, self.plots = stop, watchdog, plots
+        self.hang_at_step = int(os.environ.get("JOB_TEST_HANG_AT_STEP", "0"))  # fault drills only
         self.train_indices = dataset.split("train")
         self.val_indices = dataset.split("val")
         self.rate = RateMeter()
         self.last_save = time.monotonic()
         self.last_progress_write = 0.0
+        self.last_plot: dict[str, float] = {}
 
     def run(self, total_steps: int, steps_per_epoch: int) -> None:
         cfg, pos = self.cfg, self.pos
@@ -152,7 +199,11 @@ class TrainingLoop:
                 pos.sample_in_epoch += len(batch)
                 pos.epoch_loss_sum += loss
                 pos.epoch_batches += 1
+                self.watchdog.touch()
                 self.report_batch(loss, total_steps, steps_per_epoch)
+                if self.stop.requested:
+                    self.save("signal")
+                    raise Preempted(f"stopped by {self.stop.signal_name} at step {pos.step}")
                 if pos.sample_in_epoch < len(order):
                     reason = self.checkpoint_reason(at_epoch_end=False)
                     if reason:
@@ -160,6 +211,8 @@ class TrainingLoop:
             self.finish_epoch(time.monotonic() - epoch_started, total_steps)
 
     def train_step(self, indices: np.ndarray) -> float:
+        if self.hang_at_step and self.pos.step + 1 == self.hang_at_step:
+            threading.Event().wait()  # a step that never ends, for the watchdog drill
         videos, _ = self.dataset.get(indices)
         videos = videos.to(self.device, non_blocking=True)
         with self.autocast():
@@ -189,10 +242,12 @@ class TrainingLoop:
         pos.metrics.append(record)
         pos.sample_in_epoch, pos.epoch_loss_sum, pos.epoch_batches = 0, 0.0, 0
         write_metrics(self.store, pos.metrics)
+        final = pos.step >= total_steps
+        if self.plot_due(Layout.loss_plot, final):
+            self.plots.submit(Layout.loss_plot, functools.partial(loss_curves_png, list(pos.metrics)))
         log.info("train.epoch", **record)
         self.progress.update(epoch=min(pos.epoch + 1, self.cfg.train.epochs), loss=record["train_loss"])
 
-        final = pos.step >= total_steps
         reason = "final" if final else self.checkpoint_reason(at_epoch_end=True)
         if reason:
             if pos.best is None or val["val_loss"] < pos.best["val_loss"]:
@@ -213,6 +268,7 @@ class TrainingLoop:
             videos = videos.to(self.device)
             with self.autocast():
                 out = self.model(videos)
+            self.watchdog.touch()
             recon = out.recon.float()
             losses.append(float(reconstruction_loss(recon, videos, cfg.model)) * len(videos))
             mses.append(float(torch.mean((recon - videos) ** 2)) * len(videos))
@@ -251,6 +307,35 @@ class TrainingLoop:
             seconds=round(self.last_save - started, 3), pruned=pruned,
         )
         self.progress.update(last_checkpoint=name, step=pos.step)
+        if self.plot_due(Layout.reconstruction_plot, final=reason == "final"):
+            self.plot_reconstructions(name)
+
+    def plot_due(self, rel: str, final: bool) -> bool:
+        """Rendering costs the training thread CPU time, so a plot is redrawn at most every
+        ``monitor.plot_every_seconds`` (always at the end)."""
+        now = time.monotonic()
+        if final or now - self.last_plot.get(rel, -math.inf) >= self.cfg.monitor.plot_every_seconds:
+            self.last_plot[rel] = now
+            return True
+        return False
+
+    @torch.no_grad()
+    def plot_reconstructions(self, checkpoint: str) -> None:
+        """One validation sample per class, as the model now reconstructs it."""
+        classes = self.cfg.data.classes
+        indices = self.val_indices[: len(classes)]
+        videos, labels = self.dataset.get(indices)
+        self.model.eval()
+        with self.autocast():
+            recon = self.model(videos.to(self.device)).recon.float().cpu()
+        self.model.train()
+        self.plots.submit(
+            Layout.reconstruction_plot,
+            functools.partial(
+                reconstruction_grid_png, videos[:, 0].numpy(), recon[:, 0].numpy(),
+                [classes[int(i)] for i in labels], f"{checkpoint}: original | reconstruction | error",
+            ),
+        )
 
     def report_batch(self, loss: float, total_steps: int, steps_per_epoch: int) -> None:
         pos, cfg = self.pos, self.cfg
@@ -281,8 +366,9 @@ class TrainingLoop:
 
 
 def preflight(cfg: Config, store: RunStore) -> None:
-    """Before any work: the run folder is writable and its disk can hold data and checkpoints."""
-    store.check_writable()
+    """Before any work: the run folder is reachable and writable, and the local disk can hold the
+    data and the kept checkpoints."""
+    store.preflight(cfg.storage.connect_seconds)
     d = cfg.data
     dataset_bytes = 0 if d.uri else d.num_samples * (d.frames * d.height * d.width + 8)
     # weights + two AdamW moments, for the kept checkpoints plus best and the one being written
@@ -321,15 +407,30 @@ def recorded_attempt(store: RunStore) -> int:
 def data_directory(cfg: Config, store: RunStore) -> Path:
     if cfg.data.uri:
         return Path(cfg.data.uri).expanduser()
-    return store.local_path(Layout.data + "/manifest.json").parent
+    return store.local_path(Layout.data_manifest).parent
 
 
 def prepare_dataset(cfg: Config, store: RunStore) -> VideoDataset:
-    """Open the dataset, generating it first (resumably) when it is missing."""
+    """Open the dataset: the local copy, else the run folder's (downloaded, then verified against
+    its manifest), else a freshly generated one."""
     directory = data_directory(cfg, store)
-    if not (directory / "manifest.json").exists():
+    if not (directory / "manifest.json").exists() and not (cfg.data.uri or download_dataset(store)):
         run_generate(cfg, store)
     return VideoDataset(directory, cfg.data, verify=True)
+
+
+def download_dataset(store: RunStore) -> bool:
+    """Fetch the run folder's shards into the local copy, manifest last; False if it has none."""
+    manifest = store.read_json(Layout.data_manifest)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        return False
+    log.info("data.download", shards=len(manifest["shards"]))
+    for shard in manifest["shards"]:
+        for filename in shard.get("files", {}):
+            if store.fetch(f"{Layout.data}/{Path(filename).name}") is None:
+                raise DataError(f"{Layout.data}/{filename} is listed in the run's data manifest but missing")
+    store.fetch(Layout.data_manifest)
+    return True
 
 
 def run_generate(cfg: Config, store: RunStore) -> dict[str, Any]:
@@ -346,6 +447,11 @@ def run_generate(cfg: Config, store: RunStore) -> dict[str, Any]:
     log.info("generate.start", directory=str(directory), samples=cfg.data.num_samples)
     manifest = generate_dataset(cfg.data, directory, progress=report)
     log.info("generate.done", seconds=round(time.monotonic() - started, 2), shards=len(manifest["shards"]))
+    if not cfg.data.uri:
+        for shard in manifest["shards"]:  # mirrored shards first, the manifest that lists them last
+            for filename in shard["files"]:
+                store.publish(f"{Layout.data}/{filename}")
+        store.publish(Layout.data_manifest)
     return manifest
 
 

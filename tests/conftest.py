@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,83 @@ def smoke_baseline(tmp_path_factory) -> Path:
     result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
     return run
+
+
+# --- a real S3 endpoint on 127.0.0.1 --------------------------------------------------------
+
+FAKE_SECRET = "TESTSECRETdoNotLeak0123456789abcdefXYZ"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Endpoint:
+    """moto's S3 server on a free local port, which a test can take away and bring back
+    (moto keeps the buckets in this process, so they survive a restart)."""
+
+    def __init__(self) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    endpoint = S3Endpoint()
+    yield endpoint
+    endpoint.stop()
+
+
+class S3Bucket:
+    """A fresh bucket for one test, with the environment a job process needs to reach it."""
+
+    def __init__(self, endpoint: S3Endpoint, name: str):
+        import boto3
+
+        self.endpoint, self.name = endpoint, name
+        self.env = {
+            "AWS_ENDPOINT_URL": endpoint.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint.url, aws_access_key_id="testing",
+            aws_secret_access_key=FAKE_SECRET, region_name="us-east-1",
+        )
+        self.client.create_bucket(Bucket=name)
+
+    def uri(self, prefix: str = "run") -> str:
+        return f"s3://{self.name}/{prefix}"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch) -> S3Bucket:
+    bucket = S3Bucket(s3_endpoint, f"test-{uuid.uuid4().hex[:12]}")
+    for key, value in bucket.env.items():
+        monkeypatch.setenv(key, value)
+    return bucket

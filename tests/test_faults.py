@@ -1,0 +1,168 @@
+"""Fault drills with real signals and real hangs; secrets and planted pickles; the console form."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from job.config import build_config, split_sizes
+from tests.conftest import FAKE_SECRET, ROOT, final_model, job_command, job_env, log_events, run_job, sha256
+
+pytestmark = pytest.mark.timeout(240)
+SMOKE = build_config("smoke")
+SMOKE_STEPS = SMOKE.train.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.train.batch_size)
+
+
+def start(run: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    proc = subprocess.Popen(
+        job_command("train", "--preset", "smoke", "--run-uri", str(run), *extra),
+        cwd=ROOT, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
+def wait_for_line(lines: list[str], needle: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(needle in line for line in lines):
+        assert time.monotonic() < deadline, f"no {needle} within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_and_exits_143_within_10_s_then_resumes_exactly(tmp_path, smoke_baseline, sig):
+    run = tmp_path / "run"
+    proc, lines, reader = start(run)
+    wait_for_line(lines, '"train.progress"', 60)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=15) == 143
+    assert time.monotonic() - sent < 10
+    reader.join(5)
+    events = log_events("".join(lines))
+    saved = [e for e in events if e["event"] == "checkpoint.saved"]
+    assert saved[-1]["reason"] == "signal"
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "preempted" and progress["last_checkpoint"] == saved[-1]["checkpoint"]
+
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 0, result.stderr
+    resumed = [e for e in log_events(result.stdout) if e["event"] == "train.resumed"]
+    assert resumed[0]["checkpoint"] == saved[-1]["checkpoint"]
+    assert sha256(final_model(run)) == sha256(final_model(smoke_baseline))
+
+
+def test_the_watchdog_ends_a_hung_step_with_exit_75_and_every_stack(tmp_path):
+    run = tmp_path / "run"
+    limit_seconds = 3
+    env = job_env(JOB_TEST_HANG_AT_STEP="7")
+    proc, lines, reader = start(run, "--set", f"monitor.watchdog_minutes={limit_seconds / 60}", env=env)
+    wait_for_line(lines, '"train.progress"', 60)
+    started = time.monotonic()
+    assert proc.wait(timeout=60) == 75
+    assert time.monotonic() - started < limit_seconds + 10
+    reader.join(5)
+    stalled = [e for e in log_events("".join(lines)) if e["event"] == "watchdog.stalled"]
+    assert stalled and stalled[0]["level"] == "error"
+    stacks = stalled[0]["stacks"]
+    assert any(name.startswith("MainThread") and "train_step" in stack for name, stack in stacks.items())
+    assert any(name.startswith("heartbeat") for name in stacks)
+    in_log_file = (run / "logs" / "attempt-001.jsonl").read_text()
+    assert "watchdog.stalled" in in_log_file and "train_step" in in_log_file
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "stalled" and progress["step"] >= 2
+
+
+def test_no_secret_reaches_output_logs_or_the_run_folder(s3, tmp_path):
+    cache = tmp_path / "cache"
+    result = run_job(
+        "train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), "--log-level", "DEBUG",
+        "--set", "train.epochs=1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"level": "debug"' in result.stdout  # DEBUG really was on
+    assert FAKE_SECRET not in result.stdout and FAKE_SECRET not in result.stderr
+    for path in cache.rglob("*"):
+        if path.is_file():
+            assert FAKE_SECRET.encode() not in path.read_bytes(), path
+    for key in s3.keys("run/"):
+        assert FAKE_SECRET.encode() not in s3.get(key), key
+
+
+def test_an_error_message_that_quotes_a_secret_is_redacted(tmp_path):
+    env = job_env(AWS_SECRET_ACCESS_KEY=FAKE_SECRET)
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(tmp_path / "r"), "--config",
+                     str(tmp_path / f"{FAKE_SECRET}.json"), env=env)
+    assert result.returncode == 2
+    assert FAKE_SECRET not in result.stdout + result.stderr and "[REDACTED]" in result.stderr
+
+
+class PlantedPickle:
+    """Unpickling this creates the marker file: proof that code from the run folder ran."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_checkpoint_is_never_executed(tmp_path, smoke_baseline):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    marker = tmp_path / "PWNED"
+    PlantedPickle.marker = str(marker)
+    planted = run / "checkpoints" / "step-99999999"
+    planted.mkdir()
+    files = {}
+    for filename in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        torch.save({"payload": PlantedPickle()}, planted / filename)
+        data = (planted / filename).read_bytes()
+        files[filename] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (planted / "manifest.json").write_text(json.dumps({"format": 1, "step": 99999999, "epoch": 99, "files": files}))
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step-99999999", "step": 99999999}))
+    assert not marker.exists()
+
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 0, result.stderr
+    skipped = [e for e in log_events(result.stdout) if e["event"] == "checkpoint.skipped"]
+    assert skipped and skipped[0]["checkpoint"] == "step-99999999"
+    assert not marker.exists()
+
+
+def test_a_terminal_gets_readable_lines_with_a_progress_bar(tmp_path):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        job_command("train", "--preset", "smoke", "--run-uri", str(tmp_path / "run"), "--set", "train.epochs=1"),
+        cwd=ROOT, env=job_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+    )
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    progress_lines = [line for line in text.splitlines() if "train.progress" in line]
+    assert progress_lines and not any(line.lstrip().startswith("{") for line in progress_lines)
+    assert "[###" in text and "%" in progress_lines[-1]
+    assert (tmp_path / "run" / "logs" / "attempt-001.jsonl").read_text().startswith("{")  # the file stays JSON

@@ -91,6 +91,7 @@ class Checkpointer:
     def __init__(self, store: RunStore, keep_last: int):
         self.store = store
         self.keep_last = keep_last
+        self._folders: dict[str, bool] | None = None
 
     def save(
         self,
@@ -112,6 +113,8 @@ class Checkpointer:
             self.store.write_bytes(Layout.checkpoint_file(name, filename), data)
         self.store.write_json(Layout.checkpoint_file(name, MANIFEST_FILE), manifest)
         self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
+        if self._folders is not None:
+            self._folders[name] = True
         return name
 
     def mirror_unsent(self) -> None:
@@ -136,11 +139,23 @@ class Checkpointer:
 
     def names(self) -> list[str]:
         """Checkpoint folder names, oldest first (committed or not)."""
-        return [n for n in self.store.list_dir(Layout.checkpoints) if n.startswith("step-")]
+        return sorted(self._inventory())
 
     def committed(self) -> list[str]:
         """Folders with a manifest, oldest first; cheap (hashes are not checked)."""
-        return [n for n in self.names() if self.store.exists(Layout.checkpoint_file(n, MANIFEST_FILE))]
+        return sorted(n for n, committed in self._inventory().items() if committed)
+
+    def _inventory(self) -> dict[str, bool]:
+        """Each checkpoint folder and whether it has a manifest. Listed once, at start, when the
+        run URI has just answered the preflight; then kept current by save and prune, so that the
+        training thread never waits on a store that may be away."""
+        if self._folders is None:
+            self._folders = {
+                name: self.store.exists(Layout.checkpoint_manifest(name))
+                for name in self.store.list_dir(Layout.checkpoints)
+                if name.startswith("step-")
+            }
+        return self._folders
 
     def load(self, name: str) -> Checkpoint:
         """Read and verify every file against the manifest; raise CheckpointError on any doubt."""
@@ -194,6 +209,7 @@ class Checkpointer:
         doomed = [n for n in self.names() if n < newest and n not in keep]
         for name in doomed:
             self.store.delete_tree(Layout.checkpoint_dir(name))
+            del self._folders[name]
         return doomed
 
 

@@ -19,6 +19,8 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTER
 MODES = {
     "generate": "write the dataset (train also does it when the dataset is missing)",
     "train": "resumable training; resumes automatically when the run already has checkpoints",
+    "verify": "check every checkpoint of a run (exit 0 only if all pass); writes verify/report.json",
+    "evaluate": "quality report of the run's best checkpoint on the test split; writes eval/",
 }
 # status takes its own arguments (RUN_URI first, no config): it runs on a laptop without torch.
 STATUS_HELP = "read only the run folder and print where the run stands (exit 0 healthy, 1 not, 2 no such run)"
@@ -110,7 +112,8 @@ def run_status(args: argparse.Namespace) -> int:
     return status_main(uri, args.json, args.watch)
 
 
-def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> None:
+def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
+    """Run one mode on its run folder; returns the exit code of a mode that judges (verify)."""
     from job.storage import RunStore
     from job.train import run_generate, train
 
@@ -119,21 +122,33 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> None:
         if mode == "generate":
             store.preflight(cfg.storage.connect_seconds)
             run_generate(cfg, store)
-            store.flush(cfg.storage.flush_seconds)
         elif mode == "train":
             train(cfg, store)
+        elif mode == "verify":
+            from job.verify import run_verify
+
+            store.preflight(cfg.storage.connect_seconds)
+            if not run_verify(cfg, store):
+                return EXIT_FAILED
+        elif mode == "evaluate":
+            from job.evaluate import run_evaluate
+
+            store.preflight(cfg.storage.connect_seconds)
+            run_evaluate(cfg, store)
+        store.flush(cfg.storage.flush_seconds)
     finally:
         store.close()
+    return EXIT_OK
 
 
-def run_mode(mode: str, body: Callable[[], None]) -> int:
+def run_mode(mode: str, body: Callable[[], int]) -> int:
     """Run a mode and turn its failure into the exit code SPEC §3 promises."""
     from job.config import ConfigError
     from job.data import DataError
     from job.train import Preempted
 
     try:
-        body()
+        return body()
     except Preempted as exc:
         return fail(EXIT_PREEMPTED, "preempted", exc)
     except ConfigError as exc:
@@ -144,7 +159,6 @@ def run_mode(mode: str, body: Callable[[], None]) -> int:
         return fail(EXIT_FAILED, "interrupted", exc)
     except Exception as exc:
         return fail(EXIT_FAILED, f"{mode} failed", exc, with_traceback=True)
-    return EXIT_OK
 
 
 def fail(code: int, what: str, exc: BaseException, with_traceback: bool = False) -> int:

@@ -78,6 +78,12 @@ class Layout:
     def log_file(attempt: int) -> str:
         return f"logs/attempt-{attempt:03d}.jsonl"
 
+    @staticmethod
+    def attempt_of_log(filename: str) -> int | None:
+        """The attempt number in a log file's name, or None for any other file."""
+        stem = filename.removeprefix("attempt-").removesuffix(".jsonl")
+        return int(stem) if filename.startswith("attempt-") and stem.isdigit() else None
+
 
 # --- folders: where bytes live -----------------------------------------------------------
 

@@ -95,7 +95,7 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     if previous is not None:
         refuse_math_changes(previous.state["config"], cfg)
         position = position_from_state(previous.state)
-    position.attempt = max(attempt, position.attempt + 1)
+    position.attempt = attempt
     store.write_json(Layout.config, cfg.to_dict())
 
     n_train = split_sizes(cfg.data)[0]
@@ -152,7 +152,6 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     progress.update(status="completed", step=position.step, eta_seconds=0)
     log.info("train.completed", step=position.step, best=position.best, checkpoint=progress.fields["last_checkpoint"])
     store.publish(log_file)
-    store.flush(cfg.storage.flush_seconds)
 
 
 def flush_quietly(store: RunStore, log_file: str, timeout: float) -> None:
@@ -307,6 +306,7 @@ class TrainingLoop:
             seconds=round(self.last_save - started, 3), pruned=pruned,
         )
         self.progress.update(last_checkpoint=name, step=pos.step)
+        self.store.publish(Layout.log_file(pos.attempt))
         if self.plot_due(Layout.reconstruction_plot, final=reason == "final"):
             self.plot_reconstructions(name)
 
@@ -398,10 +398,12 @@ def refuse_math_changes(saved_config: dict[str, Any], cfg: Config) -> None:
 
 
 def recorded_attempt(store: RunStore) -> int:
-    """The attempt counter of the previous attempt, as progress.json recorded it (0 if none)."""
+    """The highest attempt any earlier attempt left a trace of: progress.json or a log file
+    (0 if none). Every attempt writes both as it starts."""
     progress = store.read_json(Layout.progress)
-    attempt = progress.get("attempt") if isinstance(progress, dict) else None
-    return attempt if isinstance(attempt, int) else 0
+    attempts = [progress.get("attempt")] if isinstance(progress, dict) else []
+    attempts += [Layout.attempt_of_log(name) for name in store.list_dir(Layout.logs)]
+    return max((a for a in attempts if isinstance(a, int)), default=0)
 
 
 def data_directory(cfg: Config, store: RunStore) -> Path:

@@ -1,0 +1,403 @@
+"""``evaluate`` (SPEC §11): how good the run's best model is, on the test split, next to baselines.
+
+1. Load the best checkpoint (verified against its manifest); the model is rebuilt from the
+   checkpoint's own config, so a wrong ``--preset`` cannot mismatch it.
+2. One pass over the train split: the per-pixel mean frame (a baseline) and the codes the
+   classifier learns from. The test split is never trained on.
+3. One pass over the test split: encode -> decode, and the same per-frame metrics (job.metrics)
+   for the model, an all-black frame and the mean frame, overall and per class.
+4. Codebook usage on the test codes; a linear probe on the LFQ bits of the train codes, scored
+   on the test codes; side-by-side PNGs per class.
+5. eval/report.json, eval/report.md, a summary on stdout. Goals are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from job.checkpoint import Checkpoint, CheckpointError, Checkpointer
+from job.config import MATH_SECTIONS, Config, ConfigError, config_from_dict, diff_keys, set_value
+from job.data import VideoDataset
+from job.metrics import (
+    PSNR_CAP_DB, FrameScores, code_bits, confusion_matrix, fit_linear_probe, score_frames, ssim_window, summarise,
+)
+from job.model import VideoTokenizer, codebook_stats
+from job.monitor import utc_now
+from job.plots import reconstruction_grid_png
+from job.storage import Layout, RunStore
+from job.train import pick_device, prepare_dataset
+
+log = structlog.get_logger("job.evaluate")
+
+REPORT_JSON = f"{Layout.eval}/report.json"
+REPORT_MD = f"{Layout.eval}/report.md"
+EXAMPLES_PER_CLASS = 3
+# What each set of frames is scored as; the baselines go through the same metric code as the model.
+MODEL, BLACK, MEAN_FRAME = "model", "baseline_black", "baseline_mean_frame"
+KINDS = (MODEL, BLACK, MEAN_FRAME)
+KIND_TITLES = {MODEL: "model", BLACK: "all-black", MEAN_FRAME: "mean-frame"}
+# The centroid goal also needs the object to be found: missing it must not pass for precision.
+MAX_CENTROID_MISS_RATE = 0.05
+
+
+class NothingToEvaluate(ConfigError):
+    """The run folder holds no checkpoint that passes verification (exit 2: wrong run URI)."""
+
+
+def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
+    started = time.monotonic()
+    checkpoint, choice = load_best_checkpoint(Checkpointer(store, cfg.checkpoint.keep_last))
+    run_cfg = evaluation_config(checkpoint, cfg)
+    device = pick_device(run_cfg)
+    model = load_model(checkpoint, run_cfg, device)
+    dataset = prepare_dataset(run_cfg, store)
+    log.info("evaluate.start", checkpoint=checkpoint.name, choice=choice, device=str(device))
+
+    train_pass = scan_train_split(model, dataset, run_cfg, device)
+    test_pass = score_test_split(model, dataset, run_cfg, device, train_pass.mean_frame)
+    report = {
+        "checkpoint": checkpoint.name,
+        "checkpoint_step": checkpoint.manifest["step"],
+        "checkpoint_choice": choice,
+        "split": "test",
+        "samples": len(test_pass.labels),
+        "video_shape": list(model.input_shape),
+        "device": str(device),
+        "metrics": {kind: summarise(test_pass.scores[kind]) for kind in KINDS},
+        "per_class": per_class_metrics(test_pass, run_cfg.data.classes),
+        "codebook": {
+            **codebook_stats(test_pass.codes, model.codebook_size),
+            "codebook_size": model.codebook_size,
+            "tokens": test_pass.codes.numel(),
+        },
+        "classifier": classify_codes(train_pass, test_pass, run_cfg),
+        "images": write_example_images(store, model, dataset, test_pass, run_cfg, device, checkpoint.name),
+    }
+    report["goals"] = goals(report)
+    report["seconds"] = round(time.monotonic() - started, 2)
+    report["created_at"] = utc_now()
+    store.write_json(REPORT_JSON, report)
+    store.write_text(REPORT_MD, report_markdown(report))
+    model_metrics = report["metrics"][MODEL]
+    log.info(
+        "evaluate.done", checkpoint=checkpoint.name, psnr_db=model_metrics["psnr_db"],
+        centroid_error_px=model_metrics["centroid_error_px"], accuracy=report["classifier"]["accuracy"],
+        goals_met=sum(g["met"] for g in report["goals"].values()), seconds=report["seconds"],
+    )
+    print(summary_text(report, store.uri), flush=True)
+    return report
+
+
+# --- model and data -------------------------------------------------------------------------
+
+
+def load_best_checkpoint(checkpointer: Checkpointer) -> tuple[Checkpoint, str]:
+    """The best checkpoint by validation loss, as the newest valid checkpoint records it; the
+    newest valid one itself when the best is not recorded or fails verification. Returns it with
+    a sentence saying which was used and why."""
+    newest = checkpointer.load_newest_valid()
+    if newest is None:
+        raise NothingToEvaluate(f"no checkpoint in {checkpointer.store.uri} passes verification; nothing to evaluate")
+    best = (newest.state.get("best") or {}).get("checkpoint")
+    if best is None:
+        return newest, f"newest valid checkpoint {newest.name} (the run records no best)"
+    if best == newest.name:
+        return newest, f"best checkpoint by validation loss ({best}, also the newest)"
+    try:
+        return checkpointer.load(best), f"best checkpoint by validation loss ({best})"
+    except CheckpointError as exc:
+        log.warning("evaluate.best_unusable", checkpoint=best, reason=str(exc), using=newest.name)
+        return newest, f"newest valid checkpoint {newest.name}: the best, {best}, fails verification ({exc})"
+
+
+def evaluation_config(checkpoint: Checkpoint, cfg: Config) -> Config:
+    """The run's own config, from the checkpoint, with this machine's choices from ``cfg``: the
+    device, the thread count and, when given, where the data lives."""
+    run_cfg = config_from_dict(checkpoint.state["config"])
+    differing = diff_keys(checkpoint.state["config"], cfg.to_dict(), MATH_SECTIONS)
+    if differing:
+        log.info("evaluate.using_run_config", differing_keys=differing)
+    set_value(run_cfg, "train.device", cfg.train.device)
+    set_value(run_cfg, "train.threads", cfg.train.threads)
+    if cfg.data.uri:
+        set_value(run_cfg, "data.uri", cfg.data.uri)
+    return run_cfg
+
+
+def load_model(checkpoint: Checkpoint, cfg: Config, device: torch.device) -> VideoTokenizer:
+    model = VideoTokenizer(cfg.model, cfg.data)
+    model.load_state_dict(checkpoint.model, strict=True)
+    return model.to(device).eval()
+
+
+def batches(dataset: VideoDataset, indices: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(indices), batch_size):
+        yield dataset.get(indices[start : start + batch_size])
+
+
+def reconstruct(model: VideoTokenizer, videos: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, reconstruction (N, T, H, W)) through the tokenizer's public encode -> decode path."""
+    codes = model.encode(videos.to(device))
+    return codes, model.decode(codes)[:, 0].float()
+
+
+@dataclass
+class TrainPass:
+    mean_frame: torch.Tensor  # (T, H, W): the per-pixel mean over the train split
+    codes: torch.Tensor  # (N, t, h, w)
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def scan_train_split(model: VideoTokenizer, dataset: VideoDataset, cfg: Config, device: torch.device) -> TrainPass:
+    indices = dataset.split("train")
+    total = torch.zeros(model.input_shape, dtype=torch.float64)
+    codes, labels = [], []
+    for videos, batch_labels in batches(dataset, indices, cfg.train.batch_size):
+        total += videos[:, 0].sum(dim=0, dtype=torch.float64)
+        codes.append(model.encode(videos.to(device)).cpu())
+        labels.append(batch_labels)
+    return TrainPass((total / len(indices)).float(), torch.cat(codes), torch.cat(labels))
+
+
+@dataclass
+class TestPass:
+    scores: dict[str, FrameScores]  # by kind (model and baselines)
+    codes: torch.Tensor
+    labels: torch.Tensor
+    indices: np.ndarray  # dataset indices of the test samples, in order
+
+
+@torch.no_grad()
+def score_test_split(
+    model: VideoTokenizer, dataset: VideoDataset, cfg: Config, device: torch.device, mean_frame: torch.Tensor
+) -> TestPass:
+    indices = dataset.split("test")
+    threshold = cfg.model.foreground_threshold
+    mean_frame = mean_frame.to(device)
+    scores: dict[str, list[FrameScores]] = {kind: [] for kind in KINDS}
+    codes, labels = [], []
+    for videos, batch_labels in batches(dataset, indices, cfg.train.batch_size):
+        batch_codes, recon = reconstruct(model, videos, device)
+        target = videos[:, 0].to(device)
+        candidates = {MODEL: recon, BLACK: torch.zeros_like(target), MEAN_FRAME: mean_frame.expand_as(target)}
+        for kind, candidate in candidates.items():
+            scores[kind].append(score_frames(candidate, target, threshold).cpu())
+        codes.append(batch_codes.cpu())
+        labels.append(batch_labels)
+    return TestPass({k: FrameScores.cat(v) for k, v in scores.items()}, torch.cat(codes), torch.cat(labels), indices)
+
+
+# --- the parts of the report ------------------------------------------------------------------
+
+
+def per_class_metrics(test_pass: TestPass, classes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    result = {}
+    for class_id, name in enumerate(classes):
+        samples = test_pass.labels == class_id
+        result[name] = {"samples": int(samples.sum())}
+        result[name].update({kind: summarise(test_pass.scores[kind].select(samples)) for kind in KINDS})
+    return result
+
+
+def classify_codes(train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> dict[str, Any]:
+    """Can the codes tell the trajectories apart? A linear probe on the LFQ bits of the train
+    split's codes, scored on the test split's."""
+    classes = list(cfg.data.classes)
+    bits = cfg.model.codebook_bits
+    train_features = code_bits(train_pass.codes, bits)
+    probe = fit_linear_probe(train_features, train_pass.labels, len(classes))
+    predicted = probe.predict(code_bits(test_pass.codes, bits))
+    confusion = confusion_matrix(test_pass.labels, predicted, len(classes))
+    t, h, w = test_pass.codes.shape[1:]
+    return {
+        "accuracy": float((predicted == test_pass.labels).double().mean()),
+        "chance": 1.0 / len(classes),
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+        "features": f"LFQ code bits as +-1 at every latent position, standardised: {t}x{h}x{w} positions x {bits} bits"
+        f" = {train_features.shape[1]} features",
+        "probe": "multinomial logistic regression, L2 1e-2, full-batch L-BFGS from zero weights (deterministic)",
+        "train_samples": len(train_pass.labels),
+        "test_samples": len(test_pass.labels),
+    }
+
+
+@torch.no_grad()
+def write_example_images(
+    store: RunStore, model: VideoTokenizer, dataset: VideoDataset, test_pass: TestPass, cfg: Config,
+    device: torch.device, checkpoint_name: str,
+) -> dict[str, str]:
+    """eval/<class>.png: the first few test samples of each class, original | reconstruction | error."""
+    images = {}
+    for class_id, name in enumerate(cfg.data.classes):
+        chosen = test_pass.indices[(test_pass.labels == class_id).numpy()][:EXAMPLES_PER_CLASS]
+        if not len(chosen):
+            continue
+        videos, _ = dataset.get(chosen)
+        _, recon = reconstruct(model, videos, device)
+        png = reconstruction_grid_png(
+            videos[:, 0].numpy(), recon.cpu().numpy(), [f"{name} #{i}" for i in chosen],
+            f"{name}, test split, {checkpoint_name}: original | reconstruction | error",
+        )
+        images[name] = f"{Layout.eval}/{name}.png"
+        store.write_bytes(images[name], png)
+    return images
+
+
+def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's goals for the default preset, each with its value and whether it is met."""
+    model, black = report["metrics"][MODEL], report["metrics"][BLACK]
+    gain = None if model["psnr_db"] is None or black["psnr_db"] is None else model["psnr_db"] - black["psnr_db"]
+    centroid = goal(model["centroid_error_px"], 1.0, "<=")
+    miss_rate = model["centroid_miss_rate"]
+    centroid["miss_rate"] = miss_rate
+    centroid["max_miss_rate"] = MAX_CENTROID_MISS_RATE
+    centroid["met"] = centroid["met"] and miss_rate is not None and miss_rate <= MAX_CENTROID_MISS_RATE
+    return {
+        "psnr_above_black_db": goal(gain, 10.0, ">="),
+        "centroid_error_px": centroid,
+        "classifier_accuracy": goal(report["classifier"]["accuracy"], 0.95, ">="),
+        "codebook_usage": goal(report["codebook"]["usage"], 0.5, ">="),
+    }
+
+
+def goal(value: float | None, target: float, comparison: str) -> dict[str, Any]:
+    if value is None:
+        met = False
+    else:
+        met = value >= target if comparison == ">=" else value <= target
+    return {"value": value, "target": target, "comparison": comparison, "met": met}
+
+
+# --- presentation -------------------------------------------------------------------------------
+
+# (key in a metrics summary, row title, how to format it)
+METRIC_ROWS = (
+    ("psnr_db", "PSNR (dB, mean over frames)", "{:.2f}"),
+    ("psnr_of_mean_mse_db", "PSNR of the mean MSE (dB)", "{:.2f}"),
+    ("mse", "MSE", "{:.3g}"),
+    ("ssim", "SSIM (per frame)", "{:.4f}"),
+    ("foreground_psnr_db", "foreground PSNR (dB)", "{:.2f}"),
+    ("centroid_error_px", "centroid error (px)", "{:.3f}"),
+    ("centroid_miss_rate", "centroid miss rate", "{:.1%}"),
+)
+
+
+def formatted(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def metrics_table(by_kind: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| metric | " + " | ".join(KIND_TITLES[k] for k in KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
+    for key, title, pattern in METRIC_ROWS:
+        lines.append(f"| {title} | " + " | ".join(formatted(by_kind[k][key], pattern) for k in KINDS) + " |")
+    return lines
+
+
+def confusion_table(classifier: dict[str, Any]) -> list[str]:
+    classes = classifier["classes"]
+    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for name, row in zip(classes, classifier["confusion_matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(count) for count in row) + " |")
+    return lines
+
+
+def goals_table(report_goals: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| goal | value | target | met |", "|---|---|---|---|"]
+    for name, g in report_goals.items():
+        target = f"{g['comparison']} {g['target']:g}"
+        if "max_miss_rate" in g:
+            target += f", miss rate <= {g['max_miss_rate']:.0%} (now {formatted(g['miss_rate'], '{:.1%}')})"
+        lines.append(f"| {name} | {formatted(g['value'], '{:.3f}')} | {target} | {'yes' if g['met'] else 'no'} |")
+    return lines
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    frames, height, width = report["video_shape"]
+    classifier, codebook = report["classifier"], report["codebook"]
+    lines = [
+        f"# Evaluation of {report['checkpoint']} (step {report['checkpoint_step']})",
+        "",
+        f"Model: {report['checkpoint_choice']}. Data: the test split, never trained on: {report['samples']} videos of "
+        f"{frames} frames of {height}x{width}. Evaluated on {report['device']} in {report['seconds']:.1f} s, "
+        f"{report['created_at']}.",
+        "",
+        "Every number stands next to two baselines scored by the same code: an all-black frame, and the per-pixel "
+        "mean frame of the train split. On frames that are >95% black, a PSNR close to the all-black one means the "
+        "model has not learnt the object.",
+        "",
+        "## Reconstruction, all test frames",
+        "",
+        *metrics_table(report["metrics"]),
+        "",
+        "## Per class",
+    ]
+    for name, by_kind in report["per_class"].items():
+        lines += ["", f"### {name} ({by_kind['samples']} test videos)", "", *metrics_table(by_kind)]
+        if name in report["images"]:
+            # report.md lives in eval/ beside the images: links relative to it work in a bucket and a checkout.
+            lines += ["", f"![{name}]({name}.png)"]
+    lines += [
+        "",
+        "## Codebook (test codes)",
+        "",
+        f"Usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes; perplexity {codebook['perplexity']:.1f} "
+        f"over {codebook['tokens']} tokens.",
+        "",
+        "## Can the codes classify the trajectories?",
+        "",
+        f"Test accuracy **{classifier['accuracy']:.1%}** (chance {classifier['chance']:.1%}); "
+        f"{classifier['probe']}, trained on the codes of {classifier['train_samples']} train videos. "
+        f"Features: {classifier['features']}.",
+        "",
+        *confusion_table(classifier),
+        "",
+        "## Goals (set for the default preset; reported, not asserted)",
+        "",
+        *goals_table(report["goals"]),
+        "",
+        "## Definitions",
+        "",
+        f"- PSNR per frame with data range 1, averaged over frames; MSE floored at 1e-10, so a perfect frame scores "
+        f"{PSNR_CAP_DB:.0f} dB. 'PSNR of the mean MSE' is 10 log10(1 / MSE over all frames).",
+        f"- SSIM per 2D frame (torchmetrics), Gaussian window {ssim_window(height, width)[0]} px; not a 3D volume.",
+        "- Foreground: pixels of the original brighter than the model's foreground_threshold; foreground PSNR is "
+        "per frame, over frames that have such pixels.",
+        "- Centroid: intensity-weighted mean position of the pixels above that threshold. The error is the distance "
+        "between the original's and the reconstruction's, over frames whose original shows the object; a "
+        "reconstruction without such pixels is a miss (miss rate), not an error. The all-black baseline misses all.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_text(report: dict[str, Any], uri: str) -> str:
+    m = report["metrics"]
+
+    def line(title: str, key: str, pattern: str, unit: str = "") -> str:
+        model = formatted(m[MODEL][key], pattern)
+        black, mean = formatted(m[BLACK][key], pattern), formatted(m[MEAN_FRAME][key], pattern)
+        return f"{title} {model}{unit} (all-black {black}, mean-frame {mean})"
+
+    classifier, codebook = report["classifier"], report["codebook"]
+    met = [name for name, g in report["goals"].items() if g["met"]]
+    return "\n".join([
+        f"evaluate: {report['checkpoint']} on {report['samples']} test videos, {report['seconds']:.1f} s",
+        line("PSNR", "psnr_db", "{:.2f}", " dB"),
+        line("SSIM", "ssim", "{:.4f}"),
+        line("foreground PSNR", "foreground_psnr_db", "{:.2f}", " dB"),
+        line("centroid error", "centroid_error_px", "{:.3f}", " px"),
+        line("centroid miss rate", "centroid_miss_rate", "{:.1%}"),
+        f"codebook usage {codebook['usage']:.1%}, perplexity {codebook['perplexity']:.1f} of {codebook['codebook_size']}",
+        f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})",
+        f"goals met: {len(met)}/{len(report['goals'])}" + (f" ({', '.join(met)})" if met else ""),
+        f"report: {uri.rstrip('/')}/{REPORT_MD}",
+    ])

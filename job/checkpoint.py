@@ -34,8 +34,11 @@ RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = Layout.checkpoint_manifest_file
 FORMAT_VERSION = 1
-# What resuming reads from state.json; encode_checkpoint always writes these.
-REQUIRED_STATE = frozenset({"step", "epoch", "sample_in_epoch", "config", "optimizer", "scheduler"})
+# What resuming reads from state.json (train.state_from writes them all).
+REQUIRED_STATE = frozenset({
+    "step", "epoch", "sample_in_epoch", "epoch_loss_sum", "epoch_batches", "epoch_sample_count",
+    "epoch_sample_hash", "metrics", "best", "attempt", "config", "optimizer", "scheduler",
+})
 
 log = structlog.get_logger("job.checkpoint")
 

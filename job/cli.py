@@ -114,16 +114,20 @@ def run_status(args: argparse.Namespace) -> int:
 
 def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
     """Run one mode on its run folder; returns the exit code of a mode that judges (verify)."""
+    from job.distributed import Topology
     from job.storage import RunStore
     from job.train import run_generate, train
 
-    store = RunStore(run_uri, cache_dir, retry_max_seconds=cfg.storage.retry_max_seconds)
+    topology = Topology.from_env()  # set by torchrun; one process otherwise
+    store = RunStore(
+        run_uri, cache_dir, retry_max_seconds=cfg.storage.retry_max_seconds, read_only=not topology.is_writer
+    )
     try:
         if mode == "generate":
             store.preflight(cfg.storage.connect_seconds)
             run_generate(cfg, store)
         elif mode == "train":
-            train(cfg, store)
+            train(cfg, store, topology)
         elif mode == "verify":
             from job.verify import run_verify
 

@@ -381,20 +381,28 @@ class RunStore:
     """A run folder addressed by relative paths (see ``Layout``): written locally first, then
     mirrored to the run URI when that is remote."""
 
-    def __init__(self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0):
+    def __init__(
+        self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0, read_only: bool = False
+    ):
+        """``read_only``: a process that only reads the run (a DDP rank other than 0). Its writes
+        are dropped on purpose, so that exactly one process owns every file of the run."""
+        uri = str(uri)
         self.uri = uri
+        self.read_only = read_only
         self.remote: RemoteFolder | None = None
         self.uploader: Uploader | None = None
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
-            self.uploader = Uploader(self.local, self.remote, retry_max_seconds)
+            self.uploader = None if read_only else Uploader(self.local, self.remote, retry_max_seconds)
         else:
             self.local = LocalFolder(uri.removeprefix("file://"))
         self.root = self.local.root
 
     # writes: local, then mirrored
     def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.read_only:
+            return
         self.local.write_bytes(rel, data)
         self.publish(rel)
 
@@ -410,6 +418,8 @@ class RunStore:
             self.uploader.submit(_Op("put", rel))
 
     def delete_tree(self, rel: str) -> None:
+        if self.read_only:
+            return
         self.local.delete_tree(rel)
         if self.uploader:
             self.uploader.submit(_Op("delete_tree", rel))
@@ -467,6 +477,7 @@ class RunStore:
         self.local.check()
         if not self.remote:
             return
+        check = (lambda: self.remote.list_dir("")) if self.read_only else self.remote.check
         retrying = Retrying(
             wait=wait_exponential_jitter(multiplier=0.5, max=10),
             stop=lambda state: state.seconds_since_start >= connect_seconds,
@@ -477,7 +488,7 @@ class RunStore:
             reraise=True,
         )
         try:
-            retrying(self.remote.check)
+            retrying(check)
         except Exception as exc:
             raise StorageError(f"run URI {self.uri} is not reachable after {connect_seconds:.0f} s: {_describe(exc)}") from exc
 

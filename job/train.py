@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from job.checkpoint import Checkpointer, restore
+from job.checkpoint import Checkpoint, Checkpointer, restore
+from job.distributed import Topology
 from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys, split_sizes
 from job.data import DataError, VideoDataset, generate_dataset
 from job.model import VideoTokenizer, codebook_stats, compute_loss, reconstruction_loss
@@ -60,18 +62,12 @@ class Position:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None  # {"checkpoint": name, "val_loss": x}
     attempt: int = 0
+    epoch_sample_count: int = 0  # samples trained on in the current epoch, by the whole group
+    epoch_sample_hash: int = 0  # order-free digest of which samples those were (see sample_digest)
 
-
-@dataclass(frozen=True)
-class Topology:
-    """Which process this is. One process for now; DDP will fill these from torchrun."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_writer(self) -> bool:
-        return self.rank == 0
+    def count_samples(self, positions: np.ndarray) -> None:
+        self.epoch_sample_count += len(positions)
+        self.epoch_sample_hash = (self.epoch_sample_hash + sample_digest(positions)) % 2**64
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -82,15 +78,23 @@ class Preempted(Exception):
 
 
 def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None:
+    """One attempt of a run. Under torchrun every rank calls this; rank 0 alone writes the run
+    folder (the others get a read-only store), and all ranks resume from the checkpoint it picks."""
     preflight(cfg, store)
-    attempt = recorded_attempt(store) + 1
-    bind_run_context(attempt=attempt)
-    log_file = Layout.log_file(attempt)
-    add_log_file(store.local_path(log_file))
-
+    device = pick_device(cfg, topology)
+    topology.start(device, timeout_minutes=cfg.monitor.watchdog_minutes)
+    if topology.distributed:
+        bind_run_context(rank=topology.rank)
     checkpointer = Checkpointer(store, cfg.checkpoint.keep_last)
-    checkpointer.mirror_unsent()  # what a previous attempt committed locally but could not upload
-    previous = checkpointer.load_newest_valid()
+    attempt, previous, log_file = 0, None, ""
+    if topology.is_writer:
+        attempt = recorded_attempt(store) + 1
+        log_file = Layout.log_file(attempt)
+        add_log_file(store.local_path(log_file))  # before the checkpoint search, so its warnings land there
+        checkpointer.mirror_unsent()  # what a previous attempt committed locally but could not upload
+        previous = checkpointer.load_newest_valid()
+    attempt, previous = agree_on_start(checkpointer, topology, device, attempt, previous)
+    bind_run_context(attempt=attempt)
     position = Position()
     if previous is not None:
         refuse_math_changes(previous.state["config"], cfg)
@@ -111,8 +115,7 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=lambda: store.publish(log_file))
     try:
         with StopRequest() as stop, heartbeat:
-            dataset = prepare_dataset(cfg, store)
-            device = pick_device(cfg)
+            dataset = prepare_dataset_in_turn(cfg, store, topology)
             model, optimizer, scheduler = build_training(cfg, device, total_steps)
             if previous is not None:
                 restore(previous, model, optimizer, scheduler)
@@ -149,6 +152,8 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
         progress.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         flush_quietly(store, log_file, cfg.storage.signal_flush_seconds)
         raise
+    finally:
+        topology.stop()
     progress.update(status="completed", step=position.step, eta_seconds=0)
     log.info("train.completed", step=position.step, best=position.best, checkpoint=progress.fields["last_checkpoint"])
     store.publish(log_file)
@@ -175,6 +180,8 @@ class TrainingLoop:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.checkpointer, self.progress, self.pos = checkpointer, progress, position
         self.topology, self.device = topology, device
+        # DDP averages gradients across ranks; saving, validating and plotting use the bare model.
+        self.train_model = DistributedDataParallel(model) if topology.distributed else model
         self.stop, self.watchdog, self.plots = stop, watchdog, plots
         self.hang_at_step = int(os.environ.get("JOB_TEST_HANG_AT_STEP", "0"))  # fault drills only
         self.train_indices = dataset.split("train")
@@ -193,16 +200,18 @@ class TrainingLoop:
             order = epoch_order(cfg.seed, pos.epoch, len(self.train_indices))
             while pos.sample_in_epoch < len(order):
                 batch = order[pos.sample_in_epoch : pos.sample_in_epoch + batch_size]
-                loss = self.train_step(self.train_indices[batch[self.topology.rank :: self.topology.world_size]])
+                mine = batch[self.topology.rank :: self.topology.world_size]
+                loss = self.train_step(self.train_indices[mine])
                 pos.step += 1
                 pos.sample_in_epoch += len(batch)
                 pos.epoch_loss_sum += loss
                 pos.epoch_batches += 1
+                pos.count_samples(self.topology.gather_indices(mine, self.device))
                 self.watchdog.touch()
                 self.report_batch(loss, total_steps, steps_per_epoch)
-                if self.stop.requested:
+                if self.topology.any_rank(self.stop.requested, self.device):
                     self.save("signal")
-                    raise Preempted(f"stopped by {self.stop.signal_name} at step {pos.step}")
+                    raise Preempted(f"stopped by {self.stop.signal_name or 'a peer rank'} at step {pos.step}")
                 if pos.sample_in_epoch < len(order):
                     reason = self.checkpoint_reason(at_epoch_end=False)
                     if reason:
@@ -215,7 +224,7 @@ class TrainingLoop:
         videos, _ = self.dataset.get(indices)
         videos = videos.to(self.device, non_blocking=True)
         with self.autocast():
-            out = self.model(videos)
+            out = self.train_model(videos)
             loss, _ = compute_loss(out, videos, self.cfg.model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,6 +240,10 @@ class TrainingLoop:
         record = {
             "epoch": pos.epoch,
             "step": pos.step,
+            "samples": pos.epoch_sample_count,
+            # every training sample exactly once this epoch, across resumes and world sizes
+            "samples_complete": pos.epoch_sample_count == len(self.train_indices)
+            and pos.epoch_sample_hash == sample_digest(np.arange(len(self.train_indices))),
             "train_loss": pos.epoch_loss_sum / max(1, pos.epoch_batches),
             **val,
             "lr": self.scheduler.get_last_lr()[0],
@@ -240,6 +253,7 @@ class TrainingLoop:
         }
         pos.metrics.append(record)
         pos.sample_in_epoch, pos.epoch_loss_sum, pos.epoch_batches = 0, 0.0, 0
+        pos.epoch_sample_count, pos.epoch_sample_hash = 0, 0
         write_metrics(self.store, pos.metrics)
         final = pos.step >= total_steps
         if self.plot_due(Layout.loss_plot, final):
@@ -293,6 +307,8 @@ class TrainingLoop:
         return None
 
     def save(self, reason: str) -> None:
+        if not self.topology.is_writer:
+            return
         pos = self.pos
         started = time.monotonic()
         name = self.checkpointer.save(
@@ -397,6 +413,18 @@ def refuse_math_changes(saved_config: dict[str, Any], cfg: Config) -> None:
         )
 
 
+def agree_on_start(
+    checkpointer: Checkpointer, topology: Topology, device: torch.device, attempt: int, previous: Checkpoint | None
+) -> tuple[int, Checkpoint | None]:
+    """Rank 0's attempt number and checkpoint, on every rank: the others load that same
+    checkpoint (verified against its manifest like any other read)."""
+    step = previous.manifest["step"] if previous else -1
+    attempt, step = topology.broadcast_ints([attempt, step], device)
+    if previous is None and step >= 0:
+        previous = checkpointer.load(Layout.checkpoint_name(step))
+    return attempt, previous
+
+
 def recorded_attempt(store: RunStore) -> int:
     """The highest attempt any earlier attempt left a trace of: progress.json or a log file
     (0 if none). Every attempt writes both as it starts."""
@@ -410,6 +438,15 @@ def data_directory(cfg: Config, store: RunStore) -> Path:
     if cfg.data.uri:
         return Path(cfg.data.uri).expanduser()
     return store.local_path(Layout.data_manifest).parent
+
+
+def prepare_dataset_in_turn(cfg: Config, store: RunStore, topology: Topology) -> VideoDataset:
+    """Rank 0 generates or downloads the data first; the others then find it (same host) or
+    fetch or regenerate the same bytes (another host)."""
+    if topology.is_writer:
+        dataset = prepare_dataset(cfg, store)
+    topology.barrier()
+    return dataset if topology.is_writer else prepare_dataset(cfg, store)
 
 
 def prepare_dataset(cfg: Config, store: RunStore) -> VideoDataset:
@@ -457,11 +494,8 @@ def run_generate(cfg: Config, store: RunStore) -> dict[str, Any]:
     return manifest
 
 
-def pick_device(cfg: Config) -> torch.device:
-    wanted = cfg.train.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(wanted)
+def pick_device(cfg: Config, topology: Topology = Topology()) -> torch.device:
+    device = topology.device(cfg.train.device)
     if device.type == "cpu":
         # Exact resume needs the same arithmetic every time: deterministic kernels, and a thread
         # count that does not depend on the moment the process started.
@@ -469,7 +503,7 @@ def pick_device(cfg: Config) -> torch.device:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
     elif not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {wanted} requested but CUDA is not available")
+        raise ConfigError(f"train.device: {cfg.train.device} requested but CUDA is not available")
     return device
 
 
@@ -498,6 +532,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+def sample_digest(positions: np.ndarray) -> int:
+    """A digest of a multiset of sample positions that does not depend on their order: the sum
+    (mod 2**64) of a 64-bit mix of each. Training a sample twice, or skipping one, changes it."""
+    x = np.asarray(positions, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return int(x.sum(dtype=np.uint64))
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of the training samples in one epoch: a pure function of (seed, epoch)."""
     return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
@@ -513,6 +558,8 @@ def state_from(pos: Position, cfg: Config, reason: str) -> dict[str, Any]:
         "metrics": pos.metrics,
         "best": pos.best,
         "attempt": pos.attempt,
+        "epoch_sample_count": pos.epoch_sample_count,
+        "epoch_sample_hash": pos.epoch_sample_hash,
         "reason": reason,
         "config": cfg.to_dict(),
     }
@@ -528,6 +575,8 @@ def position_from_state(state: dict[str, Any]) -> Position:
         metrics=list(state["metrics"]),
         best=state["best"],
         attempt=state["attempt"],
+        epoch_sample_count=state["epoch_sample_count"],
+        epoch_sample_hash=state["epoch_sample_hash"],
     )
 
 

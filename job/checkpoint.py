@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -59,20 +62,50 @@ class Checkpoint:
     state: dict[str, Any]
 
 
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds, copied off the live training state into host memory, so
+    that training can go on while it is written."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    state_json: bytes
+
+
+def take_snapshot(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> Snapshot:
+    """The part of a checkpoint the training thread waits for: copies, nothing else."""
+    optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
+    return Snapshot(
+        model=_host_copy(model.state_dict()),
+        optimizer=_host_copy(optimizer_tensors),
+        rng=_rng_states(),
+        state_json=_json_bytes({**state, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}),
+    )
+
+
+def encode_snapshot(snapshot: Snapshot) -> dict[str, bytes]:
+    """The files of a checkpoint, as bytes (no manifest yet)."""
+    return {
+        MODEL_FILE: save_tensors(snapshot.model),
+        OPTIMIZER_FILE: save_tensors(snapshot.optimizer),
+        RNG_FILE: save_tensors(snapshot.rng),
+        STATE_FILE: snapshot.state_json,
+    }
+
+
 def encode_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
 ) -> dict[str, bytes]:
-    """The files of a checkpoint, as bytes (no manifest yet)."""
-    optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
-    return {
-        MODEL_FILE: save_tensors(_cpu_contiguous(model.state_dict())),
-        OPTIMIZER_FILE: save_tensors(_cpu_contiguous(optimizer_tensors)),
-        RNG_FILE: save_tensors(_rng_states()),
-        STATE_FILE: _json_bytes({**state, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}),
-    }
+    return encode_snapshot(take_snapshot(model, optimizer, scheduler, state))
 
 
 def make_manifest(files: dict[str, bytes], step: int, epoch: int) -> dict[str, Any]:
@@ -95,6 +128,10 @@ class Checkpointer:
         self.store = store
         self.keep_last = keep_last
         self._folders: dict[str, bool] | None = None
+        # One background writer, one checkpoint in flight: a commit that is slower than the
+        # cadence makes the next save wait instead of piling up snapshots in memory.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
 
     def save(
         self,
@@ -104,10 +141,44 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         state: dict[str, Any],
+        best: str | None = None,
     ) -> str:
-        """Commit a checkpoint in the order files, manifest, latest.json. Returns its name."""
+        """Snapshot and commit a checkpoint, returning once it is committed. Returns its name."""
+        name = self.save_async(step, epoch, model, optimizer, scheduler, state, best)
+        self.wait()
+        return name
+
+    def save_async(
+        self,
+        step: int,
+        epoch: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        state: dict[str, Any],
+        best: str | None = None,
+        on_commit: Callable[[str, float, list[str]], None] | None = None,
+    ) -> str:
+        """Copy the state now; serialize, hash, write (files, manifest, latest.json) and prune in
+        the background. ``on_commit(name, seconds, pruned)`` runs once it is committed."""
+        self.wait()
+        snapshot = take_snapshot(model, optimizer, scheduler, state)
         name = Layout.checkpoint_name(step)
-        files = encode_checkpoint(model, optimizer, scheduler, state)
+        self._pending = self._writer.submit(self._commit, name, step, epoch, snapshot, best, on_commit)
+        return name
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is committed; raise what its commit raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _commit(
+        self, name: str, step: int, epoch: int, snapshot: Snapshot, best: str | None,
+        on_commit: Callable[[str, float, list[str]], None] | None,
+    ) -> None:
+        started = time.monotonic()
+        files = encode_snapshot(snapshot)
         manifest = make_manifest(files, step, epoch)
         # A folder of this name can only be a leftover of an attempt that died before or
         # after committing it, from a step this attempt has redone: it is replaced.
@@ -118,7 +189,9 @@ class Checkpointer:
         self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
         if self._folders is not None:
             self._folders[name] = True
-        return name
+        pruned = self.prune(name, best)
+        if on_commit is not None:
+            on_commit(name, time.monotonic() - started, pruned)
 
     def mirror_unsent(self) -> None:
         """Queue for upload, in commit order, the checkpoints this machine's working copy holds
@@ -235,8 +308,9 @@ def restore(
 # --- encoding helpers --------------------------------------------------------------------
 
 
-def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+def _host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies, never views: training goes on changing the originals while these are written."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
 def _rng_states() -> dict[str, torch.Tensor]:

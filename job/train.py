@@ -311,18 +311,24 @@ class TrainingLoop:
             return
         pos = self.pos
         started = time.monotonic()
-        name = self.checkpointer.save(
-            pos.step, pos.epoch, self.model, self.optimizer, self.scheduler,
-            state_from(pos, self.cfg, reason),
+        step, epoch, log_file = pos.step, pos.epoch, Layout.log_file(pos.attempt)
+
+        def committed(name: str, seconds: float, pruned: list[str]) -> None:  # on the checkpoint thread
+            log.info(
+                "checkpoint.saved", checkpoint=name, reason=reason, step=step, epoch=epoch,
+                seconds=round(seconds, 3), pruned=pruned,
+            )
+            self.progress.update(last_checkpoint=name)
+            self.store.publish(log_file)
+
+        name = self.checkpointer.save_async(
+            step, epoch, self.model, self.optimizer, self.scheduler, state_from(pos, self.cfg, reason),
+            best=pos.best["checkpoint"] if pos.best else None, on_commit=committed,
         )
-        pruned = self.checkpointer.prune(name, pos.best["checkpoint"] if pos.best else None)
         self.last_save = time.monotonic()
-        log.info(
-            "checkpoint.saved", checkpoint=name, reason=reason, step=pos.step, epoch=pos.epoch,
-            seconds=round(self.last_save - started, 3), pruned=pruned,
-        )
-        self.progress.update(last_checkpoint=name, step=pos.step)
-        self.store.publish(Layout.log_file(pos.attempt))
+        log.info("checkpoint.snapshot", checkpoint=name, reason=reason, blocked_seconds=round(self.last_save - started, 4))
+        if reason in ("final", "signal"):
+            self.checkpointer.wait()  # the process is about to end: the commit must be done
         if self.plot_due(Layout.reconstruction_plot, final=reason == "final"):
             self.plot_reconstructions(name)
 

@@ -13,10 +13,14 @@ from job.config import build_config
 from job.fsutil import atomic_write_bytes
 from job.model import VideoTokenizer
 from job.storage import Layout, RunStore
-from job.train import build_training
+from job.train import Position, build_training, state_from
 
 pytestmark = pytest.mark.timeout(60)
 CFG = build_config("smoke")
+
+
+def state(step: int) -> dict:
+    return state_from(Position(step=step), CFG, reason="steps")
 
 
 def fresh(seed: int = 0):
@@ -62,7 +66,7 @@ def test_same_weights_give_the_same_bytes():
 def test_commit_order_files_then_manifest_then_latest(tmp_path):
     store = RecordingStore(str(tmp_path))
     model, optimizer, scheduler = fresh()
-    name = Checkpointer(store, keep_last=2).save(7, 0, model, optimizer, scheduler, {"step": 7})
+    name = Checkpointer(store, keep_last=2).save(7, 0, model, optimizer, scheduler, state(7))
     assert name == "step-00000007"
     assert store.writes[-2:] == [Layout.checkpoint_file(name, MANIFEST_FILE), Layout.latest]
     assert len(store.writes) == 6
@@ -73,7 +77,7 @@ def test_restore_puts_back_model_optimizer_schedule_and_rng(tmp_path):
     store = RunStore(str(tmp_path))
     model, optimizer, scheduler = fresh()
     one_step(model, optimizer, scheduler)
-    name = Checkpointer(store, keep_last=2).save(1, 0, model, optimizer, scheduler, {"step": 1})
+    name = Checkpointer(store, keep_last=2).save(1, 0, model, optimizer, scheduler, state(1))
     expected_next = torch.rand(3)
 
     loaded = Checkpointer(store, keep_last=2).load(name)
@@ -96,7 +100,7 @@ def test_damaged_or_unmanifested_checkpoints_are_refused(tmp_path):
     checkpointer = Checkpointer(store, keep_last=5)
     model, optimizer, scheduler = fresh()
     for step in (1, 2, 3):
-        checkpointer.save(step, 0, model, optimizer, scheduler, {"step": step})
+        checkpointer.save(step, 0, model, optimizer, scheduler, state(step))
     weights = tmp_path / Layout.checkpoint_file("step-00000003", MODEL_FILE)
     data = bytearray(weights.read_bytes())
     data[100] ^= 0xFF
@@ -110,15 +114,16 @@ def test_damaged_or_unmanifested_checkpoints_are_refused(tmp_path):
     assert checkpointer.load_newest_valid().name == "step-00000001"
 
 
-def test_prune_keeps_last_k_best_and_newest_only(tmp_path):
+def test_each_commit_prunes_to_last_k_and_the_best(tmp_path):
     store = RunStore(str(tmp_path))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-00000000").mkdir(parents=True)  # an older leftover that never committed
+    (checkpoints / "step-00000009").mkdir()  # a leftover from a later step: not replaced yet
     checkpointer = Checkpointer(store, keep_last=2)
     model, optimizer, scheduler = fresh()
     for step in range(1, 6):
-        checkpointer.save(step, 0, model, optimizer, scheduler, {"step": step})
-    # a leftover of a dead attempt at a later step is not ours to delete yet
-    (tmp_path / "checkpoints" / "step-00000009").mkdir()
-    removed = checkpointer.prune("step-00000005", best="step-00000002")
-    assert removed == ["step-00000001", "step-00000003"]
+        checkpointer.save(step, 0, model, optimizer, scheduler, state(step), best="step-00000002")
     assert checkpointer.committed() == ["step-00000002", "step-00000004", "step-00000005"]
-    assert "step-00000009" in checkpointer.names()
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "latest.json", "step-00000002", "step-00000004", "step-00000005", "step-00000009",
+    ]

@@ -26,3 +26,9 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The container's linters (tests/test_container.py runs them too); shellcheck: apt-get install shellcheck.
+.PHONY: lint
+lint: venv
+	$(BIN)/hadolint Dockerfile
+	shellcheck entrypoint.sh

@@ -47,7 +47,15 @@ log = structlog.get_logger("job.checkpoint")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted: missing manifest, a hash or size that does not match."""
+    """A checkpoint that cannot be trusted."""
+
+
+class ManifestMismatch(CheckpointError):
+    """No readable manifest, or a file missing or differing from its size or sha256 there."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """Every hash matched, but the content does not parse as a checkpoint of ours."""
 
 
 @dataclass
@@ -237,19 +245,19 @@ class Checkpointer:
         """Read and verify every file against the manifest; raise CheckpointError on any doubt."""
         manifest = self.store.read_json(Layout.checkpoint_file(name, MANIFEST_FILE))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise CheckpointError(f"{name}: no readable manifest.json")
+            raise ManifestMismatch(f"{name}: no readable manifest.json")
         missing = {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE} - set(manifest["files"])
         if missing:
-            raise CheckpointError(f"{name}: manifest lacks {', '.join(sorted(missing))}")
+            raise ManifestMismatch(f"{name}: manifest lacks {', '.join(sorted(missing))}")
         blobs = {}
         for filename, expected in manifest["files"].items():
             data = self.store.read_bytes(Layout.checkpoint_file(name, filename))
             if data is None:
-                raise CheckpointError(f"{name}/{filename}: missing")
+                raise ManifestMismatch(f"{name}/{filename}: missing")
             if len(data) != expected.get("size"):
-                raise CheckpointError(f"{name}/{filename}: size {len(data)}, manifest says {expected.get('size')}")
+                raise ManifestMismatch(f"{name}/{filename}: size {len(data)}, manifest says {expected.get('size')}")
             if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
-                raise CheckpointError(f"{name}/{filename}: sha256 does not match the manifest")
+                raise ManifestMismatch(f"{name}/{filename}: sha256 does not match the manifest")
             blobs[filename] = data
         try:
             checkpoint = Checkpoint(
@@ -261,10 +269,10 @@ class Checkpointer:
                 state=json.loads(blobs[STATE_FILE]),
             )
         except (ValueError, RuntimeError, SafetensorError) as exc:  # hashes matched, but the content is not ours
-            raise CheckpointError(f"{name}: unreadable content: {exc}") from exc
+            raise UnreadableCheckpoint(f"{name}: unreadable content: {exc}") from exc
         missing_state = REQUIRED_STATE - set(checkpoint.state) if isinstance(checkpoint.state, dict) else REQUIRED_STATE
         if missing_state:
-            raise CheckpointError(f"{name}: state.json lacks {', '.join(sorted(missing_state))}")
+            raise UnreadableCheckpoint(f"{name}: state.json lacks {', '.join(sorted(missing_state))}")
         return checkpoint
 
     def load_newest_valid(self) -> Checkpoint | None:

@@ -102,9 +102,7 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     position.attempt = attempt
     store.write_json(Layout.config, cfg.to_dict())
 
-    n_train = split_sizes(cfg.data)[0]
-    steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
+    total_steps = steps_per_epoch(cfg) * cfg.train.epochs
     progress = Progress(
         store, attempt=position.attempt, epochs=cfg.train.epochs, total_steps=total_steps,
         step=position.step, epoch=min(position.epoch + 1, cfg.train.epochs),
@@ -139,7 +137,7 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
                 )
                 try:
                     with watchdog:
-                        loop.run(total_steps, steps_per_epoch)
+                        loop.run(total_steps, steps_per_epoch(cfg))
                 finally:
                     plots.close(timeout=cfg.storage.signal_flush_seconds)
             else:
@@ -536,6 +534,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def steps_per_epoch(cfg: Config) -> int:
+    """Optimizer steps per epoch: the last batch of an epoch may be smaller, never dropped."""
+    return math.ceil(split_sizes(cfg.data)[0] / cfg.train.batch_size)
 
 
 def sample_digest(positions: np.ndarray) -> int:

@@ -16,9 +16,10 @@ For each checkpoint folder, oldest first:
 And for the run: ``metrics_history metrics.jsonl``, ``latest`` (latest.json names a sound
 checkpoint with its step) and ``checkpoints`` (at least one sound committed checkpoint).
 
-A folder without a manifest newer than every committed checkpoint is an interrupted save, which
-readers skip and the next attempt replaces: it is reported, not failed. One older than a
-committed checkpoint should not exist (pruning removes such leftovers), so it fails ``manifest``.
+A folder without a manifest that is newer than every committed checkpoint is an interrupted
+save, which readers skip and the next attempt replaces: it is reported, not failed. One older
+than a committed checkpoint should not exist (pruning removes such leftovers), so it fails
+``manifest``.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from typing import Any
 import structlog
 import torch
 
-from job.checkpoint import MANIFEST_FILE, Checkpoint, CheckpointError, Checkpointer
+from job.checkpoint import MANIFEST_FILE, Checkpoint, Checkpointer, ManifestMismatch, UnreadableCheckpoint
 from job.config import Config, config_from_dict, split_sizes
 from job.data import VideoDataset
 from job.model import VideoTokenizer
 from job.monitor import utc_now
 from job.storage import Layout, RunStore
-from job.train import build_training, prepare_dataset
+from job.train import build_training, prepare_dataset, steps_per_epoch
 
 log = structlog.get_logger("job.verify")
 
@@ -57,9 +58,10 @@ class CheckFailed(Exception):
 
 
 def run_verify(cfg: Config, store: RunStore) -> bool:
-    """Check every checkpoint folder of the run, write verify/report.json, print a table."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    """Check every checkpoint folder of the run, write verify/report.json, print a table.
+
+    ``cfg`` (the command line's) only opens the run: each checkpoint is judged by the config
+    saved in it, which is what trained it."""
     verifier = RunVerifier(store, Checkpointer(store, cfg.checkpoint.keep_last))
     checks = verifier.run()
     failed = [check for check in checks if not check.passed]
@@ -96,7 +98,7 @@ class RunVerifier:
     def run(self) -> list[Check]:
         if not self.names:
             where = f"{self.store.uri.rstrip('/')}/{Layout.checkpoints}"
-            self.add("checkpoints", False, f"no checkpoint folder under {where}: nothing to verify (is --run-uri right?)")
+            self.add("checkpoints", False, f"no checkpoint folder under {where}: nothing to verify (wrong --run-uri?)")
             return self.checks
         committed = self.checkpointer.committed()
         previous: Checkpoint | None = None
@@ -134,7 +136,7 @@ class RunVerifier:
         if newest_committed is None or name > newest_committed:
             self.add(
                 f"manifest {name}", True,
-                "not committed (no manifest.json): an interrupted save, which readers skip and the next attempt replaces",
+                "not committed (no manifest.json): an interrupted save; readers skip it, the next attempt replaces it",
             )
         else:
             self.add(
@@ -144,16 +146,15 @@ class RunVerifier:
             )
 
     def load(self, name: str) -> Checkpoint | None:
-        """Checkpointer.load, split into the two checks it covers. Its errors that carry a
-        cause come from parsing files whose hashes matched; all others concern the manifest."""
+        """Checkpointer.load, split into the two checks it covers."""
         try:
             checkpoint = self.checkpointer.load(name)
-        except CheckpointError as exc:
-            if exc.__cause__ is None:
-                self.add(f"manifest {name}", False, str(exc))
-            else:
-                self.add(f"manifest {name}", True, "every listed file has its size and sha256")
-                self.add(f"safe_load {name}", False, str(exc))
+        except ManifestMismatch as exc:
+            self.add(f"manifest {name}", False, str(exc))
+            return None
+        except UnreadableCheckpoint as exc:
+            self.add(f"manifest {name}", True, "every listed file has its size and sha256")
+            self.add(f"safe_load {name}", False, str(exc))
             return None
         files = checkpoint.manifest["files"]
         self.add(f"manifest {name}", True, f"{len(files)} files, each with its size and sha256")
@@ -189,7 +190,8 @@ class RunVerifier:
         if codes.is_floating_point() or codes.dtype == torch.bool or tuple(codes.shape) != expected_codes:
             raise CheckFailed(f"codes {codes.dtype}{tuple(codes.shape)}, expected integers of shape {expected_codes}")
         if int(codes.min()) < 0 or int(codes.max()) >= model.codebook_size:
-            raise CheckFailed(f"codes span {int(codes.min())}..{int(codes.max())}, outside 0..{model.codebook_size - 1}")
+            span = f"{int(codes.min())}..{int(codes.max())}"
+            raise CheckFailed(f"codes span {span}, outside 0..{model.codebook_size - 1}")
         if recon.shape != videos.shape:
             raise CheckFailed(f"reconstruction {tuple(recon.shape)}, input {tuple(videos.shape)}")
         if not torch.isfinite(recon).all():
@@ -210,13 +212,14 @@ class RunVerifier:
     def metrics_file(self, newest: Checkpoint | None) -> str:
         """metrics.jsonl is rewritten from the checkpoint history on every resume, so it holds
         each epoch once; it may run ahead of the newest checkpoint, never behind it."""
-        epochs = [record.get("epoch") for record in read_jsonl(self.store.read_bytes(Layout.metrics) or b"")]
+        records = read_jsonl(self.store.read_bytes(Layout.metrics) or b"")
         saved = newest.state["epoch"] if newest else 0
-        last = max([saved, *[e for e in epochs if isinstance(e, int)]])
-        problem = epoch_sequence_problem(epochs, last)
+        last = max([saved, *[r.get("epoch") for r in records if isinstance(r.get("epoch"), int)]])
+        problem = history_problem(records, last)
         if problem:
             raise CheckFailed(f"{Layout.metrics}: {problem}")
-        return f"epochs 1..{last}, each once and in order ({newest.name if newest else 'no checkpoint'} saved {saved})"
+        held = f"epochs 1..{last}, each once and in order" if last else "no epoch finished yet"
+        return f"{held} ({f'{newest.name} saved {saved}' if newest else 'no sound checkpoint to compare with'})"
 
     def latest(self) -> str:
         latest = self.store.read_json(Layout.latest)
@@ -258,18 +261,14 @@ def cadence(checkpoint: Checkpoint, previous: Checkpoint | None) -> str:
         problems.append(f"manifest says step {manifest.get('step')} epoch {manifest.get('epoch')}, "
                         f"state.json step {step} epoch {epoch}")
     if previous is not None and step <= previous.state["step"]:
-        problems.append(f"step {step} goes backwards: the earlier {previous.name} holds step {previous.state['step']}")
+        problems.append(f"step {step} goes backwards: {previous.name} holds step {previous.state['step']}")
     if previous is not None and epoch < previous.state["epoch"]:
-        problems.append(f"epoch {epoch} goes backwards: the earlier {previous.name} holds epoch {previous.state['epoch']}")
+        problems.append(f"epoch {epoch} goes backwards: {previous.name} holds epoch {previous.state['epoch']}")
     problems += position_problems(state, cfg)
     problems += reason_problems(state, cfg)
     if problems:
         raise CheckFailed("; ".join(problems))
     return f"step {step}, epoch {epoch}, {state['sample_in_epoch']} samples into the next; reason {state['reason']!r}"
-
-
-def steps_per_epoch(cfg: Config) -> int:
-    return math.ceil(split_sizes(cfg.data)[0] / cfg.train.batch_size)
 
 
 def position_problems(state: dict[str, Any], cfg: Config) -> list[str]:
@@ -331,25 +330,33 @@ def saved_history(checkpoint: Checkpoint) -> str:
     metrics = state.get("metrics")
     if not isinstance(metrics, list):
         raise CheckFailed("state.json has no metrics list")
-    epochs = [record.get("epoch") if isinstance(record, dict) else None for record in metrics]
-    problem = epoch_sequence_problem(epochs, state["epoch"])
+    problem = history_problem(metrics, state["epoch"])
     if problem:
         raise CheckFailed(f"state.json metrics: {problem}")
     return f"epochs 1..{state['epoch']}, each once and in order" if state["epoch"] else "no epoch finished yet"
 
 
-def epoch_sequence_problem(epochs: list[Any], last: int) -> str | None:
-    """What is wrong with a history that should read 1, 2, ..., last; None when nothing is."""
+def history_problem(records: list[Any], last: int) -> str | None:
+    """What is wrong with an epoch history that should read 1, 2, ..., last; None if nothing."""
+    records = [record if isinstance(record, dict) else {} for record in records]
+    problems = epoch_sequence_problems([record.get("epoch") for record in records], last)
+    # train records whether each epoch saw every training sample exactly once, across resumes.
+    partial = [str(record.get("epoch")) for record in records if record.get("samples_complete") is False]
+    problems += [f"epoch {', '.join(partial)} did not train on every sample exactly once"] if partial else []
+    return "; ".join(problems) or None
+
+
+def epoch_sequence_problems(epochs: list[Any], last: int) -> list[str]:
     expected = list(range(1, last + 1))
     if epochs == expected:
-        return None
+        return []
     missing = sorted(set(expected) - set(epochs))
     repeated = sorted({e for e in epochs if epochs.count(e) > 1}, key=str)
     unexpected = sorted({e for e in epochs if e not in expected}, key=str)
     problems = [f"epoch {', '.join(map(str, missing))} missing"] if missing else []
     problems += [f"epoch {', '.join(map(str, repeated))} repeated"] if repeated else []
     problems += [f"unexpected epoch {', '.join(map(str, unexpected))}"] if unexpected else []
-    return "; ".join(problems or ["epochs out of order"]) + f" (expected 1..{last})"
+    return [f"{'; '.join(problems or ['epochs out of order'])} (expected 1..{last})"]
 
 
 def read_jsonl(data: bytes) -> list[dict[str, Any]]:

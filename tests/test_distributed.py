@@ -130,3 +130,33 @@ def test_a_killed_rank_ends_the_group_promptly_and_the_restart_resumes(s3, tmp_p
     assert code == 0
     assert [e for e in events if e["event"] == "train.resumed"]
     assert json.loads(s3.get("run/progress.json"))["status"] == "completed"
+
+
+def test_the_entrypoint_launches_torchrun_when_asked_for_processes(s3, tmp_path):
+    env = job_env(JOB_NPROC_PER_NODE="2", PYTHON=sys.executable, PET_STANDALONE="1")
+    result = subprocess.run(
+        ["bash", "entrypoint.sh", *train_args(s3, tmp_path / "cache")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = log_events(result.stdout)
+    assert {e.get("rank") for e in events if e["event"] == "train.progress"} == {0, 1}
+    assert json.loads(s3.get("run/progress.json"))["status"] == "completed"
+
+
+def test_the_multinode_manifest_uses_torchrun_rendezvous_and_validates_offline():
+    import kubernetes_validate
+    import yaml
+
+    documents = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "multinode-job.yaml").read_text()))
+    for document in documents:
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    service, job = documents
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    spec = job["spec"]
+    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    assert spec["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert env["PET_NNODES"] == str(spec["completions"]) and env["PET_RDZV_BACKEND"] == "c10d"
+    assert env["PET_RDZV_ENDPOINT"].startswith(f"{job['metadata']['name']}-0.{service['metadata']['name']}:")
+    assert int(env["JOB_NPROC_PER_NODE"]) >= 1

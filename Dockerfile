@@ -1,0 +1,79 @@
+# The training job's image (SPEC §12). On a GPU host:
+#
+#   docker build -t magvit-job .
+#   docker run --gpus all --restart on-failure -e JOB_RUN_URI=s3://my-bucket/runs/exp1 \
+#       -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY magvit-job train
+#
+# Base image: NVIDIA's CUDA 13.0 "base" image, pinned by tag. PyTorch itself comes from
+# requirements.txt: PyPI's torch==2.13.0 wheel for Linux x86_64 is the CUDA 13.0 build and
+# brings its own CUDA runtime, cuBLAS, cuDNN 9 and NCCL as pip packages (cuda-toolkit==13.0.3,
+# nvidia-cudnn-cu13, nvidia-nccl-cu13, ...), so the image runs exactly the pinned torch. A
+# "cudnn-runtime" base would add a second copy of those libraries that torch never loads; the
+# "base" image still sets NVIDIA_REQUIRE_CUDA, so the NVIDIA container toolkit refuses, with a
+# clear message, a host whose driver is too old for CUDA 13.0 (it needs 580 or newer).
+# NOTE: this tag was chosen without access to the registry (the machine it was written on
+# reaches package registries only) and has not been pulled here; if it is gone, any
+# nvidia/cuda:13.0.x-base-ubuntu24.04 tag serves the same purpose.
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+
+# Set at build time, e.g. --build-arg REVISION=$(git rev-parse HEAD) --build-arg CREATED=$(date -u +%FT%TZ)
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="magvit-job" \
+      org.opencontainers.image.description="Resumable, monitored PyTorch training job for a MAGVIT-style video tokenizer; syncs its run folder to S3" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.base.name="docker.io/nvidia/cuda:13.0.0-base-ubuntu24.04"
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Python 3.12 (Ubuntu 24.04's) in a venv, and tini as PID 1 so that signals reach Python and
+# zombies are reaped. Ubuntu's package versions are not pinned: the security updates of the
+# release replace them, and a pin to a superseded version breaks the build.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates python3 python3-venv tini \
+ && rm -rf /var/lib/apt/lists/*
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv "$VIRTUAL_ENV"
+
+# Runtime dependencies only (no test tools), in their own layer so code changes reuse it.
+COPY requirements.txt /app/requirements.txt
+RUN pip install --no-cache-dir -r /app/requirements.txt
+
+# A fixed non-root uid (10001: clear of the base image's uid 1000 "ubuntu"), so that volume
+# permissions and Kubernetes' runAsUser can name it. It owns the cache (the local working copy
+# of an s3:// run) and the working directory (local run folders, HOME); the code stays
+# root-owned and read-only to it.
+RUN groupadd --gid 10001 job \
+ && useradd --uid 10001 --gid 10001 --home-dir /work --no-create-home --shell /usr/sbin/nologin job \
+ && install -d -o 10001 -g 10001 -m 0750 /cache /work
+
+COPY --chmod=0755 entrypoint.sh /app/entrypoint.sh
+COPY job/ /app/job/
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONPATH=/app \
+    HOME=/work \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    JOB_CACHE_DIR=/cache
+
+WORKDIR /work
+USER 10001:10001
+
+# Healthy while the job's heartbeat is fresh: `python -m job status` on the local working copy
+# (no S3 request each interval; see health_check in entrypoint.sh). The start period covers
+# the time before the first progress.json (imports, downloading a checkpoint).
+HEALTHCHECK --interval=30s --timeout=20s --start-period=3m --retries=3 \
+    CMD ["/app/entrypoint.sh", "healthcheck"]
+
+ENTRYPOINT ["/usr/bin/tini", "--", "/app/entrypoint.sh"]
+CMD ["train"]

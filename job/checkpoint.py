@@ -141,18 +141,9 @@ class Checkpointer:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
 
-    def save(
-        self,
-        step: int,
-        epoch: int,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        state: dict[str, Any],
-        best: str | None = None,
-    ) -> str:
-        """Snapshot and commit a checkpoint, returning once it is committed. Returns its name."""
-        name = self.save_async(step, epoch, model, optimizer, scheduler, state, best)
+    def save(self, *args: Any, **kwargs: Any) -> str:
+        """``save_async``, then wait until the checkpoint is committed. Returns its name."""
+        name = self.save_async(*args, **kwargs)
         self.wait()
         return name
 

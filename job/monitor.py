@@ -221,19 +221,17 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-class Heartbeat:
-    """A daemon thread that, every ``interval`` seconds, logs and refreshes progress.json,
-    so that a reader can tell a slow run from a dead one."""
+class PeriodicThread:
+    """A daemon thread that calls ``tick()`` every ``interval`` seconds inside its ``with`` block."""
 
-    def __init__(self, progress: Progress, interval: float, on_beat: Callable[[], None] = lambda: None):
-        self.progress = progress
+    name = "periodic"
+
+    def __init__(self, interval: float):
         self.interval = interval
-        self.on_beat = on_beat
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self._log = structlog.get_logger("job.heartbeat")
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -243,13 +241,32 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.progress.beat()
-                state = self.progress.snapshot()
-                self._log.info("heartbeat", step=state["step"], status=state["status"])
-                self.on_beat()
-            except Exception:  # a failed beat must not kill the thread: the next one may succeed
-                self._log.exception("heartbeat.failed")
+            self.tick()
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class Heartbeat(PeriodicThread):
+    """Every ``interval`` seconds, logs and refreshes progress.json, so that a reader can tell a
+    slow run from a dead one."""
+
+    name = "heartbeat"
+
+    def __init__(self, progress: Progress, interval: float, on_beat: Callable[[], None] = lambda: None):
+        super().__init__(interval)
+        self.progress = progress
+        self.on_beat = on_beat
+        self._log = structlog.get_logger("job.heartbeat")
+
+    def tick(self) -> None:
+        try:
+            self.progress.beat()
+            state = self.progress.snapshot()
+            self._log.info("heartbeat", step=state["step"], status=state["status"])
+            self.on_beat()
+        except Exception:  # a failed beat must not kill the thread: the next one may succeed
+            self._log.exception("heartbeat.failed")
 
 
 class RateMeter:
@@ -276,7 +293,7 @@ class RateMeter:
         return samples_left / rate if rate else None
 
 
-class Watchdog:
+class Watchdog(PeriodicThread):
     """Ends a run that has stopped making progress (SPEC §8).
 
     When no ``touch()`` arrives for ``limit`` seconds it logs every thread's stack, marks the
@@ -284,34 +301,28 @@ class Watchdog:
     process with exit 75 so that the restart policy starts it again. A hung main thread cannot
     raise, so the exit is ``os._exit`` from this thread."""
 
+    name = "watchdog"
     EXIT_STALLED = 75
 
     def __init__(self, progress: Progress, limit: float, on_stall: Callable[[], None] = lambda: None):
+        super().__init__(interval=min(1.0, limit / 4))
         self.progress = progress
         self.limit = limit
         self.on_stall = on_stall
         self._last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
         self._log = structlog.get_logger("job.watchdog")
 
     def touch(self) -> None:
         self._last = time.monotonic()
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self):
         self.touch()
-        self._thread.start()
-        return self
+        return super().__enter__()
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(min(1.0, self.limit / 4)):
-            idle = time.monotonic() - self._last
-            if idle >= self.limit:
-                self._stall(idle)
+    def tick(self) -> None:
+        idle = time.monotonic() - self._last
+        if idle >= self.limit:
+            self._stall(idle)
 
     def _stall(self, idle: float) -> None:
         try:

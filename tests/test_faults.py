@@ -142,6 +142,17 @@ def test_a_planted_pickle_checkpoint_is_never_executed(tmp_path, smoke_baseline)
     assert skipped and skipped[0]["checkpoint"] == "step-99999999"
     assert not marker.exists()
 
+    verify = run_job("verify", "--preset", "smoke", "--run-uri", str(run))
+    assert verify.returncode == 1  # the planted folder fails its checks; nothing of it runs
+    report = json.loads((run / "verify" / "report.json").read_text())
+    assert any(not c["passed"] and "step-99999999" in c["name"] for c in report["checks"])
+    assert not marker.exists()
+
+    evaluate = run_job("evaluate", "--preset", "smoke", "--run-uri", str(run))
+    assert evaluate.returncode == 0, evaluate.stderr  # it evaluates a sound checkpoint instead
+    assert json.loads((run / "eval" / "report.json").read_text())["checkpoint"] != "step-99999999"
+    assert not marker.exists()
+
 
 def test_a_terminal_gets_readable_lines_with_a_progress_bar(tmp_path):
     master, slave = pty.openpty()

@@ -396,7 +396,8 @@ def summary_text(report: dict[str, Any], uri: str) -> str:
         line("foreground PSNR", "foreground_psnr_db", "{:.2f}", " dB"),
         line("centroid error", "centroid_error_px", "{:.3f}", " px"),
         line("centroid miss rate", "centroid_miss_rate", "{:.1%}"),
-        f"codebook usage {codebook['usage']:.1%}, perplexity {codebook['perplexity']:.1f} of {codebook['codebook_size']}",
+        f"codebook usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes, "
+        f"perplexity {codebook['perplexity']:.1f}",
         f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})",
         f"goals met: {len(met)}/{len(report['goals'])}" + (f" ({', '.join(met)})" if met else ""),
         f"report: {uri.rstrip('/')}/{REPORT_MD}",

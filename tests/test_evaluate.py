@@ -1,0 +1,203 @@
+"""``python -m job evaluate`` end to end on a copy of the smoke run, and its choice of checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import log_events, run_job
+from job.checkpoint import Checkpointer
+from job.config import config_from_dict
+from job.data import VideoDataset
+from job.evaluate import KINDS, load_best_checkpoint
+from job.storage import RunStore
+
+pytestmark = pytest.mark.timeout(300)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SUMMARY_KEYS = {
+    "frames", "mse", "psnr_db", "psnr_of_mean_mse_db", "ssim", "foreground_psnr_db", "centroid_error_px",
+    "centroid_miss_rate", "object_frames",
+}
+
+
+@pytest.fixture(scope="module")
+def evaluated(smoke_baseline, tmp_path_factory) -> tuple[Path, dict, str]:
+    """A copy of the smoke run, evaluated once: (run folder, report.json, stdout)."""
+    run = tmp_path_factory.mktemp("evaluate") / "run"
+    shutil.copytree(smoke_baseline, run)
+    result = run_job("evaluate", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    return run, json.loads((run / "eval" / "report.json").read_text()), result.stdout
+
+
+def run_config(run: Path):
+    return config_from_dict(json.loads((run / "config.json").read_text()))
+
+
+def split_frames(run: Path, split: str) -> np.ndarray:
+    """The split's frames (N, T, H, W) as float64, read without the job's metric code."""
+    cfg = run_config(run)
+    dataset = VideoDataset(run / "data", cfg.data, verify=False)
+    videos, _ = dataset.get(dataset.split(split))
+    return videos[:, 0].double().numpy()
+
+
+def test_report_has_every_section(evaluated):
+    run, report, _ = evaluated
+    classes = list(run_config(run).data.classes)
+    assert report["split"] == "test"
+    assert report["samples"] == len(split_frames(run, "test"))
+    assert report["checkpoint"].startswith("step-") and isinstance(report["checkpoint_step"], int)
+    assert report["seconds"] > 0 and report["created_at"]
+    assert set(report["metrics"]) == set(KINDS)
+    for kind in KINDS:
+        assert set(report["metrics"][kind]) == SUMMARY_KEYS
+    assert set(report["per_class"]) == set(classes)
+    assert sum(entry["samples"] for entry in report["per_class"].values()) == report["samples"]
+    for entry in report["per_class"].values():
+        for kind in KINDS:
+            assert set(entry[kind]) == SUMMARY_KEYS
+    assert {"usage", "perplexity", "codebook_size", "tokens"} <= set(report["codebook"])
+    assert 0 < report["codebook"]["usage"] <= 1 and 1 <= report["codebook"]["perplexity"] <= 64
+    for goal in report["goals"].values():
+        assert {"value", "target", "comparison", "met"} <= set(goal) and isinstance(goal["met"], bool)
+    assert set(report["goals"]) == {"psnr_above_black_db", "centroid_error_px", "classifier_accuracy", "codebook_usage"}
+
+
+def test_numbers_are_finite_except_the_black_centroid(evaluated):
+    _, report, _ = evaluated
+    for kind in KINDS:
+        for key, value in report["metrics"][kind].items():
+            if kind == "baseline_black" and key == "centroid_error_px":
+                assert value is None  # it never shows the object: no centroid to compare
+            else:
+                assert value is not None and math.isfinite(value), (kind, key)
+    assert report["metrics"]["baseline_black"]["centroid_miss_rate"] == 1.0
+
+
+def test_baselines_match_an_independent_computation(evaluated):
+    run, report, _ = evaluated
+    test, train = split_frames(run, "test"), split_frames(run, "train")
+    black, mean_frame = report["metrics"]["baseline_black"], report["metrics"]["baseline_mean_frame"]
+
+    assert black["mse"] == pytest.approx(np.mean(test**2), rel=1e-5)
+    assert black["psnr_of_mean_mse_db"] == pytest.approx(10 * math.log10(1 / np.mean(test**2)), rel=1e-5)
+    frame_psnr = 10 * np.log10(1 / np.maximum(np.mean(test**2, axis=(2, 3)), 1e-10))
+    assert black["psnr_db"] == pytest.approx(frame_psnr.mean(), rel=1e-5)
+    assert mean_frame["mse"] == pytest.approx(np.mean((test - train.mean(axis=0)) ** 2), rel=1e-4)
+    # Over the object pixels a black frame is off by the pixel itself.
+    assert black["foreground_psnr_db"] < black["psnr_db"]
+
+
+def test_model_finds_the_object_better_than_black(evaluated):
+    # The smoke model trains 4 tiny epochs: its haze loses to all-black on plain PSNR (about 12 dB
+    # against 21), so only what it must already do is asserted: brighten the object's pixels.
+    _, report, _ = evaluated
+    model, black = report["metrics"]["model"], report["metrics"]["baseline_black"]
+    assert model["foreground_psnr_db"] > black["foreground_psnr_db"]
+    assert model["centroid_miss_rate"] < 1.0
+
+
+def test_classifier_confusion_matrix(evaluated):
+    run, report, _ = evaluated
+    classifier = report["classifier"]
+    classes = list(run_config(run).data.classes)
+    matrix = np.array(classifier["confusion_matrix"])
+    assert classifier["classes"] == classes
+    assert matrix.shape == (len(classes), len(classes))
+    assert matrix.sum() == classifier["test_samples"] == report["samples"]
+    assert matrix.sum(axis=1).tolist() == [report["per_class"][name]["samples"] for name in classes]
+    assert classifier["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert classifier["chance"] == pytest.approx(1 / len(classes))
+    assert classifier["train_samples"] == len(split_frames(run, "train"))
+    assert classifier["features"]
+
+
+def test_images_and_markdown(evaluated):
+    run, report, _ = evaluated
+    classes = run_config(run).data.classes
+    assert report["images"] == {name: f"eval/{name}.png" for name in classes}
+    markdown = (run / "eval" / "report.md").read_text()
+    for name in classes:
+        assert (run / "eval" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+        assert f"![{name}]({name}.png)" in markdown
+    for heading in ("| metric | model | all-black | mean-frame |", "| true \\ predicted |", "chance"):
+        assert heading in markdown
+
+
+def test_summary_on_stdout(evaluated):
+    _, report, stdout = evaluated
+    assert any(event.get("event") == "evaluate.done" for event in log_events(stdout))
+    psnr = report["metrics"]
+    expected = (
+        f"PSNR {psnr['model']['psnr_db']:.2f} dB (all-black {psnr['baseline_black']['psnr_db']:.2f}, "
+        f"mean-frame {psnr['baseline_mean_frame']['psnr_db']:.2f})"
+    )
+    assert expected in stdout
+    assert "code classifier accuracy" in stdout
+
+
+def test_evaluation_is_deterministic(evaluated):
+    run, report, _ = evaluated
+    result = run_job("evaluate", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 0, result.stderr
+    again = json.loads((run / "eval" / "report.json").read_text())
+    for key in ("metrics", "per_class", "codebook", "classifier", "goals", "checkpoint"):
+        assert again[key] == report[key], key
+
+
+def test_no_valid_checkpoint_exits_2(tmp_path):
+    result = run_job("evaluate", "--preset", "smoke", "--run-uri", str(tmp_path / "empty"))
+    assert result.returncode == 2, result.stderr
+    assert "nothing to evaluate" in result.stderr
+
+
+# --- which checkpoint: the best, or the newest valid one when the best fails verification ----
+
+
+def record_best(run: Path, checkpoint: str, best: str) -> None:
+    """Make ``checkpoint`` record ``best`` as the run's best, keeping its manifest consistent."""
+    folder = run / "checkpoints" / checkpoint
+    state = json.loads((folder / "state.json").read_text())
+    state["best"] = {"checkpoint": best, "val_loss": 0.0}
+    data = json.dumps(state).encode()
+    (folder / "state.json").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def run_with_older_best(smoke_baseline, tmp_path) -> tuple[Checkpointer, str, str]:
+    """A copy of the smoke run whose newest checkpoint names an older one as the best."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    checkpointer = Checkpointer(RunStore(str(run)), keep_last=2)
+    *older, newest = checkpointer.committed()
+    assert older, "the smoke run keeps more than one checkpoint"
+    record_best(run, newest, older[-1])
+    return checkpointer, older[-1], newest
+
+
+def test_best_checkpoint_is_used(run_with_older_best):
+    checkpointer, best, _ = run_with_older_best
+    checkpoint, choice = load_best_checkpoint(checkpointer)
+    assert checkpoint.name == best and "best" in choice
+
+
+def test_corrupt_best_falls_back_to_newest_valid(run_with_older_best):
+    checkpointer, best, newest = run_with_older_best
+    model_file = checkpointer.store.root / "checkpoints" / best / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    checkpoint, choice = load_best_checkpoint(checkpointer)
+    assert checkpoint.name == newest
+    assert best in choice and "fails verification" in choice

@@ -299,16 +299,17 @@ SAME_ANSWER = ("health", "stale", "status", "step", "newest_checkpoint", "latest
 
 
 @pytest.mark.parametrize(
-    "files, exit_code",
-    [
-        (crafted_run("running", heartbeat_age=2), 0),
-        (crafted_run("running", heartbeat_age=600), 1),
-        (damage(crafted_run("completed"), "wrong size"), 0),
-        ({}, 2),
+    "make_files, exit_code",
+    [  # built when the test runs: heartbeat ages are relative to now
+        (lambda: crafted_run("running", heartbeat_age=2), 0),
+        (lambda: crafted_run("running", heartbeat_age=600), 1),
+        (lambda: damage(crafted_run("completed"), "wrong size"), 0),
+        (lambda: {}, 2),
     ],
     ids=["fresh", "stale", "completed-with-damaged-newest", "no-such-run"],
 )
-def test_a_run_in_a_bucket_gets_the_same_answer_as_on_disk(s3, tmp_path, files, exit_code):
+def test_a_run_in_a_bucket_gets_the_same_answer_as_on_disk(s3, tmp_path, make_files, exit_code):
+    files = make_files()
     local = write_run(tmp_path, files)
     remote = upload_run(s3, "runs/crafted", files)
     on_disk, in_bucket = status_process(str(local), "--json"), status_process(remote, "--json")

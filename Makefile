@@ -15,14 +15,27 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
+# The main job end to end on the embedded default: train (resumes if run again), prove the
+# checkpoints, measure the model against baselines, then say where the run stands.
 demo: venv
 	$(BIN)/python -m job train --preset small --run-uri $(DEMO_RUN)
+	$(BIN)/python -m job verify --preset small --run-uri $(DEMO_RUN)
+	$(BIN)/python -m job evaluate --preset small --run-uri $(DEMO_RUN)
+	$(BIN)/python -m job status $(DEMO_RUN)
 
 test: venv
 	$(BIN)/python -m pytest -q
 
+# Every bench/bench_*.py prints JSON lines; they go to stdout and are appended to bench/results.jsonl.
+# A script that fails is recorded as {"bench": ..., "error": ...} and fails the target at the end.
 bench: venv
-	$(BIN)/python bench/bench_data.py
+	@failed=0; for script in bench/bench_*.py; do \
+		echo "== $$script" >&2; \
+		if ! $(BIN)/python $$script > bench/.last.jsonl; then \
+			failed=1; echo "{\"bench\": \"$$script\", \"error\": \"exited non-zero\"}" >> bench/.last.jsonl; \
+		fi; \
+		cat bench/.last.jsonl; cat bench/.last.jsonl >> bench/results.jsonl; \
+	done; rm -f bench/.last.jsonl; exit $$failed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,316 @@
+"""What the job's safety costs: the full job against a bare training loop, one JSON line per preset.
+
+    python bench/bench_overhead.py [--presets smoke small] [--epochs N] [--repeats N] [--every-steps N]
+
+Same model, data, batches and number of steps in both, in this one process:
+
+- bare: build_training(), then per epoch the job's batch order (epoch_order) through
+  VideoDataset.get, forward, compute_loss, backward, clip, AdamW step, scheduler step, and the
+  same validation pass at each epoch end (validation is training work, not safety). Nothing else.
+- full: job.train.train(cfg, store) on an s3:// run folder served by a moto S3 server on
+  127.0.0.1 (its own process, as a real bucket is elsewhere), checkpoints every --every-steps
+  steps (plus the preset's per-epoch ones and the final one), heartbeat every 1 s,
+  progress.json every 1 s, JSON logs (to a file instead of stdout), plots, metrics, background
+  uploads; then store.flush(). For smoke also on a local run folder (no uploads), to separate
+  the uploads' share.
+
+The ratio compares the training phase only: the bare loop's time against the time the job
+spends in TrainingLoop.run (first step to final checkpoint, timed by wrapping that method).
+What comes before (preflight against the bucket, the checkpoint search, opening and verifying
+the dataset, building the model) and after (waiting for plots, flushing the upload backlog) is
+reported separately, as is the ratio including all of it. The dataset is generated beforehand
+into each run's folder, as a resumed run finds it, so its generation is in neither.
+
+One short job first pays the process's one-time costs (imports, the first plot's font cache, the
+S3 client's first connection), and a few bare steps build oneDNN's kernels for the shapes. Then
+each repeat runs the variants back to back (ABBA order); "ratio" is of the medians,
+"ratio_of_fastest" of the fastest runs (least disturbed by other processes on a shared
+machine). After the first repeat the two final models are compared: the same weights mean the
+same arithmetic was done. To say where the extra time goes, the job's methods are timed
+(train_step, save, validate, ...) and each thread's CPU seconds are read from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from common import KeepLogHandlers, S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
+
+import torch  # noqa: E402  (after common, which puts the repository on sys.path)
+from safetensors.torch import load_file  # noqa: E402
+
+import job.train as jt  # noqa: E402
+from job.config import build_config, split_sizes  # noqa: E402
+from job.data import VideoDataset, generate_dataset  # noqa: E402
+from job.model import compute_loss  # noqa: E402
+from job.storage import Layout, RunStore  # noqa: E402
+
+TARGET = 1.05
+# Per preset: epochs and repeats that keep `make bench` within its budget on 2 cores.
+PLAN = {"smoke": {"epochs": 6, "repeats": 3}, "small": {"epochs": 1, "repeats": 3}, "default": {"epochs": 1, "repeats": 1}}
+WARMUP_STEPS = 5
+
+
+class Timers:
+    """Seconds spent in named calls, accumulated while ``active``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.marks: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+        self.marks.clear()
+
+    def wrap(self, owner: object, name: str, mark: bool = False) -> None:
+        original = getattr(owner, name, None)
+        if original is None:  # the job's code moved on; the bench still runs, with less detail
+            return
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            if mark:
+                self.marks[f"{name}.start"] = started
+                self.marks[f"{name}.cpu_start"] = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                ended = time.perf_counter()
+                if mark:
+                    self.marks[f"{name}.end"] = ended
+                    self.marks[f"{name}.cpu_end"] = time.process_time()
+                self.seconds[name] = self.seconds.get(name, 0.0) + ended - started
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        setattr(owner, name, timed)
+
+
+SETUP_PARTS = ("preflight", "prepare_dataset_in_turn", "build_training")
+TIMERS = Timers()
+for _name in ("run", "train_step", "validate", "save", "report_batch", "plot_reconstructions", "finish_epoch"):
+    TIMERS.wrap(jt.TrainingLoop, _name, mark=_name == "run")
+for _name in SETUP_PARTS:
+    TIMERS.wrap(jt, _name)
+
+
+def bare_loop(cfg, dataset: VideoDataset, device: torch.device, total_steps: int, max_steps: int = 0) -> dict:
+    """The training arithmetic and nothing else."""
+    model, optimizer, scheduler = jt.build_training(cfg, device, total_steps)
+    train_indices, val_indices = dataset.split("train"), dataset.split("val")
+    if cfg.train.val_batches:
+        val_indices = val_indices[: cfg.train.val_batches * cfg.train.batch_size]
+    parts = {"train_step": 0.0, "validate": 0.0}
+    with ThreadCPU() as threads:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        bare_epochs(cfg, dataset, model, optimizer, scheduler, train_indices, val_indices, parts, max_steps)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"loop": seconds, "cpu": cpu, "threads": threads.seconds, "parts": parts, "model": model}
+
+
+def bare_epochs(cfg, dataset, model, optimizer, scheduler, train_indices, val_indices, parts, max_steps=0) -> None:
+    batch_size = cfg.train.batch_size
+    for epoch in range(cfg.train.epochs):
+        step_started = time.perf_counter()
+        order = jt.epoch_order(cfg.seed, epoch, len(train_indices))
+        for start in range(0, len(order), batch_size):
+            if max_steps and start // batch_size >= max_steps:
+                return
+            videos, _ = dataset.get(train_indices[order[start : start + batch_size]])
+            out = model(videos)
+            loss, _ = compute_loss(out, videos, cfg.model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            float(loss.detach())
+        val_started = time.perf_counter()
+        parts["train_step"] += val_started - step_started
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(val_indices), batch_size):
+                videos, _ = dataset.get(val_indices[start : start + batch_size])
+                model(videos)
+        model.train()
+        parts["validate"] += time.perf_counter() - val_started
+
+
+def full_job(cfg, data_template: Path, work: Path, s3: S3Server | None, bucket: str) -> dict:
+    """train() on a fresh run whose working copy already holds the dataset, then the upload
+    flush: an s3:// run folder, or with ``s3=None`` a local one (no uploads at all)."""
+    folder = work / f"run-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(data_template, folder / Layout.data)
+    if s3 is not None:
+        store = RunStore(f"s3://{bucket}/{folder.name}", folder, retry_max_seconds=cfg.storage.retry_max_seconds)
+    else:
+        store = RunStore(str(folder))
+    TIMERS.reset()
+    started = time.perf_counter()
+    try:
+        with KeepLogHandlers(), ThreadCPU() as threads:
+            jt.train(cfg, store)
+        trained = time.perf_counter()
+        store.flush(cfg.storage.flush_seconds)
+        flushed = time.perf_counter()
+    finally:
+        store.close()
+    m = TIMERS.marks
+    latest = store.read_json(Layout.latest)
+    return {
+        "loop": m["run.end"] - m["run.start"],
+        "cpu": m["run.cpu_end"] - m["run.cpu_start"],
+        "before_loop": m["run.start"] - started,
+        "after_loop": trained - m["run.end"],
+        "flush": flushed - trained,
+        "total": flushed - started,
+        "parts": dict(TIMERS.seconds),
+        "threads": threads.seconds,
+        "calls": dict(TIMERS.calls),
+        "folder": folder,
+        "final_model": folder / Layout.checkpoint_file(latest["checkpoint"], "model.safetensors"),
+    }
+
+
+def same_weights(model: torch.nn.Module, path: Path) -> bool:
+    saved = load_file(str(path))
+    state = model.state_dict()
+    return set(saved) == set(state) and all(torch.equal(saved[k], state[k].cpu()) for k in state)
+
+
+def rounded(values: dict[str, float], digits: int = 3) -> dict[str, float]:
+    return {k: round(v, digits) for k, v in values.items()}
+
+
+def bench_preset(
+    preset: str, epochs: int, repeats: int, every_steps: int, threads: int, s3: S3Server, work: Path, local: bool
+) -> None:
+    overrides = [
+        f"train.epochs={epochs}",
+        f"checkpoint.every_steps={every_steps}",
+        "monitor.heartbeat_seconds=1",
+        "monitor.progress_every_seconds=1",
+    ]
+    cfg = build_config(preset, None, overrides)
+    device = jt.pick_device(cfg)
+    torch.set_num_threads(cfg.train.threads or threads)  # what a fresh `python -m job` process would use
+    steps_per_epoch = -(-split_sizes(cfg.data)[0] // cfg.train.batch_size)
+    total_steps = steps_per_epoch * cfg.train.epochs
+
+    data_template = work / f"data-{preset}"
+    generate_dataset(cfg.data, data_template)
+    dataset = VideoDataset(data_template, cfg.data)
+    bucket = s3.create_bucket(f"bench-overhead-{preset}-{uuid.uuid4().hex[:6]}")
+
+    bare_loop(cfg, dataset, device, total_steps, max_steps=WARMUP_STEPS)  # oneDNN primitives for these shapes
+
+    variants = ["bare", "s3", *(["local"] if local else [])]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    identical = None
+    for k in range(repeats):
+        order = variants if k % 2 == 0 else variants[::-1]  # ABBA: drift in the machine's load hits both
+        for which in order:
+            note(f"{preset}: repeat {k + 1}/{repeats}, {which} ({total_steps} steps)")
+            if which == "bare":
+                runs["bare"].append(bare_loop(cfg, dataset, device, total_steps))
+            else:
+                runs[which].append(full_job(cfg, data_template, work, s3 if which == "s3" else None, bucket))
+        if identical is None:
+            identical = same_weights(runs["bare"][0]["model"], runs["s3"][0]["final_model"])
+        runs["bare"][-1].pop("model")
+        for which in variants[1:]:
+            shutil.rmtree(runs[which][-1]["folder"], ignore_errors=True)
+
+    loop = {v: [r["loop"] for r in runs[v]] for v in variants}
+    ratio = median(loop["s3"]) / median(loop["bare"])
+    ratio_min = min(loop["s3"]) / min(loop["bare"])
+    pairs = [f / b for f, b in zip(loop["s3"], loop["bare"])]
+    mid = sorted(range(repeats), key=lambda i: loop["s3"][i])[(repeats - 1) // 2]  # the median s3 run, for its split
+    f = runs["s3"][mid]
+    record = {
+        "bench": "overhead",
+        "preset": preset,
+        "what": "training phase of train() on an s3:// run (checkpoints, heartbeat, progress, logs, plots, "
+        "uploads) / the same steps in a bare loop",
+        "ratio": round(ratio, 3),
+        "target": TARGET,
+        "met": ratio <= TARGET,
+        "pair_ratios": spread(pairs, 3),
+        "ratio_of_fastest": round(ratio_min, 3),  # least disturbed by other processes on the machine
+        "steps": total_steps,
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "checkpoint_every_steps": every_steps,
+        "checkpoints_saved": f["calls"].get("save"),
+        "same_final_weights": identical,
+        "bare_seconds": spread(loop["bare"], 3),
+        "full_loop_seconds": spread(loop["s3"], 3),
+        "bare_ms_per_step": round(1000 * median(loop["bare"]) / total_steps, 2),
+        "full_ms_per_step": round(1000 * median(loop["s3"]) / total_steps, 2),
+        # process CPU seconds (all threads) during the loop: what the background work adds
+        "bare_cpu_seconds": round(median([r["cpu"] for r in runs["bare"]]), 3),
+        "full_cpu_seconds": round(median([r["cpu"] for r in runs["s3"]]), 3),
+        # where the median full run's loop went; finish_epoch includes validate and the epoch-end
+        # save, save includes the reconstruction plot's forward pass
+        "full_loop_split_seconds": rounded({k: v for k, v in f["parts"].items() if k not in ("run", *SETUP_PARTS)}),
+        "bare_split_seconds": rounded(runs["bare"][mid]["parts"]),
+        # CPU seconds by thread over the whole train() call (setup and teardown included) and the bare loop
+        "full_cpu_by_thread": f["threads"],
+        "bare_cpu_by_thread": runs["bare"][mid]["threads"],
+        "setup_seconds": {
+            "before_loop": round(f["before_loop"], 3),
+            "preflight": round(f["parts"].get("preflight", 0.0), 3),
+            "open_and_verify_dataset": round(f["parts"].get("prepare_dataset_in_turn", 0.0), 3),
+            "build_model": round(f["parts"].get("build_training", 0.0), 3),
+            "after_loop": round(f["after_loop"], 3),
+            "upload_flush": round(f["flush"], 3),
+        },
+        "ratio_including_setup": round(median([x["total"] for x in runs["s3"]]) / median(loop["bare"]), 3),
+        "repeats": repeats,
+        "s3": "moto server on 127.0.0.1, separate process",
+    }
+    if local:
+        record["ratio_local_run_folder"] = round(median(loop["local"]) / median(loop["bare"]), 3)
+        record["local_loop_seconds"] = spread(loop["local"], 3)
+    emit(record, torch_threads=torch.get_num_threads())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["smoke", "small"], choices=list(PLAN))
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: per preset, see PLAN)")
+    parser.add_argument("--repeats", type=int, help="bare/full pairs per preset (default: per preset)")
+    parser.add_argument("--every-steps", type=int, default=10, help="checkpoint.every_steps of the full job")
+    parser.add_argument(
+        "--local", choices=("on", "off", "smoke"), default="smoke",
+        help="also time the full job on a local run folder (no uploads): for all presets, none, or smoke only",
+    )
+    args = parser.parse_args()
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, S3Server() as s3:
+        work = Path(tmp)
+        job_logging_to(work / "job-log.jsonl")
+        # Warm-up, not measured: one short job pays the process's one-time costs (the first plot's
+        # font cache, the S3 client's first connection, lazy imports), which a long run pays once.
+        warm = build_config("smoke", None, ["train.epochs=1", "checkpoint.every_steps=10"])
+        generate_dataset(warm.data, work / "data-warmup")
+        full_job(warm, work / "data-warmup", work, s3, s3.create_bucket("bench-warmup"))
+        for preset in args.presets:
+            plan = PLAN[preset]
+            bench_preset(
+                preset, args.epochs or plan["epochs"], args.repeats or plan["repeats"], args.every_steps, threads, s3, work,
+                local=args.local == "on" or (args.local == "smoke" and preset == "smoke"),
+            )
+
+
+if __name__ == "__main__":
+    main()

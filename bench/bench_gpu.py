@@ -49,8 +49,7 @@ def main() -> None:
 
     from job.config import build_config
     from job.data import VideoDataset, generate_dataset
-    from job.model import compute_loss
-    from job.train import build_training, epoch_order, pick_device
+    from job.train import build_training, epoch_order, optimizer_step, pick_device
 
     preset = args.cpu_check or "default"
     cfg = build_config(preset, None, ["train.device=cpu"] if args.cpu_check else [])
@@ -86,16 +85,9 @@ def main() -> None:
             variants[which] = (model, forward, optimizer, scheduler)
 
         def step(which: str, videos: torch.Tensor) -> float:
-            model, forward, optimizer, scheduler = variants[which]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.train.bf16):
-                out = forward(videos)
-                loss, _ = compute_loss(out, videos, cfg.model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            return float(loss.detach())  # a host sync per step, as the job has
+            _model, forward, optimizer, scheduler = variants[which]
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.train.bf16)
+            return optimizer_step(forward, optimizer, scheduler, videos, cfg, autocast)  # the job's own step
 
         def block(which: str, steps: int, loader: bool) -> float:
             """Samples/s over ``steps`` steps."""

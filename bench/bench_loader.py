@@ -32,8 +32,7 @@ import torch  # noqa: E402  (after common, which puts the repository on sys.path
 
 from job.config import build_config  # noqa: E402
 from job.data import VideoDataset, generate_dataset  # noqa: E402
-from job.model import compute_loss  # noqa: E402
-from job.train import build_training, pick_device  # noqa: E402
+from job.train import build_training, optimizer_step, pick_device  # noqa: E402
 
 TARGET = 5.0
 
@@ -53,14 +52,7 @@ def train_rate(cfg, model, optimizer, scheduler, batches: list[torch.Tensor]) ->
     """Samples/s of the training step on batches already in memory."""
     started = time.perf_counter()
     for videos in batches:
-        out = model(videos)
-        loss, _ = compute_loss(out, videos, cfg.model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        float(loss.detach())
+        optimizer_step(model, optimizer, scheduler, videos, cfg)
     return sum(len(v) for v in batches) / (time.perf_counter() - started)
 
 

@@ -48,7 +48,6 @@ from safetensors.torch import load_file  # noqa: E402
 import job.train as jt  # noqa: E402
 from job.config import build_config, split_sizes  # noqa: E402
 from job.data import VideoDataset, generate_dataset  # noqa: E402
-from job.model import compute_loss  # noqa: E402
 from job.storage import Layout, RunStore  # noqa: E402
 
 TARGET = 1.05
@@ -125,14 +124,7 @@ def bare_epochs(cfg, dataset, model, optimizer, scheduler, train_indices, val_in
             if max_steps and start // batch_size >= max_steps:
                 return
             videos, _ = dataset.get(train_indices[order[start : start + batch_size]])
-            out = model(videos)
-            loss, _ = compute_loss(out, videos, cfg.model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            float(loss.detach())
+            jt.optimizer_step(model, optimizer, scheduler, videos, cfg)
         val_started = time.perf_counter()
         parts["train_step"] += val_started - step_started
         model.eval()

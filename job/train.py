@@ -221,15 +221,7 @@ class TrainingLoop:
             threading.Event().wait()  # a step that never ends, for the watchdog drill
         videos, _ = self.dataset.get(indices)
         videos = videos.to(self.device, non_blocking=True)
-        with self.autocast():
-            out = self.train_model(videos)
-            loss, _ = compute_loss(out, videos, self.cfg.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(loss.detach())
+        return optimizer_step(self.train_model, self.optimizer, self.scheduler, videos, self.cfg, self.autocast())
 
     def finish_epoch(self, seconds: float, total_steps: int) -> None:
         pos = self.pos
@@ -534,6 +526,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def optimizer_step(model, optimizer, scheduler, videos: torch.Tensor, cfg: Config, autocast=None) -> float:
+    """One step of the math: forward, loss, backward, clipping, AdamW, schedule. Returns the loss
+    (a host sync, which the progress log needs anyway)."""
+    with autocast or nullcontext():
+        out = model(videos)
+        loss, _ = compute_loss(out, videos, cfg.model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
 
 
 def steps_per_epoch(cfg: Config) -> int:

@@ -123,22 +123,21 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
         run_uri, cache_dir, retry_max_seconds=cfg.storage.retry_max_seconds, read_only=not topology.is_writer
     )
     try:
-        if mode == "generate":
+        if mode == "train":
+            train(cfg, store, topology)  # its own preflight also sizes the disk for data and checkpoints
+        else:
             store.preflight(cfg.storage.connect_seconds)
-            run_generate(cfg, store)
-        elif mode == "train":
-            train(cfg, store, topology)
-        elif mode == "verify":
-            from job.verify import run_verify
+            if mode == "generate":
+                run_generate(cfg, store)
+            elif mode == "verify":
+                from job.verify import run_verify
 
-            store.preflight(cfg.storage.connect_seconds)
-            if not run_verify(cfg, store):
-                return EXIT_FAILED
-        elif mode == "evaluate":
-            from job.evaluate import run_evaluate
+                if not run_verify(cfg, store):
+                    return EXIT_FAILED
+            elif mode == "evaluate":
+                from job.evaluate import run_evaluate
 
-            store.preflight(cfg.storage.connect_seconds)
-            run_evaluate(cfg, store)
+                run_evaluate(cfg, store)
         store.flush(cfg.storage.flush_seconds)
     finally:
         store.close()

@@ -28,7 +28,7 @@ from job.data import VideoDataset
 from job.metrics import (
     PSNR_CAP_DB, FrameScores, code_bits, confusion_matrix, fit_linear_probe, score_frames, ssim_window, summarise,
 )
-from job.model import VideoTokenizer, codebook_stats
+from job.model import VideoTokenizer, codebook_stats, trained_tokenizer
 from job.monitor import utc_now
 from job.plots import reconstruction_grid_png
 from job.storage import Layout, RunStore
@@ -56,7 +56,7 @@ def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
     checkpoint, choice = load_best_checkpoint(Checkpointer(store, cfg.checkpoint.keep_last))
     run_cfg = evaluation_config(checkpoint, cfg)
     device = pick_device(run_cfg)
-    model = load_model(checkpoint, run_cfg, device)
+    model = trained_tokenizer(checkpoint.model, run_cfg.model, run_cfg.data, device)
     dataset = prepare_dataset(run_cfg, store)
     log.info("evaluate.start", checkpoint=checkpoint.name, choice=choice, device=str(device))
 
@@ -129,12 +129,6 @@ def evaluation_config(checkpoint: Checkpoint, cfg: Config) -> Config:
     if cfg.data.uri:
         set_value(run_cfg, "data.uri", cfg.data.uri)
     return run_cfg
-
-
-def load_model(checkpoint: Checkpoint, cfg: Config, device: torch.device) -> VideoTokenizer:
-    model = VideoTokenizer(cfg.model, cfg.data)
-    model.load_state_dict(checkpoint.model, strict=True)
-    return model.to(device).eval()
 
 
 def batches(dataset: VideoDataset, indices: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

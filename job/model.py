@@ -287,6 +287,15 @@ def compute_loss(
     return total, dict(zip(("loss", "recon", "entropy", "commitment", "mse"), values, strict=True))
 
 
+def trained_tokenizer(
+    weights: dict[str, torch.Tensor], model: ModelConfig, data: DataConfig, device: torch.device | str = "cpu"
+) -> VideoTokenizer:
+    """A tokenizer with saved weights, in eval mode: every key must match (strict)."""
+    tokenizer = VideoTokenizer(model, data)
+    tokenizer.load_state_dict(weights, strict=True)
+    return tokenizer.to(device).eval()
+
+
 def codebook_stats(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
     """Fraction of codebook entries used at least once, and the perplexity of the code histogram."""
     counts = torch.bincount(codes.flatten().long().cpu(), minlength=codebook_size).double()

@@ -36,7 +36,7 @@ import torch
 from job.checkpoint import MANIFEST_FILE, Checkpoint, Checkpointer, ManifestMismatch, UnreadableCheckpoint
 from job.config import Config, config_from_dict, split_sizes
 from job.data import VideoDataset
-from job.model import VideoTokenizer
+from job.model import trained_tokenizer
 from job.monitor import utc_now
 from job.storage import Layout, RunStore
 from job.train import build_training, prepare_dataset, steps_per_epoch
@@ -180,9 +180,7 @@ class RunVerifier:
 
     def forward(self, checkpoint: Checkpoint) -> str:
         cfg = config_from_dict(checkpoint.state["config"])
-        model = VideoTokenizer(cfg.model, cfg.data)
-        model.load_state_dict(checkpoint.model, strict=True)
-        model.eval()
+        model = trained_tokenizer(checkpoint.model, cfg.model, cfg.data)
         videos = self.validation_batch(cfg)
         codes = model.encode(videos)
         recon = model.decode(codes)

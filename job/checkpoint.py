@@ -181,13 +181,13 @@ class Checkpointer:
         manifest = make_manifest(files, step, epoch)
         # A folder of this name can only be a leftover of an attempt that died before or
         # after committing it, from a step this attempt has redone: it is replaced.
-        self.store.delete_tree(Layout.checkpoint_dir(name))
+        if name in self._inventory():
+            self.store.delete_tree(Layout.checkpoint_dir(name))
         for filename, data in files.items():
             self.store.write_bytes(Layout.checkpoint_file(name, filename), data)
         self.store.write_json(Layout.checkpoint_file(name, MANIFEST_FILE), manifest)
         self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
-        if self._folders is not None:
-            self._folders[name] = True
+        self._inventory()[name] = True
         pruned = self.prune(name, best)
         if on_commit is not None:
             on_commit(name, time.monotonic() - started, pruned)

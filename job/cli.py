@@ -120,7 +120,8 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
 
     topology = Topology.from_env()  # set by torchrun; one process otherwise
     store = RunStore(
-        run_uri, cache_dir, retry_max_seconds=cfg.storage.retry_max_seconds, read_only=not topology.is_writer
+        run_uri, cache_dir, retry_max_seconds=cfg.storage.retry_max_seconds, read_only=not topology.is_writer,
+        live_upload_seconds=cfg.storage.live_upload_seconds,
     )
     try:
         if mode == "train":

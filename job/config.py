@@ -96,6 +96,7 @@ class StorageConfig:
     flush_seconds: float = 120.0  # how long the end of a run waits for the upload backlog
     signal_flush_seconds: float = 5.0  # the same after SIGTERM, inside docker stop's 10 s
     retry_max_seconds: float = 30.0  # longest pause between two upload retries
+    live_upload_seconds: float = 1.0  # progress, logs and plots go to the run URI at most this often
 
 
 @dataclass
@@ -258,6 +259,7 @@ def validate(config: Config) -> None:
         "storage.connect_seconds": config.storage.connect_seconds,
         "storage.flush_seconds": config.storage.flush_seconds,
         "storage.signal_flush_seconds": config.storage.signal_flush_seconds,
+        "storage.live_upload_seconds": config.storage.live_upload_seconds,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -3,20 +3,18 @@
 Figures are built with `Figure` + `FigureCanvasAgg`, never pyplot: no global backend switch, no
 window, and no shared "current figure", so the heartbeat or a training thread can render safely.
 The caller stores the bytes through its own storage layer; nothing here touches the filesystem.
+During training the drawing happens in a worker process (job.plot_worker), not in the training one.
 Imports no torch, so that a laptop can redraw plots from a run folder.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-import time
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any
 
 import numpy as np
-import structlog
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -253,49 +251,8 @@ def _png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-class BackgroundPlots:
-    """Renders plots on a worker thread so that the training thread only hands over arrays.
-
-    Each target file has one slot: a newer request replaces one not yet drawn (only the newest
-    picture matters), so a slow renderer can never build a queue."""
-
-    def __init__(self, write: Callable[[str, bytes], None]):
-        self._write = write
-        self._slots: dict[str, Callable[[], bytes]] = {}
-        self._cond = threading.Condition()
-        self._busy = False
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="plots", daemon=True)
-        self._thread.start()
-
-    def submit(self, rel: str, render: Callable[[], bytes]) -> None:
-        with self._cond:
-            self._slots[rel] = render
-            self._cond.notify_all()
-
-    def close(self, timeout: float) -> None:
-        """Draw what is pending (within ``timeout``), then stop."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while (self._slots or self._busy) and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            self._closed = True
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._slots and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                rel, render = self._slots.popitem()
-                self._busy = True
-            try:
-                self._write(rel, render())
-            except Exception:  # a plot is never worth a run
-                structlog.get_logger("job.plots").exception("plot.failed", path=rel)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+# What the plot worker (job.plot_worker) can draw, by the name a request gives.
+RENDERERS: dict[str, Callable[..., bytes]] = {
+    "loss_curves": loss_curves_png,
+    "reconstruction_grid": reconstruction_grid_png,
+}

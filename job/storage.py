@@ -10,6 +10,7 @@ Callers never learn which kind of run folder they have.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -211,6 +212,22 @@ class RemoteFolder:
         except FileNotFoundError:
             pass
 
+    def delete_many(self, rels: list[str]) -> None:
+        """Delete files, in one request per 1000 on S3 (DeleteObjects), one by one elsewhere."""
+        if not hasattr(self.fs, "call_s3"):
+            for rel in rels:
+                self.delete(rel)
+            return
+        for start in range(0, len(rels), 1000):
+            bucket, _, _ = self.fs.split_path(self._full(rels[0]))
+            keys = [{"Key": self.fs.split_path(self._full(rel))[1]} for rel in rels[start : start + 1000]]
+            answer = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            # A quiet DeleteObjects answers 200 and lists only the keys it could not delete.
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise OSError(f"{len(errors)} key(s) not deleted, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}")
+
     def check(self) -> None:
         _probe(self)
 
@@ -255,11 +272,16 @@ class _Lane:
     Submitting an operation on a path that is already waiting moves it to the back of the line
     (its content is read when it is sent, so the newest content goes and goes once)."""
 
-    def __init__(self, name: str, local: LocalFolder, remote: RemoteFolder, max_wait: float):
-        self.name, self.local, self.remote, self.max_wait = name, local, remote, max_wait
+    def __init__(self, name: str, local: LocalFolder, remote: RemoteFolder, max_wait: float, pause: float = 0.0):
+        """``pause``: a file is sent again no sooner than this after its last send (unless someone
+        waits for a flush), so that a file rewritten many times a second goes once per pause,
+        while a file not sent lately (the first progress of an attempt) goes at once."""
+        self.name, self.local, self.remote, self.max_wait, self.pause = name, local, remote, max_wait, pause
         self._pending: OrderedDict[str, _Op] = OrderedDict()
         self._cond = threading.Condition()
         self._busy = False
+        self._last_sent: dict[str, float] = {}
+        self._flushers = 0
         self._abandon = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
         self._thread.start()
@@ -276,12 +298,17 @@ class _Lane:
 
     def wait_idle(self, deadline: float) -> bool:
         with self._cond:
-            while self._pending or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+            self._flushers += 1
+            self._cond.notify_all()  # ends a rest
+            try:
+                while self._pending or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                return True
+            finally:
+                self._flushers -= 1
 
     def abandon(self) -> None:
         """Stop retrying: the process is about to exit with what it could deliver."""
@@ -292,18 +319,35 @@ class _Lane:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._abandon.is_set():
-                    self._cond.wait()
+                while not self._abandon.is_set():
+                    rel, wait = self._next_due()
+                    if rel is not None:
+                        break
+                    self._cond.wait(wait)
                 if self._abandon.is_set():
                     return
-                rel, op = next(iter(self._pending.items()))
+                op = self._pending[rel]
                 self._busy = True
             delivered = self._deliver(op)
             with self._cond:
                 if delivered and self._pending.get(rel) is op:
                     del self._pending[rel]
+                if self.pause:
+                    self._last_sent[rel] = time.monotonic()
                 self._busy = False
                 self._cond.notify_all()
+
+    def _next_due(self) -> tuple[str | None, float | None]:
+        """The oldest waiting path that may be sent now, else (None, seconds until one may)."""
+        if not self._pending:
+            return None, None
+        now, soonest = time.monotonic(), math.inf
+        for rel in self._pending:
+            due = self._last_sent.get(rel, -math.inf) + self.pause
+            if due <= now or self._flushers:
+                return rel, None
+            soonest = min(soonest, due - now)
+        return None, soonest
 
     def _deliver(self, op: _Op) -> bool:
         retrying = Retrying(
@@ -329,10 +373,14 @@ class _Lane:
         elif op.kind == "delete":
             self.remote.delete(op.rel)
         elif op.kind == "delete_tree":
-            # Manifests first: a half-deleted checkpoint must never look committed.
+            # Manifests first, on their own: a half-deleted checkpoint must never look committed.
             files = self.remote.list_files(op.rel)
-            for rel in sorted(files, key=lambda f: not f.endswith(Layout.checkpoint_manifest_file)):
+            manifests = [f for f in files if f.endswith(Layout.checkpoint_manifest_file)]
+            for rel in manifests:
                 self.remote.delete(rel)
+            rest = [f for f in files if f not in manifests]
+            if rest:
+                self.remote.delete_many(rest)
 
     def _log_retry(self, state: RetryCallState) -> None:
         op = state.args[0]
@@ -352,9 +400,11 @@ class Uploader:
     files whose order matters (checkpoints, data), one for live files (progress, logs, plots),
     so that a large checkpoint never holds back a heartbeat."""
 
-    def __init__(self, local: LocalFolder, remote: RemoteFolder, max_wait: float):
+    def __init__(self, local: LocalFolder, remote: RemoteFolder, max_wait: float, live_pause: float = 0.0):
         self.ordered = _Lane("ordered", local, remote, max_wait)
-        self.live = _Lane("live", local, remote, max_wait)
+        # Every request costs CPU in this process (botocore holds the GIL that training needs)
+        # and at the store: progress and logs, rewritten several times a second, rest between sends.
+        self.live = _Lane("live", local, remote, max_wait, pause=live_pause)
 
     def lane(self, rel: str) -> _Lane:
         return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live
@@ -382,10 +432,13 @@ class RunStore:
     mirrored to the run URI when that is remote."""
 
     def __init__(
-        self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0, read_only: bool = False
+        self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0, read_only: bool = False,
+        live_upload_seconds: float = 0.0,
     ):
         """``read_only``: a process that only reads the run (a DDP rank other than 0). Its writes
-        are dropped on purpose, so that exactly one process owns every file of the run."""
+        are dropped on purpose, so that exactly one process owns every file of the run.
+        ``live_upload_seconds``: live files (progress, logs, plots) reach the run URI at most
+        this often; checkpoints and data are never held back."""
         uri = str(uri)
         self.uri = uri
         self.read_only = read_only
@@ -394,7 +447,7 @@ class RunStore:
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
-            self.uploader = None if read_only else Uploader(self.local, self.remote, retry_max_seconds)
+            self.uploader = None if read_only else Uploader(self.local, self.remote, retry_max_seconds, live_upload_seconds)
         else:
             self.local = LocalFolder(uri.removeprefix("file://"))
         self.root = self.local.root

@@ -15,7 +15,6 @@ run that was never interrupted (on the same CPU machine).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from job.model import VideoTokenizer, codebook_stats, compute_loss, reconstructi
 from job.monitor import (
     Heartbeat, Progress, RateMeter, StopRequest, Watchdog, add_log_file, bind_run_context, format_duration, utc_now,
 )
-from job.plots import BackgroundPlots, loss_curves_png, reconstruction_grid_png
+from job.plot_worker import BackgroundPlots
 from job.storage import Layout, RunStore, StorageError
 
 log = structlog.get_logger("job.train")
@@ -247,7 +246,7 @@ class TrainingLoop:
         write_metrics(self.store, pos.metrics)
         final = pos.step >= total_steps
         if self.plot_due(Layout.loss_plot, final):
-            self.plots.submit(Layout.loss_plot, functools.partial(loss_curves_png, list(pos.metrics)))
+            self.plots.submit(Layout.loss_plot, "loss_curves", metrics=list(pos.metrics))
         log.info("train.epoch", **record)
         self.progress.update(epoch=min(pos.epoch + 1, self.cfg.train.epochs), loss=record["train_loss"])
 
@@ -323,8 +322,8 @@ class TrainingLoop:
             self.plot_reconstructions(name)
 
     def plot_due(self, rel: str, final: bool) -> bool:
-        """Rendering costs the training thread CPU time, so a plot is redrawn at most every
-        ``monitor.plot_every_seconds`` (always at the end)."""
+        """Rendering costs a CPU core (in the plot worker) and the arrays cost a forward pass, so a
+        plot is redrawn at most every ``monitor.plot_every_seconds`` (always at the end)."""
         now = time.monotonic()
         if final or now - self.last_plot.get(rel, -math.inf) >= self.cfg.monitor.plot_every_seconds:
             self.last_plot[rel] = now
@@ -342,11 +341,9 @@ class TrainingLoop:
             recon = self.model(videos.to(self.device)).recon.float().cpu()
         self.model.train()
         self.plots.submit(
-            Layout.reconstruction_plot,
-            functools.partial(
-                reconstruction_grid_png, videos[:, 0].numpy(), recon[:, 0].numpy(),
-                [classes[int(i)] for i in labels], f"{checkpoint}: original | reconstruction | error",
-            ),
+            Layout.reconstruction_plot, "reconstruction_grid", originals=videos[:, 0].numpy(),
+            reconstructions=recon[:, 0].numpy(), labels=[classes[int(i)] for i in labels],
+            title=f"{checkpoint}: original | reconstruction | error",
         )
 
     def report_batch(self, loss: float, total_steps: int, steps_per_epoch: int) -> None:

@@ -121,6 +121,46 @@ def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
                                        ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"))
 
 
+def test_live_files_rewritten_many_times_are_sent_once_per_pause_and_checkpoints_are_not_held(s3, tmp_path):
+    store = RunStore(s3.uri("live"), tmp_path / "cache", live_upload_seconds=60)
+    sent: list[str] = []
+    real_write = store.remote.write_bytes
+    store.remote.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
+    for i in range(20):
+        store.write_json(Layout.progress, {"step": i})
+        time.sleep(0.01)
+    checkpoint_file = Layout.checkpoint_file(Layout.checkpoint_name(1), "model.safetensors")
+    store.write_bytes(checkpoint_file, b"weights")
+    deadline = time.monotonic() + 20  # far less than the live lane's 60 s pause
+    while f"live/{checkpoint_file}" not in s3.keys("live/") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"live/{checkpoint_file}" in s3.keys("live/"), "a checkpoint waited for the live lane's pause"
+    store.flush(20)  # a flush does not wait out the pause
+    store.close()
+    assert json.loads(s3.get("live/progress.json")) == {"step": 19}
+    assert sent.count(Layout.progress) <= 2, sent
+
+
+def test_deleting_a_checkpoint_in_the_bucket_removes_its_manifest_first_then_the_rest_at_once(s3, tmp_path):
+    store = RunStore(s3.uri("prune"), tmp_path / "cache")
+    name = Layout.checkpoint_name(7)
+    files = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "manifest.json"]
+    for filename in files:
+        store.write_bytes(Layout.checkpoint_file(name, filename), filename.encode())
+    store.flush(20)
+    calls: list[tuple[str, list[str]]] = []
+    real_delete, real_delete_many = store.remote.delete, store.remote.delete_many
+    store.remote.delete = lambda rel: (calls.append(("delete", [rel])), real_delete(rel))
+    store.remote.delete_many = lambda rels: (calls.append(("delete_many", rels)), real_delete_many(rels))
+    store.delete_tree(Layout.checkpoint_dir(name))
+    store.flush(20)
+    store.close()
+    assert s3.keys(f"prune/{Layout.checkpoint_dir(name)}") == []
+    assert calls[0] == ("delete", [Layout.checkpoint_file(name, "manifest.json")])
+    assert calls[1][0] == "delete_many" and len(calls) == 2
+    assert sorted(calls[1][1]) == sorted(Layout.checkpoint_file(name, f) for f in files[:-1])
+
+
 def start_train(s3, cache: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         job_command("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *FAST_RETRY, *extra),

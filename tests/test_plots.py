@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
+import threading
 from io import BytesIO
 
 import numpy as np
 import pytest
+import structlog.testing
 from matplotlib.image import imread
 
+from job.plot_worker import BackgroundPlots
 from job.plots import MAX_FRAMES_PER_ROW, loss_curves_png, reconstruction_grid_png
 from tests.conftest import ROOT, job_env
 
@@ -131,3 +136,75 @@ def test_renders_from_threads_without_pyplot_or_torch():
         "assert 'torch' not in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=job_env(), check=True, timeout=50)
+
+
+# --- the plot worker: drawing happens in another process ----------------------------------
+
+
+class Written:
+    """What BackgroundPlots stored, with the worker pid at the moment of each write."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.pids: list[int | None] = []
+        self.plots = None
+        self.event = threading.Event()
+
+    def __call__(self, rel: str, data: bytes) -> None:
+        self.files[rel] = data
+        self.pids.append(self.plots.worker_pid)
+        self.event.set()
+
+    def wait(self) -> None:
+        assert self.event.wait(30), "no plot was written"
+        self.event.clear()
+
+
+@pytest.fixture
+def written():
+    target = Written()
+    target.plots = BackgroundPlots(target)
+    yield target
+    target.plots.close(timeout=10)
+
+
+def test_the_training_process_never_imports_matplotlib():
+    code = "import sys, job.train\nassert 'matplotlib' not in sys.modules, 'matplotlib imported by job.train'\n"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=job_env(), check=True, timeout=50)
+
+
+def test_background_plots_are_drawn_in_a_worker_process(written):
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(e) for e in range(1, 4)])
+    written.plots.submit(
+        "plots/reconstruction.png", "reconstruction_grid", originals=blob_videos(2),
+        reconstructions=0.5 * blob_videos(2), labels=["a", "b"], title="t",
+    )
+    written.plots.close(timeout=30)
+    assert set(written.files) == {"plots/loss.png", "plots/reconstruction.png"}
+    for png in written.files.values():
+        decoded(png)
+    assert written.files["plots/loss.png"] == loss_curves_png([epoch_record(e) for e in range(1, 4)])
+    assert all(pid is not None and pid != os.getpid() for pid in written.pids)
+
+
+def test_a_killed_plot_worker_is_replaced(written):
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+    written.wait()
+    first = written.pids[-1]
+    os.kill(first, signal.SIGKILL)
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+    written.wait()
+    assert written.pids[-1] not in (None, first)
+
+
+def test_a_failed_plot_is_logged_and_the_next_one_drawn(written):
+    with structlog.testing.capture_logs() as logs:
+        written.plots.submit(
+            "plots/reconstruction.png", "reconstruction_grid", originals=blob_videos(2),
+            reconstructions=blob_videos(1), labels=["a", "b"], title="t",
+        )
+        written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+        written.plots.close(timeout=30)
+    assert list(written.files) == ["plots/loss.png"]
+    failures = [e for e in logs if e["event"] == "plot.failed"]
+    assert len(failures) == 1 and "ValueError" in failures[0]["error"]

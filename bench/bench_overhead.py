@@ -142,9 +142,9 @@ def full_job(cfg, data_template: Path, work: Path, s3: S3Server | None, bucket: 
     folder = work / f"run-{uuid.uuid4().hex[:8]}"
     shutil.copytree(data_template, folder / Layout.data)
     if s3 is not None:
-        store = RunStore(f"s3://{bucket}/{folder.name}", folder, retry_max_seconds=cfg.storage.retry_max_seconds)
+        store = RunStore.for_job(f"s3://{bucket}/{folder.name}", folder, cfg.storage)
     else:
-        store = RunStore(str(folder))
+        store = RunStore.for_job(str(folder), None, cfg.storage)
     TIMERS.reset()
     started = time.perf_counter()
     try:

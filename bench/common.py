@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -175,11 +176,17 @@ class KeepLogHandlers:
                 handler.close()
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class ThreadCPU:
     """CPU seconds used by each thread of this process while the block runs, by thread name
     (threads of the same name, e.g. one per attempt, are added up). Sampled every ``interval``
     seconds from /proc/self/task, so a thread that ends between two samples loses at most one
-    interval; threads Python does not know (torch's, the C library's) count as "native"."""
+    interval; threads Python does not know (torch's, the C library's) count as "native". Child
+    processes that ended inside the block count as "child processes"."""
 
     def __init__(self, interval: float = 0.1) -> None:
         import threading
@@ -219,6 +226,7 @@ class ThreadCPU:
         if not Path("/proc/self/task").is_dir():
             return self
         self._start = self._read()
+        self._children_start = _children_cpu()
         self._thread.start()
         return self
 
@@ -234,4 +242,6 @@ class ThreadCPU:
             name = self._names.get(tid, "native")
             name = name.rstrip("0123456789_").removesuffix("-") or name  # checkpoint_0 -> checkpoint
             totals[name] = totals.get(name, 0.0) + (ticks - self._start.get(tid, 0)) / hz
+        # Processes started and ended inside the block (the plot worker), once they are reaped.
+        totals["child processes"] = _children_cpu() - self._children_start
         self.seconds = {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}

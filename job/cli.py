@@ -119,10 +119,7 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
     from job.train import run_generate, train
 
     topology = Topology.from_env()  # set by torchrun; one process otherwise
-    store = RunStore(
-        run_uri, cache_dir, retry_max_seconds=cfg.storage.retry_max_seconds, read_only=not topology.is_writer,
-        live_upload_seconds=cfg.storage.live_upload_seconds,
-    )
+    store = RunStore.for_job(run_uri, cache_dir, cfg.storage, read_only=not topology.is_writer)
     try:
         if mode == "train":
             train(cfg, store, topology)  # its own preflight also sizes the disk for data and checkpoints

@@ -189,6 +189,8 @@ def main() -> None:
     # Ctrl-C reaches the whole process group; the training process decides what happens, and the
     # worker ends when its stdin closes (also when the training process is killed).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A picture can wait; a training step should not: the worker gets only CPU that training leaves.
+    os.nice(19)
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print, from Python or C, must not corrupt the answers
     sys.stdout = sys.stderr

@@ -452,6 +452,14 @@ class RunStore:
             self.local = LocalFolder(uri.removeprefix("file://"))
         self.root = self.local.root
 
+    @classmethod
+    def for_job(cls, uri: str, cache_dir: str | Path | None, storage: Any, read_only: bool = False) -> RunStore:
+        """The store a job process uses, tuned by its config's ``storage`` section."""
+        return cls(
+            uri, cache_dir, retry_max_seconds=storage.retry_max_seconds, read_only=read_only,
+            live_upload_seconds=storage.live_upload_seconds,
+        )
+
     # writes: local, then mirrored
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.read_only:

@@ -245,7 +245,7 @@ class TrainingLoop:
         pos.epoch_sample_count, pos.epoch_sample_hash = 0, 0
         write_metrics(self.store, pos.metrics)
         final = pos.step >= total_steps
-        if self.plot_due(Layout.loss_plot, final):
+        if self.topology.is_writer and self.plot_due(Layout.loss_plot, final):  # the only rank that stores it
             self.plots.submit(Layout.loss_plot, "loss_curves", metrics=list(pos.metrics))
         log.info("train.epoch", **record)
         self.progress.update(epoch=min(pos.epoch + 1, self.cfg.train.epochs), loss=record["train_loss"])

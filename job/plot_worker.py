@@ -128,6 +128,8 @@ class BackgroundPlots:
         try:
             return self._ask(self._running_worker(), request)
         except WorkerGone as exc:
+            if self._closed:  # stopped by close(), not lost
+                raise
             log.warning("plot.worker_restarted", reason=str(exc))
             return self._ask(self._running_worker(), request)
 

@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 from typing import Any, Callable, TypeVar
 
 from job.monitor import format_duration, render_progress
-from job.storage import Layout, LocalFolder, RemoteFolder, open_folder
+from job.storage import Layout, open_folder
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1

@@ -10,8 +10,9 @@ Same model, data, batches and number of steps in both, in this one process:
 - full: job.train.train(cfg, store) on an s3:// run folder served by a moto S3 server on
   127.0.0.1 (its own process, as a real bucket is elsewhere), checkpoints every --every-steps
   steps (plus the preset's per-epoch ones and the final one), heartbeat every 1 s,
-  progress.json every 1 s, JSON logs (to a file instead of stdout), plots, metrics, background
-  uploads; then store.flush(). For smoke also on a local run folder (no uploads), to separate
+  progress.json every 1 s, JSON logs (to a file instead of stdout), plots (drawn by the plot
+  worker process each run starts), metrics, background uploads (live files paced by
+  storage.live_upload_seconds, as in the job); then store.flush(). For smoke also on a local run folder (no uploads), to separate
   the uploads' share.
 
 The ratio compares the training phase only: the bare loop's time against the time the job
@@ -21,13 +22,15 @@ the dataset, building the model) and after (waiting for plots, flushing the uplo
 reported separately, as is the ratio including all of it. The dataset is generated beforehand
 into each run's folder, as a resumed run finds it, so its generation is in neither.
 
-One short job first pays the process's one-time costs (imports, the first plot's font cache, the
-S3 client's first connection), and a few bare steps build oneDNN's kernels for the shapes. Then
+One short job first pays the process's one-time costs (imports, the S3 client's first
+connection), and a few bare steps build oneDNN's kernels for the shapes. Then
 each repeat runs the variants back to back (ABBA order); "ratio" is of the medians,
 "ratio_of_fastest" of the fastest runs (least disturbed by other processes on a shared
 machine). After the first repeat the two final models are compared: the same weights mean the
 same arithmetic was done. To say where the extra time goes, the job's methods are timed
-(train_step, save, validate, ...) and each thread's CPU seconds are read from /proc.
+(train_step, save, validate, ...), each thread's CPU seconds are read from /proc, and so are
+the CPU seconds of the plot worker ("child processes") and of the S3 server, which shares
+this machine's cores with the job as a real bucket would not.
 """
 
 from __future__ import annotations
@@ -296,8 +299,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, S3Server() as s3:
         work = Path(tmp)
         job_logging_to(work / "job-log.jsonl")
-        # Warm-up, not measured: one short job pays the process's one-time costs (the first plot's
-        # font cache, the S3 client's first connection, lazy imports), which a long run pays once.
+        # Warm-up, not measured: one short job pays the process's one-time costs (matplotlib's font
+        # cache, the S3 client's first connection, lazy imports), which a long run pays once.
         warm = build_config("smoke", None, ["train.epochs=1", "checkpoint.every_steps=10"])
         generate_dataset(warm.data, work / "data-warmup")
         full_job(warm, work / "data-warmup", work, s3, s3.create_bucket("bench-warmup"))

@@ -164,7 +164,7 @@ class BackgroundPlots:
             return
         try:
             worker.stdin.close()  # end of requests: the worker exits
-            worker.wait(timeout=max(timeout, 1.0))
+            worker.wait(timeout=max(timeout, 0.2))  # an idle worker exits at once; a busy one is not waited for
         except (OSError, subprocess.TimeoutExpired):
             worker.kill()
             worker.wait()

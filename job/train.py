@@ -137,8 +137,9 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
                 try:
                     with watchdog:
                         loop.run(total_steps, steps_per_epoch(cfg))
+                    plots.close(timeout=cfg.storage.signal_flush_seconds)  # the final plots
                 finally:
-                    plots.close(timeout=cfg.storage.signal_flush_seconds)
+                    plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
             else:
                 log.info("train.already_complete", step=position.step, total_steps=total_steps)
     except Preempted:
@@ -318,7 +319,7 @@ class TrainingLoop:
         log.info("checkpoint.snapshot", checkpoint=name, reason=reason, blocked_seconds=round(self.last_save - started, 4))
         if reason in ("final", "signal"):
             self.checkpointer.wait()  # the process is about to end: the commit must be done
-        if self.plot_due(Layout.reconstruction_plot, final=reason == "final"):
+        if reason != "signal" and self.plot_due(Layout.reconstruction_plot, final=reason == "final"):
             self.plot_reconstructions(name)
 
     def plot_due(self, rel: str, final: bool) -> bool:

@@ -139,8 +139,7 @@ class S3Server:
 
     def cpu_seconds(self) -> float:
         """CPU time the server process has used so far (user + system)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_ticks(Path(f"/proc/{self.proc.pid}/stat")) / os.sysconf("SC_CLK_TCK")
 
     def client(self):
         import boto3
@@ -188,6 +187,13 @@ class KeepLogHandlers:
                 handler.close()
 
 
+def cpu_ticks(stat: Path) -> int:
+    """utime + stime, in clock ticks, from a /proc/.../stat file (fields after the command name,
+    which may itself contain spaces and parentheses)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -216,10 +222,9 @@ class ThreadCPU:
         ticks = {}
         for tid in os.listdir("/proc/self/task"):
             try:
-                fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks[int(tid)] = cpu_ticks(Path(f"/proc/self/task/{tid}/stat"))
             except OSError:
                 continue
-            ticks[int(tid)] = int(fields[11]) + int(fields[12])  # utime + stime
         return ticks
 
     def _sample(self) -> None:

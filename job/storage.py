@@ -218,15 +218,17 @@ class RemoteFolder:
             for rel in rels:
                 self.delete(rel)
             return
+        bucket = self.fs.split_path(self.base)[0]
         for start in range(0, len(rels), 1000):
-            bucket, _, _ = self.fs.split_path(self._full(rels[0]))
             keys = [{"Key": self.fs.split_path(self._full(rel))[1]} for rel in rels[start : start + 1000]]
             answer = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             # A quiet DeleteObjects answers 200 and lists only the keys it could not delete.
             errors = answer.get("Errors") or []
             if errors:
                 first = errors[0]
-                raise OSError(f"{len(errors)} key(s) not deleted, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}")
+                raise OSError(
+                    f"{len(errors)} key(s) not deleted, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                )
 
     def check(self) -> None:
         _probe(self)

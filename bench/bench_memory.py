@@ -11,7 +11,9 @@ RSS at the fork; otherwise (a small, short process like `status`) the peak repor
 sampled VmHWM, a lower bound, with ru_maxrss as the upper bound.
 
 - train small: `python -m job train --preset small --set train.epochs=1` on a local run folder,
-  to the end (generation, 60 steps, validation, checkpoints, plots).
+  to the end (generation, 60 steps, validation, checkpoints, plots); and again on an s3:// run
+  folder. The job's helper processes (the plot worker; on s3:// the two upload workers) are
+  separate processes with their own peaks, sampled from /proc every 0.1 s and reported apart.
 - train default data: `python -m job train --preset default --set train.batch_size=N` on a
   local run folder: generates the 10,000 x 16 x 64 x 64 dataset (655 MB of uint8 shards), opens
   it memory-mapped, builds the default model and trains --steps steps, then SIGTERM: the job
@@ -57,6 +59,24 @@ def proc_status(pid: int) -> dict[str, int]:
     return fields
 
 
+def helper_processes(pid: int) -> dict[int, str]:
+    """The children of ``pid`` that are the job's helpers (``python -m job.<helper>``): pid -> module."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-m" in argv[:-1]:
+                found[int(child)] = argv[argv.index(b"-m") + 1].decode()
+    return found
+
+
 def measure(command: list[str], env: dict[str, str], stop_after_progress: int = 0, timeout: float = 600) -> dict:
     """Run ``command`` to its end (or SIGTERM it after that many train.progress lines) and
     return its peak RSS and what it logged on the way."""
@@ -64,6 +84,7 @@ def measure(command: list[str], env: dict[str, str], stop_after_progress: int = 
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples: list[dict[str, int]] = []
+    helper_peaks_kb: dict[str, int] = {}
     at_event: dict[str, dict[str, int]] = {}
     done = threading.Event()
     progress_lines = 0
@@ -85,10 +106,16 @@ def measure(command: list[str], env: dict[str, str], stop_after_progress: int = 
                     proc.send_signal(signal.SIGTERM)
 
     def sample() -> None:
+        count = 0
         while not done.wait(0.01):
             fields = proc_status(proc.pid)
             if fields:
                 samples.append(fields)
+            count += 1
+            if count % 10 == 0:
+                for helper, module in helper_processes(proc.pid).items():
+                    peak = proc_status(helper).get("VmHWM", 0)
+                    helper_peaks_kb[module] = max(helper_peaks_kb.get(module, 0), peak)
 
     threads = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=sample, daemon=True)]
     stderr: list[str] = []
@@ -118,6 +145,7 @@ def measure(command: list[str], env: dict[str, str], stop_after_progress: int = 
         "bench_rss_at_fork_mb": round(parent_rss_kb / 1024, 1),
         "at_sampled_peak_mb": {k: round(v / 1024, 1) for k, v in peak_sample.items() if k != "VmHWM"},
         "at_train_start_mb": {k: round(v / 1024, 1) for k, v in at_event.get("train_start", {}).items()},
+        "helper_peak_rss_mb": {k: round(v / 1024, 1) for k, v in sorted(helper_peaks_kb.items())},
         "progress_lines": progress_lines,
         "stderr_tail": "".join(stderr)[-500:] if proc.returncode not in (0, 143) else "",
     }
@@ -135,10 +163,11 @@ def report(what: str, command: list[str], result: dict, target_mb: float | None,
         **result,
         **extra,
     }
+    # The job with its helpers, as if every process peaked at once: never below the true peak.
+    record["with_helpers_upper_bound_mb"] = round(result["ru_maxrss_mb"] + sum(result["helper_peak_rss_mb"].values()), 1)
     if target_mb is not None:
         record["target_mb"] = target_mb
-        # judged on ru_maxrss, which is never below the true peak
-        record["met"] = result["ru_maxrss_mb"] < target_mb and result["exit_code"] in (0, 143)
+        record["met"] = record["with_helpers_upper_bound_mb"] < target_mb and result["exit_code"] in (0, 143)
     emit(record)
 
 
@@ -156,6 +185,13 @@ def main() -> None:
         command = python_job("train", "--preset", "small", "--run-uri", str(small_run), "--set", "train.epochs=1")
         note("train --preset small (1 epoch)")
         report("train small preset, 1 epoch, local run folder", command, measure(command, env), TRAIN_TARGET_MB)
+        bucket = s3.create_bucket(f"bench-memory-{uuid.uuid4().hex[:6]}")
+        command = python_job(
+            "train", "--preset", "small", "--run-uri", f"s3://{bucket}/small-s3", "--cache-dir", str(work / "cache"),
+            "--set", "train.epochs=1",
+        )
+        note("train --preset small (1 epoch), s3:// run folder")
+        report("train small preset, 1 epoch, s3:// run folder", command, measure(command, env), TRAIN_TARGET_MB)
 
         default_run = work / "default"
         command = python_job(
@@ -170,7 +206,6 @@ def main() -> None:
             command, result, TRAIN_TARGET_MB, batch_size=args.default_batch,
         )
 
-        bucket = s3.create_bucket(f"bench-memory-{uuid.uuid4().hex[:6]}")
         s3.upload_folder(small_run, bucket, "small")
         for where, uri in (("local", str(small_run)), ("s3", f"s3://{bucket}/small")):
             command = python_job("status", uri)

@@ -199,12 +199,30 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _live_children() -> dict[int, str]:
+    """This process's running children: pid -> the module a ``python -m`` child runs."""
+    found = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            found[int(pid)] = argv[argv.index(b"-m") + 1].decode() if b"-m" in argv[:-1] else "other child process"
+    return found
+
+
 class ThreadCPU:
     """CPU seconds used by each thread of this process while the block runs, by thread name
     (threads of the same name, e.g. one per attempt, are added up). Sampled every ``interval``
     seconds from /proc/self/task, so a thread that ends between two samples loses at most one
     interval; threads Python does not know (torch's, the C library's) count as "native". Child
-    processes that ended inside the block count as "child processes"."""
+    processes started inside the block count by module if still running at its end (the upload
+    workers, until the store closes), else together as "ended child processes" (the plot worker)."""
 
     def __init__(self, interval: float = 0.1) -> None:
         import threading
@@ -244,6 +262,7 @@ class ThreadCPU:
             return self
         self._start = self._read()
         self._children_start = _children_cpu()
+        self._children_before = set(_live_children())
         self._thread.start()
         return self
 
@@ -259,6 +278,11 @@ class ThreadCPU:
             name = self._names.get(tid, "native")
             name = name.rstrip("0123456789_").removesuffix("-") or name  # checkpoint_0 -> checkpoint
             totals[name] = totals.get(name, 0.0) + (ticks - self._start.get(tid, 0)) / hz
-        # Processes started and ended inside the block (the plot worker), once they are reaped.
-        totals["child processes"] = _children_cpu() - self._children_start
+        for pid, module in _live_children().items():
+            if pid not in self._children_before:
+                try:
+                    totals[module] = totals.get(module, 0.0) + cpu_ticks(Path(f"/proc/{pid}/stat")) / hz
+                except OSError:  # ended just now; not reaped yet, so not in the sum below either
+                    continue
+        totals["ended child processes"] = _children_cpu() - self._children_start
         self.seconds = {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,25 @@ def job_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **extra)
     return env
+
+
+def worker_processes(module: str) -> set[int]:
+    """PIDs of the helper processes (job.worker) running ``python -m <module>`` on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and module.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_workers_end(module: str, before: set[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while worker_processes(module) - before:
+        assert time.monotonic() < deadline, f"{module} process(es) {worker_processes(module) - before} outlived the job"
+        time.sleep(0.1)
 
 
 def job_command(*args: str) -> list[str]:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from job.config import build_config, split_sizes
-from tests.conftest import FAKE_SECRET, ROOT, final_model, job_command, job_env, log_events, run_job, sha256
+from tests.conftest import (
+    FAKE_SECRET, ROOT, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256, worker_processes,
+)
 
 pytestmark = pytest.mark.timeout(240)
 SMOKE = build_config("smoke")
@@ -41,36 +43,20 @@ def wait_for_line(lines: list[str], needle: str, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def plot_workers() -> set[int]:
-    """PIDs of the plot worker processes now alive on this machine."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"job.plot_worker" in (entry / "cmdline").read_bytes():
-                found.add(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def assert_plot_workers_end(before: set[int], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while plot_workers() - before:
-        assert time.monotonic() < deadline, f"plot worker(s) {plot_workers() - before} outlived the job"
-        time.sleep(0.1)
+PLOT_WORKER = "job.plot_worker"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_and_exits_143_within_10_s_then_resumes_exactly(tmp_path, smoke_baseline, sig):
     run = tmp_path / "run"
-    workers_before = plot_workers()
+    workers_before = worker_processes(PLOT_WORKER)
     proc, lines, reader = start(run)
     wait_for_line(lines, '"train.progress"', 60)
     sent = time.monotonic()
     proc.send_signal(sig)
     assert proc.wait(timeout=15) == 143
     assert time.monotonic() - sent < 10
-    assert_plot_workers_end(workers_before)
+    assert_workers_end(PLOT_WORKER, workers_before)
     reader.join(5)
     events = log_events("".join(lines))
     saved = [e for e in events if e["event"] == "checkpoint.saved"]
@@ -87,19 +73,19 @@ def test_a_stop_signal_saves_and_exits_143_within_10_s_then_resumes_exactly(tmp_
 
 def test_a_sigkilled_job_leaves_no_plot_worker_behind(tmp_path):
     run = tmp_path / "run"
-    workers_before = plot_workers()
+    workers_before = worker_processes(PLOT_WORKER)
     # Still training when killed, with the worker idle: both plots drawn, the next ones an hour away.
     proc, lines, reader = start(run, "--set", "train.epochs=40", "--set", "monitor.plot_every_seconds=3600")
     deadline = time.monotonic() + 60
     while not all((run / "plots" / name).exists() for name in ("reconstruction.png", "loss.png")):
         assert time.monotonic() < deadline and proc.poll() is None, "no plots drawn"
         time.sleep(0.05)
-    assert plot_workers() - workers_before, "no plot worker process while the job runs"
+    assert worker_processes(PLOT_WORKER) - workers_before, "no plot worker process while the job runs"
     assert proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=15)
     reader.join(5)
-    assert_plot_workers_end(workers_before)
+    assert_workers_end(PLOT_WORKER, workers_before)
 
 
 def test_the_watchdog_ends_a_hung_step_with_exit_75_and_every_stack(tmp_path):

@@ -12,8 +12,8 @@ sampled VmHWM, a lower bound, with ru_maxrss as the upper bound.
 
 - train small: `python -m job train --preset small --set train.epochs=1` on a local run folder,
   to the end (generation, 60 steps, validation, checkpoints, plots); and again on an s3:// run
-  folder. The job's helper processes (the plot worker; on s3:// the two upload workers) are
-  separate processes with their own peaks, sampled from /proc every 0.1 s and reported apart.
+  folder. The job's helper process (the plot worker) has its own peak, sampled from /proc
+  every 0.1 s and reported apart.
 - train default data: `python -m job train --preset default --set train.batch_size=N` on a
   local run folder: generates the 10,000 x 16 x 64 x 64 dataset (655 MB of uint8 shards), opens
   it memory-mapped, builds the default model and trains --steps steps, then SIGTERM: the job

@@ -11,9 +11,9 @@ Same model, data, batches and number of steps in both, in this one process:
   127.0.0.1 (its own process, as a real bucket is elsewhere), checkpoints every --every-steps
   steps (plus the preset's per-epoch ones and the final one), heartbeat every 1 s,
   progress.json every 1 s, JSON logs (to a file instead of stdout), plots (drawn by the plot
-  worker process each run starts), metrics, background uploads (sent by the upload worker
-  processes; live files paced by storage.live_upload_seconds, as in the job); then
-  store.flush(). For smoke also on a local run folder (no uploads), to separate the uploads' share.
+  worker process each run starts), metrics, background uploads (live files paced by
+  storage.live_upload_seconds, as in the job); then store.flush(). For smoke also on a local
+  run folder (no uploads), to separate the uploads' share.
 
 The ratio compares the training phase only: the bare loop's time against the time the job
 spends in TrainingLoop.run (first step to final checkpoint, timed by wrapping that method).
@@ -29,8 +29,8 @@ each repeat runs the variants back to back (ABBA order); "ratio" is of the media
 machine). After the first repeat the two final models are compared: the same weights mean the
 same arithmetic was done. To say where the extra time goes, the job's methods are timed
 (train_step, save, validate, ...), each thread's CPU seconds are read from /proc, and so are
-the CPU seconds of the job's helper processes (the upload workers, job.upload_worker; the plot
-worker, among "ended child processes") and of the S3 server, which shares this machine's cores
+the CPU seconds of the job's helper process (the plot worker, among "ended child processes")
+and of the S3 server, which shares this machine's cores
 with the job as a real bucket would not. bench_contention.py says what such work on another
 core costs the training step here.
 """

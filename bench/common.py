@@ -221,8 +221,8 @@ class ThreadCPU:
     (threads of the same name, e.g. one per attempt, are added up). Sampled every ``interval``
     seconds from /proc/self/task, so a thread that ends between two samples loses at most one
     interval; threads Python does not know (torch's, the C library's) count as "native". Child
-    processes started inside the block count by module if still running at its end (the upload
-    workers, until the store closes), else together as "ended child processes" (the plot worker)."""
+    processes started inside the block count by module if still running at its end, else
+    together as "ended child processes" (the plot worker, which ends with train())."""
 
     def __init__(self, interval: float = 0.1) -> None:
         import threading

@@ -25,8 +25,6 @@ import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from job.fsutil import atomic_write_bytes
-from job.upload_worker import UploadWorker
-from job.worker import WorkerError
 
 log = structlog.get_logger("job.storage")
 
@@ -271,17 +269,16 @@ class _Op:
 
 
 class _Lane:
-    """One background thread delivering operations to the remote folder in order, through its
-    own worker process (job.upload_worker: the requests' Python work stays off training's GIL).
+    """One background thread delivering operations to the remote folder in order.
 
     Submitting an operation on a path that is already waiting moves it to the back of the line
     (its content is read when it is sent, so the newest content goes and goes once)."""
 
-    def __init__(self, name: str, remote: UploadWorker, max_wait: float, pause: float = 0.0):
+    def __init__(self, name: str, local: LocalFolder, remote: RemoteFolder, max_wait: float, pause: float = 0.0):
         """``pause``: a file is sent again no sooner than this after its last send (unless someone
         waits for a flush), so that a file rewritten many times a second goes once per pause,
         while a file not sent lately (the first progress of an attempt) goes at once."""
-        self.name, self.remote, self.max_wait, self.pause = name, remote, max_wait, pause
+        self.name, self.local, self.remote, self.max_wait, self.pause = name, local, remote, max_wait, pause
         self._pending: OrderedDict[str, _Op] = OrderedDict()
         self._cond = threading.Condition()
         self._busy = False
@@ -316,12 +313,10 @@ class _Lane:
                 self._flushers -= 1
 
     def abandon(self) -> None:
-        """Stop retrying, and end the request in flight: the process is about to exit with what
-        it could deliver."""
+        """Stop retrying: the process is about to exit with what it could deliver."""
         self._abandon.set()
         with self._cond:
             self._cond.notify_all()
-        self.remote.stop()
 
     def _run(self) -> None:
         while True:
@@ -374,7 +369,9 @@ class _Lane:
 
     def _apply(self, op: _Op) -> None:
         if op.kind == "put":
-            self.remote.put(op.rel)  # gone locally: a later delete will follow it
+            data = self.local.read_bytes(op.rel)
+            if data is not None:  # gone locally: a later delete will follow it
+                self.remote.write_bytes(op.rel, data)
         elif op.kind == "delete":
             self.remote.delete(op.rel)
         elif op.kind == "delete_tree":
@@ -396,10 +393,7 @@ class _Lane:
 
 
 def _describe(exc: BaseException | None) -> str:
-    """The store's own words: botocore's ClientError carries its code and message in str(), and
-    an upload worker's error is already "ClientError: ..."."""
-    if isinstance(exc, WorkerError):
-        return str(exc)
+    """The store's own words: botocore's ClientError carries its code and message in str()."""
     return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
 
 
@@ -408,11 +402,11 @@ class Uploader:
     files whose order matters (checkpoints, data), one for live files (progress, logs, plots),
     so that a large checkpoint never holds back a heartbeat."""
 
-    def __init__(self, local: LocalFolder, uri: str, max_wait: float, live_pause: float = 0.0):
-        self.ordered = _Lane("ordered", UploadWorker(uri, local.root), max_wait)
-        # Every request costs CPU (in the worker) and a request at the store: progress and logs,
-        # rewritten several times a second, rest between sends.
-        self.live = _Lane("live", UploadWorker(uri, local.root), max_wait, pause=live_pause)
+    def __init__(self, local: LocalFolder, remote: RemoteFolder, max_wait: float, live_pause: float = 0.0):
+        self.ordered = _Lane("ordered", local, remote, max_wait)
+        # Every request costs CPU in this process (botocore holds the GIL that training needs)
+        # and at the store: progress and logs, rewritten several times a second, rest between sends.
+        self.live = _Lane("live", local, remote, max_wait, pause=live_pause)
 
     def lane(self, rel: str) -> _Lane:
         return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live
@@ -455,7 +449,7 @@ class RunStore:
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
-            self.uploader = None if read_only else Uploader(self.local, uri, retry_max_seconds, live_upload_seconds)
+            self.uploader = None if read_only else Uploader(self.local, self.remote, retry_max_seconds, live_upload_seconds)
         else:
             self.local = LocalFolder(uri.removeprefix("file://"))
         self.root = self.local.root

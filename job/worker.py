@@ -1,10 +1,9 @@
 """Helper processes that keep pure-Python work off the training process's interpreter lock.
 
 The training step runs kernels without the GIL but needs it back between them; a thread of the
-same process that runs Python for long (matplotlib drawing a figure, botocore signing and
-parsing a request) makes it wait. bench/bench_overhead.py measured both. Such work therefore
-runs in ``python -m <module>``, a child that answers requests read from its stdin, one JSON
-line per request and per answer (no pickle, even between our own processes).
+same process that runs Python for long (matplotlib drawing a figure) makes it wait. Such work
+therefore runs in ``python -m <module>``, a child that answers requests read from its stdin,
+one JSON line per request and per answer (no pickle, even between our own processes).
 
 A child lives exactly as long as its requester holds its stdin open: when the requester closes
 it, or dies (even by SIGKILL), the child exits at once, dropping any request in flight, as the

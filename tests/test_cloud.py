@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -17,16 +16,13 @@ import pytest
 
 from job.config import build_config, split_sizes
 from job.storage import Layout, RunStore
-from tests.conftest import (
-    ROOT, assert_workers_end, job_command, job_env, log_events, run_job, sha256, worker_processes,
-)
+from tests.conftest import ROOT, job_command, job_env, log_events, run_job, sha256
 
 pytestmark = pytest.mark.timeout(300)
 
 SMOKE = build_config("smoke")
 SMOKE_STEPS = SMOKE.train.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.train.batch_size)
 FAST_RETRY = ("--set", "storage.retry_max_seconds=2")
-UPLOAD_WORKER = "job.upload_worker"
 
 
 def bucket_checkpoints(s3, prefix: str = "run") -> list[str]:
@@ -106,17 +102,11 @@ def test_a_bucket_checkpoint_without_manifest_or_with_a_wrong_hash_is_skipped(s3
     assert_verified_in_bucket(s3, newest)  # redone and committed again
 
 
-def record_puts(lane) -> list[str]:
-    """The paths an upload lane asks its worker process to send, in order."""
-    sent: list[str] = []
-    real_put = lane.remote.put
-    lane.remote.put = lambda rel: (sent.append(rel), real_put(rel))[1]
-    return sent
-
-
 def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
     store = RunStore(s3.uri("order"), tmp_path / "cache")
-    sent = record_puts(store.uploader.ordered)
+    sent: list[str] = []
+    real_write = store.remote.write_bytes
+    store.remote.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
     from job.checkpoint import Checkpointer
     from job.train import build_training
     import torch
@@ -133,7 +123,9 @@ def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
 
 def test_live_files_rewritten_many_times_are_sent_once_per_pause_and_checkpoints_are_not_held(s3, tmp_path):
     store = RunStore(s3.uri("live"), tmp_path / "cache", live_upload_seconds=60)
-    sent = record_puts(store.uploader.live)
+    sent: list[str] = []
+    real_write = store.remote.write_bytes
+    store.remote.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
     for i in range(20):
         store.write_json(Layout.progress, {"step": i})
         time.sleep(0.01)
@@ -157,10 +149,9 @@ def test_deleting_a_checkpoint_in_the_bucket_removes_its_manifest_first_then_the
         store.write_bytes(Layout.checkpoint_file(name, filename), filename.encode())
     store.flush(20)
     calls: list[tuple[str, list[str]]] = []
-    worker = store.uploader.ordered.remote
-    real_delete, real_delete_many = worker.delete, worker.delete_many
-    worker.delete = lambda rel: (calls.append(("delete", [rel])), real_delete(rel))
-    worker.delete_many = lambda rels: (calls.append(("delete_many", rels)), real_delete_many(rels))
+    real_delete, real_delete_many = store.remote.delete, store.remote.delete_many
+    store.remote.delete = lambda rel: (calls.append(("delete", [rel])), real_delete(rel))
+    store.remote.delete_many = lambda rels: (calls.append(("delete_many", rels)), real_delete_many(rels))
     store.delete_tree(Layout.checkpoint_dir(name))
     store.flush(20)
     store.close()
@@ -168,22 +159,6 @@ def test_deleting_a_checkpoint_in_the_bucket_removes_its_manifest_first_then_the
     assert calls[0] == ("delete", [Layout.checkpoint_file(name, "manifest.json")])
     assert calls[1][0] == "delete_many" and len(calls) == 2
     assert sorted(calls[1][1]) == sorted(Layout.checkpoint_file(name, f) for f in files[:-1])
-
-
-def test_uploads_are_made_by_worker_processes_that_are_replaced_when_killed_and_end_with_the_store(s3, tmp_path):
-    before = worker_processes(UPLOAD_WORKER)
-    store = RunStore(s3.uri("workers"), tmp_path / "cache")
-    store.write_bytes("notes.txt", b"one")
-    store.flush(20)
-    first = store.uploader.live.remote.pid
-    assert first is not None and first != os.getpid() and first in worker_processes(UPLOAD_WORKER)
-    os.kill(first, signal.SIGKILL)
-    store.write_bytes("notes.txt", b"two")
-    store.flush(20)
-    assert s3.get("workers/notes.txt") == b"two"
-    assert store.uploader.live.remote.pid not in (None, first)
-    store.close()
-    assert_workers_end(UPLOAD_WORKER, before)
 
 
 def start_train(s3, cache: Path, *extra: str) -> subprocess.Popen:
@@ -304,7 +279,6 @@ def test_sigkill_with_a_fresh_cache_at_every_restart_resumes_to_identical_weight
     print(f"kill seed: {seed}")
     rng = random.Random(seed)
     kills = 0
-    uploaders_before, uploaders_seen = worker_processes(UPLOAD_WORKER), set()
     for attempt in range(30):
         proc = start_train(s3, tmp_path / f"cache-{attempt}")
         lines, reader = collect(proc)
@@ -312,15 +286,13 @@ def test_sigkill_with_a_fresh_cache_at_every_restart_resumes_to_identical_weight
                  60, "training to start")
         time.sleep(rng.uniform(0.05, 0.6))
         if proc.poll() is None:
-            uploaders_seen |= worker_processes(UPLOAD_WORKER) - uploaders_before
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait(timeout=30)
         reader.join(5)
-        assert_workers_end(UPLOAD_WORKER, uploaders_before)  # no request of a dead attempt goes on
         if kills >= 5:
             break
-    assert kills >= 5 and uploaders_seen
+    assert kills >= 5
     result = train_s3(s3, tmp_path / "cache-final")
     assert result.returncode == 0, result.stderr
     name = f"step-{SMOKE_STEPS:08d}"

@@ -32,7 +32,9 @@ same arithmetic was done. To say where the extra time goes, the job's methods ar
 the CPU seconds of the job's helper process (the plot worker, among "ended child processes")
 and of the S3 server, which shares this machine's cores
 with the job as a real bucket would not. bench_contention.py says what such work on another
-core costs the training step here.
+core costs the training step here. Every step is timed too ("step_ms"): the steps between
+checkpoints against the bare loop's, and a checkpoint's cost to the training thread (its
+save() call plus what the step right after it, while the commit runs, loses).
 """
 
 from __future__ import annotations
@@ -68,13 +70,15 @@ class Timers:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.marks: dict[str, float] = {}
+        self.sequence: list[tuple[str, float]] = []  # (name, seconds) of each call of a ``logged`` method
 
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
         self.marks.clear()
+        self.sequence.clear()
 
-    def wrap(self, owner: object, name: str, mark: bool = False) -> None:
+    def wrap(self, owner: object, name: str, mark: bool = False, logged: bool = False) -> None:
         original = getattr(owner, name, None)
         if original is None:  # the job's code moved on; the bench still runs, with less detail
             return
@@ -94,6 +98,8 @@ class Timers:
                     self.marks[f"{name}.cpu_end"] = time.process_time()
                 self.seconds[name] = self.seconds.get(name, 0.0) + ended - started
                 self.calls[name] = self.calls.get(name, 0) + 1
+                if logged:
+                    self.sequence.append((name, ended - started))
 
         setattr(owner, name, timed)
 
@@ -101,7 +107,7 @@ class Timers:
 SETUP_PARTS = ("preflight", "prepare_dataset_in_turn", "build_training")
 TIMERS = Timers()
 for _name in ("run", "train_step", "validate", "save", "report_batch", "plot_reconstructions", "finish_epoch"):
-    TIMERS.wrap(jt.TrainingLoop, _name, mark=_name == "run")
+    TIMERS.wrap(jt.TrainingLoop, _name, mark=_name == "run", logged=_name in ("train_step", "save"))
 for _name in SETUP_PARTS:
     TIMERS.wrap(jt, _name)
 
@@ -113,14 +119,17 @@ def bare_loop(cfg, dataset: VideoDataset, device: torch.device, total_steps: int
     if cfg.train.val_batches:
         val_indices = val_indices[: cfg.train.val_batches * cfg.train.batch_size]
     parts = {"train_step": 0.0, "validate": 0.0}
+    steps: list[float] = []
     with ThreadCPU() as threads:
         started, cpu_started = time.perf_counter(), time.process_time()
-        bare_epochs(cfg, dataset, model, optimizer, scheduler, train_indices, val_indices, parts, max_steps)
+        bare_epochs(cfg, dataset, model, optimizer, scheduler, train_indices, val_indices, parts, steps, max_steps)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"loop": seconds, "cpu": cpu, "threads": threads.seconds, "parts": parts, "model": model}
+    return {"loop": seconds, "cpu": cpu, "threads": threads.seconds, "parts": parts, "steps": steps, "model": model}
 
 
-def bare_epochs(cfg, dataset, model, optimizer, scheduler, train_indices, val_indices, parts, max_steps=0) -> None:
+def bare_epochs(
+    cfg, dataset, model, optimizer, scheduler, train_indices, val_indices, parts, steps, max_steps=0
+) -> None:
     batch_size = cfg.train.batch_size
     for epoch in range(cfg.train.epochs):
         step_started = time.perf_counter()
@@ -128,8 +137,10 @@ def bare_epochs(cfg, dataset, model, optimizer, scheduler, train_indices, val_in
         for start in range(0, len(order), batch_size):
             if max_steps and start // batch_size >= max_steps:
                 return
+            began = time.perf_counter()
             videos, _ = dataset.get(train_indices[order[start : start + batch_size]])
             jt.optimizer_step(model, optimizer, scheduler, videos, cfg)
+            steps.append(time.perf_counter() - began)
         val_started = time.perf_counter()
         parts["train_step"] += val_started - step_started
         model.eval()
@@ -172,12 +183,38 @@ def full_job(cfg, data_template: Path, work: Path, s3: S3Server | None, bucket: 
         "flush": flushed - trained,
         "total": flushed - started,
         "parts": dict(TIMERS.seconds),
+        "sequence": list(TIMERS.sequence),
         "threads": threads.seconds,
         "server_cpu": server_cpu,
         "calls": dict(TIMERS.calls),
         "folder": folder,
         "final_model": folder / Layout.checkpoint_file(latest["checkpoint"], "model.safetensors"),
     }
+
+
+def per_checkpoint_ms(full_runs: list[dict], bare_runs: list[dict]) -> dict:
+    """Where a checkpoint's cost to the training thread goes: its ``save()`` call, and the step
+    right after it (the commit runs in the background then) against the other steps and the
+    bare loop's, as medians over every run, in milliseconds."""
+    first_after, others, saves = [], [], []
+    for run in full_runs:
+        after_save = False
+        for name, seconds in run["sequence"]:
+            if name == "save":
+                saves.append(seconds)
+                after_save = True
+            else:
+                (first_after if after_save else others).append(seconds)
+                after_save = False
+    bare = [s for run in bare_runs for s in run["steps"]]
+    ms = {
+        "save": 1000 * median(saves),
+        "first_step_after_save": 1000 * median(first_after),
+        "other_steps": 1000 * median(others),
+        "bare_steps": 1000 * median(bare),
+    }
+    ms["per_checkpoint"] = ms["save"] + ms["first_step_after_save"] - ms["other_steps"]
+    return {k: round(v, 2) for k, v in ms.items()}
 
 
 def same_weights(model: torch.nn.Module, path: Path) -> bool:
@@ -251,6 +288,9 @@ def bench_preset(
         "checkpoint_every_steps": every_steps,
         "checkpoints_saved": f["calls"].get("save"),
         "same_final_weights": identical,
+        # the training thread's time per checkpoint, and whether the steps between checkpoints
+        # run at the bare loop's speed (the rest of the overhead is then the checkpoints')
+        "step_ms": per_checkpoint_ms(runs["s3"], runs["bare"]),
         "bare_seconds": spread(loop["bare"], 3),
         "full_loop_seconds": spread(loop["s3"], 3),
         "bare_ms_per_step": round(1000 * median(loop["bare"]) / total_steps, 2),

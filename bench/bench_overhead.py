@@ -207,14 +207,20 @@ def per_checkpoint_ms(full_runs: list[dict], bare_runs: list[dict]) -> dict:
                 (first_after if after_save else others).append(seconds)
                 after_save = False
     bare = [s for run in bare_runs for s in run["steps"]]
+    typical = median(bare)
     ms = {
         "save": 1000 * median(saves),
         "first_step_after_save": 1000 * median(first_after),
         "other_steps": 1000 * median(others),
-        "bare_steps": 1000 * median(bare),
+        "bare_steps": 1000 * typical,
     }
     ms["per_checkpoint"] = ms["save"] + ms["first_step_after_save"] - ms["other_steps"]
-    return {k: round(v, 2) for k, v in ms.items()}
+    # Medians hide the rare slow step; these sums (per run, over the bare loop's median step) do not.
+    runs = len(full_runs)
+    ms["excess_per_run_after_saves"] = 1000 * (sum(first_after) - len(first_after) * typical) / runs
+    ms["excess_per_run_other_steps"] = 1000 * (sum(others) - len(others) * typical) / runs
+    ms["slowest_other_steps"] = [round(1000 * s, 1) for s in sorted(others)[-5:]]
+    return {k: v if isinstance(v, list) else round(v, 2) for k, v in ms.items()}
 
 
 def same_weights(model: torch.nn.Module, path: Path) -> bool:

@@ -40,7 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import ROOT, S3Server, emit, job_env, note
+from common import ROOT, S3Server, child_modules, emit, job_env, note
 
 TRAIN_TARGET_MB = 2048
 STATUS_TARGET_MB = 100
@@ -57,24 +57,6 @@ def proc_status(pid: int) -> dict[str, int]:
     except (OSError, ValueError):
         return {}
     return fields
-
-
-def helper_processes(pid: int) -> dict[int, str]:
-    """The children of ``pid`` that are the job's helpers (``python -m job.<helper>``): pid -> module."""
-    found = {}
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            try:
-                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"-m" in argv[:-1]:
-                found[int(child)] = argv[argv.index(b"-m") + 1].decode()
-    return found
 
 
 def measure(command: list[str], env: dict[str, str], stop_after_progress: int = 0, timeout: float = 600) -> dict:
@@ -113,7 +95,10 @@ def measure(command: list[str], env: dict[str, str], stop_after_progress: int = 
                 samples.append(fields)
             count += 1
             if count % 10 == 0:
-                for helper, module in helper_processes(proc.pid).items():
+                # the job's helpers: its ``python -m job.<helper>`` children
+                for helper, module in child_modules(proc.pid).items():
+                    if module is None:
+                        continue
                     peak = proc_status(helper).get("VmHWM", 0)
                     helper_peaks_kb[module] = max(helper_peaks_kb.get(module, 0), peak)
 

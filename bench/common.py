@@ -199,20 +199,21 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _live_children() -> dict[int, str]:
-    """This process's running children: pid -> the module a ``python -m`` child runs."""
-    found = {}
-    for task in Path("/proc/self/task").iterdir():
+def child_modules(pid: int | str = "self") -> dict[int, str | None]:
+    """The running children of a process (none once it is gone): child pid -> the module a
+    ``python -m`` child runs, None for any other child."""
+    found: dict[int, str | None] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            pids = (task / "children").read_text().split()
+            children = (task / "children").read_text().split()
         except OSError:
             continue
-        for pid in pids:
+        for child in children:
             try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            found[int(pid)] = argv[argv.index(b"-m") + 1].decode() if b"-m" in argv[:-1] else "other child process"
+            found[int(child)] = argv[argv.index(b"-m") + 1].decode() if b"-m" in argv[:-1] else None
     return found
 
 
@@ -262,7 +263,7 @@ class ThreadCPU:
             return self
         self._start = self._read()
         self._children_start = _children_cpu()
-        self._children_before = set(_live_children())
+        self._children_before = set(child_modules())
         self._thread.start()
         return self
 
@@ -278,10 +279,11 @@ class ThreadCPU:
             name = self._names.get(tid, "native")
             name = name.rstrip("0123456789_").removesuffix("-") or name  # checkpoint_0 -> checkpoint
             totals[name] = totals.get(name, 0.0) + (ticks - self._start.get(tid, 0)) / hz
-        for pid, module in _live_children().items():
+        for pid, module in child_modules().items():
             if pid not in self._children_before:
+                name = module or "other child process"
                 try:
-                    totals[module] = totals.get(module, 0.0) + cpu_ticks(Path(f"/proc/{pid}/stat")) / hz
+                    totals[name] = totals.get(name, 0.0) + cpu_ticks(Path(f"/proc/{pid}/stat")) / hz
                 except OSError:  # ended just now; not reaped yet, so not in the sum below either
                     continue
         totals["ended child processes"] = _children_cpu() - self._children_start

@@ -31,18 +31,18 @@ class WorkerGone(RuntimeError):
 
 
 class WorkerError(RuntimeError):
-    """The worker could not do what was asked; the message is its own ("ClientError: ...")."""
+    """The worker could not do what was asked; the message is its own ("ValueError: ...")."""
 
 
 # --- the requester's side ------------------------------------------------------------------
 
 
 class WorkerProcess:
-    """``python -m <module> *args``, started by the first request and again by the first one
-    after it died. Requests are answered one at a time, in the order they are made."""
+    """``python -m <module>``, started by the first request and again by the first one after it
+    died. Requests are answered one at a time, in the order they are made."""
 
-    def __init__(self, module: str, *args: str):
-        self.module, self.args = module, args
+    def __init__(self, module: str):
+        self.module = module
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -92,7 +92,7 @@ class WorkerProcess:
         if self._proc is None or self._proc.poll() is not None:
             path = os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, *self.args],
+                [sys.executable, "-m", self.module],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path},
             )
         return self._proc

@@ -1,27 +1,28 @@
-"""Checkpoints (SPEC §4, §7, §10): format, manifest, commit order, finding the newest valid one.
+"""Checkpoints (SPEC §4, §7, §10): the format, the manifest rules, and reading them back.
 
-A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding the state of a run's stateful
+parts (``PARTS``):
 
 - ``model.safetensors``: the weights alone; the same weights give the same bytes,
 - ``optimizer.safetensors``: the optimizer's tensors,
 - ``rng.safetensors``: the random generators' states,
-- ``state.json``: everything else (position in the data, history, scheduler, config),
+- ``state.json``: everything else (the train state, the optimizer's and the schedule's
+  numbers, the config),
 - ``manifest.json``: written last, the sha256 and size of every file above plus step, epoch
-  and created_at. Without a manifest whose every hash matches, the folder does not count.
+  and created_at. A checkpoint counts only if its manifest names plain files of its own folder
+  and every one of them matches; readers trust nothing else.
 
-Nothing here unpickles: tensors go through safetensors, the rest through JSON.
+Nothing here unpickles: tensors go through safetensors, the rest through JSON. Writing (when,
+which ones to keep, in which order) is ``job.checkpointer``'s.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import torch
@@ -29,21 +30,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from job.fsutil import json_bytes
 from job.storage import Layout, RunStore
+from job.training.state import TrainState
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = Layout.checkpoint_manifest_file
+DATA_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
 FORMAT_VERSION = 1
-# What resuming reads from state.json (train.state_from writes them all).
-REQUIRED_STATE = frozenset({
-    "step", "epoch", "sample_in_epoch", "epoch_loss_sum", "epoch_batches", "epoch_sample_count",
-    "epoch_sample_hash", "metrics", "best", "attempt", "config", "optimizer", "scheduler",
-})
+# The stateful parts a checkpoint holds, by name; each has state_dict() / load_state_dict().
+PARTS = ("model", "optimizer", "scheduler", "rng", "train")
+# What resuming reads from state.json besides the train state.
+REQUIRED_STATE = frozenset({"config", "optimizer", "scheduler", *TrainState.keys()})
 
 log = structlog.get_logger("job.checkpoint")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
 class CheckpointError(RuntimeError):
@@ -51,11 +59,28 @@ class CheckpointError(RuntimeError):
 
 
 class ManifestMismatch(CheckpointError):
-    """No readable manifest, or a file missing or differing from its size or sha256 there."""
+    """No readable manifest, a name that is not a plain file of the folder, or a file missing or
+    differing from its size or sha256 there."""
 
 
 class UnreadableCheckpoint(CheckpointError):
     """Every hash matched, but the content does not parse as a checkpoint of ours."""
+
+
+class RNGState:
+    """The process's random generators as a stateful part: CPU always, CUDA when present."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        states = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states.update({f"cuda.{i:02d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        return states
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(states["cpu"])
+        cuda_states = [states[k] for k in sorted(states) if k.startswith("cuda.")]
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 @dataclass
@@ -69,51 +94,60 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]
     state: dict[str, Any]
 
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+    @property
+    def best(self) -> str | None:
+        """The name of the best checkpoint by validation loss when this one was saved."""
+        return (self.state.get("best") or {}).get("checkpoint")
+
+    def restore(self, parts: dict[str, Stateful]) -> None:
+        """Put every part back exactly as it was saved."""
+        parts["model"].load_state_dict(self.model)
+        parts["optimizer"].load_state_dict(_join_optimizer_state(self.optimizer, self.state["optimizer"]))
+        parts["scheduler"].load_state_dict(self.state["scheduler"])
+        parts["rng"].load_state_dict(self.rng)
+        parts["train"].load_state_dict(self.state)
+
 
 @dataclass
 class Snapshot:
-    """Everything a checkpoint holds, copied off the live training state into host memory, so
-    that training can go on while it is written."""
+    """Everything a checkpoint holds, copied off the live parts into host memory, so that
+    training can go on while it is written."""
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
     state_json: bytes
 
-
-def take_snapshot(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: dict[str, Any],
-) -> Snapshot:
-    """The part of a checkpoint the training thread waits for: copies, nothing else."""
-    optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
-    return Snapshot(
-        model=_host_copy(model.state_dict()),
-        optimizer=_host_copy(optimizer_tensors),
-        rng=_rng_states(),
-        state_json=_json_bytes({**state, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}),
-    )
+    def encode(self) -> dict[str, bytes]:
+        """The files of a checkpoint, as bytes (no manifest yet)."""
+        return {
+            MODEL_FILE: save_tensors(self.model),
+            OPTIMIZER_FILE: save_tensors(self.optimizer),
+            RNG_FILE: save_tensors(self.rng),
+            STATE_FILE: self.state_json,
+        }
 
 
-def encode_snapshot(snapshot: Snapshot) -> dict[str, bytes]:
-    """The files of a checkpoint, as bytes (no manifest yet)."""
-    return {
-        MODEL_FILE: save_tensors(snapshot.model),
-        OPTIMIZER_FILE: save_tensors(snapshot.optimizer),
-        RNG_FILE: save_tensors(snapshot.rng),
-        STATE_FILE: snapshot.state_json,
+def take_snapshot(parts: dict[str, Stateful], extra: dict[str, Any]) -> Snapshot:
+    """The part of a checkpoint the training thread waits for: copies, nothing else. ``extra``
+    (the config, the reason) goes into state.json beside the parts' numbers."""
+    optimizer_tensors, optimizer_json = _split_optimizer_state(parts["optimizer"].state_dict())
+    state = {
+        **parts["train"].state_dict(),
+        "optimizer": optimizer_json,
+        "scheduler": parts["scheduler"].state_dict(),
+        **extra,
     }
-
-
-def encode_checkpoint(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: dict[str, Any],
-) -> dict[str, bytes]:
-    return encode_snapshot(take_snapshot(model, optimizer, scheduler, state))
+    return Snapshot(
+        model=_host_copy(parts["model"].state_dict()),
+        optimizer=_host_copy(optimizer_tensors),
+        rng=_host_copy(parts["rng"].state_dict()),
+        state_json=json_bytes(state),
+    )
 
 
 def make_manifest(files: dict[str, bytes], step: int, epoch: int) -> dict[str, Any]:
@@ -129,115 +163,48 @@ def make_manifest(files: dict[str, bytes], step: int, epoch: int) -> dict[str, A
     }
 
 
-class Checkpointer:
-    """Writes, finds, loads and prunes the checkpoints of one run folder."""
+def is_plain_file_name(name: Any) -> bool:
+    """A manifest may only name files directly inside its own folder: no path, no ``..``."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
-    def __init__(self, store: RunStore, keep_last: int):
+
+def delete_checkpoint(store: RunStore, name: str) -> None:
+    """Remove a checkpoint, here and at the run URI: its manifest first, so that a half-deleted
+    folder never counts as committed."""
+    store.delete_tree(Layout.checkpoint_dir(name), first=(MANIFEST_FILE,))
+
+
+class CheckpointReader:
+    """Finds, verifies and loads the checkpoints of a run folder; never writes."""
+
+    def __init__(self, store: RunStore):
         self.store = store
-        self.keep_last = keep_last
-        self._folders: dict[str, bool] | None = None
-        # One background writer, one checkpoint in flight: a commit that is slower than the
-        # cadence makes the next save wait instead of piling up snapshots in memory.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future | None = None
 
-    def save(self, *args: Any, **kwargs: Any) -> str:
-        """``save_async``, then wait until the checkpoint is committed. Returns its name."""
-        name = self.save_async(*args, **kwargs)
-        self.wait()
-        return name
-
-    def save_async(
-        self,
-        step: int,
-        epoch: int,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        state: dict[str, Any],
-        best: str | None = None,
-        on_commit: Callable[[str, float, list[str]], None] | None = None,
-    ) -> str:
-        """Copy the state now; serialize, hash, write (files, manifest, latest.json) and prune in
-        the background. ``on_commit(name, seconds, pruned)`` runs once it is committed."""
-        self.wait()
-        snapshot = take_snapshot(model, optimizer, scheduler, state)
-        name = Layout.checkpoint_name(step)
-        self._pending = self._writer.submit(self._commit, name, step, epoch, snapshot, best, on_commit)
-        return name
-
-    def wait(self) -> None:
-        """Block until the checkpoint in flight is committed; raise what its commit raised."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def _commit(
-        self, name: str, step: int, epoch: int, snapshot: Snapshot, best: str | None,
-        on_commit: Callable[[str, float, list[str]], None] | None,
-    ) -> None:
-        started = time.monotonic()
-        files = encode_snapshot(snapshot)
-        manifest = make_manifest(files, step, epoch)
-        # A folder of this name can only be a leftover of an attempt that died before or
-        # after committing it, from a step this attempt has redone: it is replaced.
-        if name in self._inventory():
-            self.store.delete_tree(Layout.checkpoint_dir(name))
-        for filename, data in files.items():
-            self.store.write_bytes(Layout.checkpoint_file(name, filename), data)
-        self.store.write_json(Layout.checkpoint_file(name, MANIFEST_FILE), manifest)
-        self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
-        self._inventory()[name] = True
-        pruned = self.prune(name, best)
-        if on_commit is not None:
-            on_commit(name, time.monotonic() - started, pruned)
-
-    def mirror_unsent(self) -> None:
-        """Queue for upload, in commit order, the checkpoints this machine's working copy holds
-        but the run URI does not (an earlier attempt ended before its backlog drained)."""
-        if self.store.remote is None:
-            return
-        local = [n for n in self.store.local.list_dir(Layout.checkpoints) if n.startswith("step-")]
-        unsent = [
-            n for n in local
-            if self.store.local.exists(Layout.checkpoint_file(n, MANIFEST_FILE))
-            and not self.store.exists_remotely(Layout.checkpoint_file(n, MANIFEST_FILE))
-        ]
-        for name in unsent:
-            manifest = self.store.read_json(Layout.checkpoint_file(name, MANIFEST_FILE)) or {}
-            for filename in manifest.get("files", {}):
-                self.store.publish(Layout.checkpoint_file(name, filename))
-            self.store.publish(Layout.checkpoint_file(name, MANIFEST_FILE))
-            log.info("checkpoint.reupload", checkpoint=name)
-        if unsent and self.store.local.exists(Layout.latest):
-            self.store.publish(Layout.latest)
+    def inventory(self) -> dict[str, bool]:
+        """Each checkpoint folder, and whether it has a manifest (hashes not checked)."""
+        return {
+            name: self.store.exists(Layout.checkpoint_manifest(name))
+            for name in self.store.list_dir(Layout.checkpoints)
+            if name.startswith("step-")
+        }
 
     def names(self) -> list[str]:
         """Checkpoint folder names, oldest first (committed or not)."""
-        return sorted(self._inventory())
+        return sorted(self.inventory())
 
     def committed(self) -> list[str]:
-        """Folders with a manifest, oldest first; cheap (hashes are not checked)."""
-        return sorted(n for n, committed in self._inventory().items() if committed)
-
-    def _inventory(self) -> dict[str, bool]:
-        """Each checkpoint folder and whether it has a manifest. Listed once, at start, when the
-        run URI has just answered the preflight; then kept current by save and prune, so that the
-        training thread never waits on a store that may be away."""
-        if self._folders is None:
-            self._folders = {
-                name: self.store.exists(Layout.checkpoint_manifest(name))
-                for name in self.store.list_dir(Layout.checkpoints)
-                if name.startswith("step-")
-            }
-        return self._folders
+        """Folders with a manifest, oldest first."""
+        return sorted(name for name, committed in self.inventory().items() if committed)
 
     def load(self, name: str) -> Checkpoint:
         """Read and verify every file against the manifest; raise CheckpointError on any doubt."""
         manifest = self.store.read_json(Layout.checkpoint_file(name, MANIFEST_FILE))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ManifestMismatch(f"{name}: no readable manifest.json")
-        missing = {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE} - set(manifest["files"])
+        foreign = [f for f in manifest["files"] if not is_plain_file_name(f)]
+        if foreign:
+            raise ManifestMismatch(f"{name}: the manifest names {foreign[0]!r}, not a plain file of its folder")
+        missing = set(DATA_FILES) - set(manifest["files"])
         if missing:
             raise ManifestMismatch(f"{name}: manifest lacks {', '.join(sorted(missing))}")
         blobs = {}
@@ -245,8 +212,8 @@ class Checkpointer:
             data = self.store.read_bytes(Layout.checkpoint_file(name, filename))
             if data is None:
                 raise ManifestMismatch(f"{name}/{filename}: missing")
-            if len(data) != expected.get("size"):
-                raise ManifestMismatch(f"{name}/{filename}: size {len(data)}, manifest says {expected.get('size')}")
+            if not isinstance(expected, dict) or len(data) != expected.get("size"):
+                raise ManifestMismatch(f"{name}/{filename}: size {len(data)}, manifest says {expected}")
             if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
                 raise ManifestMismatch(f"{name}/{filename}: sha256 does not match the manifest")
             blobs[filename] = data
@@ -275,34 +242,6 @@ class Checkpointer:
                 log.warning("checkpoint.skipped", checkpoint=name, reason=str(exc))
         return None
 
-    def prune(self, newest: str, best: str | None) -> list[str]:
-        """Delete what the just-committed ``newest`` has replaced: committed checkpoints beyond the
-        last ``keep_last`` (the best is kept), and leftovers older than ``newest``. The store
-        removes a manifest before the files it lists, so a half-deleted folder never counts."""
-        committed = [n for n in self.committed() if n <= newest]
-        keep = set(committed[-self.keep_last :]) | {newest} | ({best} if best else set())
-        doomed = [n for n in self.names() if n < newest and n not in keep]
-        for name in doomed:
-            self.store.delete_tree(Layout.checkpoint_dir(name))
-            del self._folders[name]
-        return doomed
-
-
-def restore(
-    checkpoint: Checkpoint,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> None:
-    """Put model, optimizer, scheduler and random generators back exactly as they were saved."""
-    model.load_state_dict(checkpoint.model)
-    optimizer.load_state_dict(_join_optimizer_state(checkpoint.optimizer, checkpoint.state["optimizer"]))
-    scheduler.load_state_dict(checkpoint.state["scheduler"])
-    torch.set_rng_state(checkpoint.rng["cpu"])
-    cuda_states = [checkpoint.rng[k] for k in sorted(checkpoint.rng) if k.startswith("cuda.")]
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-
 
 # --- encoding helpers --------------------------------------------------------------------
 
@@ -310,13 +249,6 @@ def restore(
 def _host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies, never views: training goes on changing the originals while these are written."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-
-
-def _rng_states() -> dict[str, torch.Tensor]:
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states.update({f"cuda.{i:02d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -340,7 +272,3 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]
     for param_id, values in rest["scalars"].items():
         state.setdefault(int(param_id), {}).update(values)
     return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def _json_bytes(value: Any) -> bytes:
-    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_status(args)
 
     from job.config import ConfigError, build_config  # after parsing: --help stays instant
-    from job.monitor import setup_logging
+    from job.monitoring.logs import setup_logging
 
     setup_logging(args.log_level, mode=args.mode)
     try:
@@ -116,7 +116,8 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
     """Run one mode on its run folder; returns the exit code of a mode that judges (verify)."""
     from job.distributed import Topology
     from job.storage import RunStore
-    from job.train import run_generate, train
+    from job.data import run_generate
+    from job.training.loop import train
 
     topology = Topology.from_env()  # set by torchrun; one process otherwise
     store = RunStore.for_job(run_uri, cache_dir, cfg.storage, read_only=not topology.is_writer)
@@ -146,7 +147,7 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
     """Run a mode and turn its failure into the exit code SPEC §3 promises."""
     from job.config import ConfigError
     from job.data import DataError
-    from job.train import Preempted
+    from job.training.loop import Preempted
 
     try:
         return body()
@@ -165,7 +166,7 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
 def fail(code: int, what: str, exc: BaseException, with_traceback: bool = False) -> int:
     import structlog
 
-    from job.monitor import redact_environment_secrets
+    from job.monitoring.logs import redact_environment_secrets
 
     log = structlog.get_logger("job.cli")
     if with_traceback:

@@ -9,6 +9,7 @@ before any work starts, and the command line turns that into exit 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import tomllib
 import typing
@@ -19,6 +20,10 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration a run cannot start with; the message names the offending key."""
+
+
+# The path families the synthetic data can draw (job.synthetic renders them, in this order).
+TRAJECTORY_CLASSES: tuple[str, ...] = ("linear", "circular", "helical", "parabolic", "sinusoidal")
 
 
 @dataclass
@@ -266,8 +271,6 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")
     if len(d.classes) < 4 or len(set(d.classes)) != len(d.classes):
         raise ConfigError(f"data.classes: need at least 4 distinct classes, got {list(d.classes)}")
-    from job.data import TRAJECTORY_CLASSES  # local import: data imports this module
-
     unknown = [name for name in d.classes if name not in TRAJECTORY_CLASSES]
     if unknown:
         raise ConfigError(f"data.classes: unknown class {unknown[0]!r}; known: {', '.join(TRAJECTORY_CLASSES)}")
@@ -307,6 +310,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+def steps_per_epoch(cfg: Config) -> int:
+    """Optimizer steps per epoch: the last batch of an epoch may be smaller, never dropped."""
+    return math.ceil(split_sizes(cfg.data)[0] / cfg.train.batch_size)
 
 
 def split_sizes(data: DataConfig) -> tuple[int, int, int]:

@@ -1,33 +1,35 @@
-"""Synthetic trajectory videos (SPEC §5): generation, validation, shards on disk, and reading.
-
-A sample is a small bright blob moving along a 3D path (one path family per class), seen
-through a pinhole camera as ``frames`` grayscale images. Sample ``i`` is a pure function of
-(seed, i): its random numbers come from a counter-based generator keyed on both, so any range
-of samples can be generated alone, in any order, and match byte for byte.
+"""Datasets on disk (SPEC §5): validation, shards and their manifest, reading, and the data of a run.
 
 On disk a dataset is a folder of ``.npy`` shards (uint8 videos, int64 labels) and a
-``manifest.json`` written last, which records every file's sha256 and size.
-
-torch is imported only where tensors are made: ``job.config`` imports this module to validate
-class names, and ``status`` must run without torch (SPEC §9).
+``manifest.json`` written last, which records every file's sha256 and size. A run's dataset is
+the local copy, else the run folder's (downloaded and verified), else freshly generated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import structlog
 
-from job.config import DataConfig, split_sizes
-from job.fsutil import atomic_write_bytes, atomic_write_json, sha256_file, sha256_stream
+from job.config import Config, DataConfig, split_sizes
+from job.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from job.storage import Layout, RunStore
+from job.synthetic import generate_samples
 
 if TYPE_CHECKING:
     import torch
+
+    from job.distributed import Topology
+
+log = structlog.get_logger("job.data")
 
 
 class DataError(Exception):
@@ -39,188 +41,9 @@ MANIFEST_NAME = "manifest.json"
 PARTIAL_NAME = ".partial.json"  # shards finished by a generation that has not written its manifest yet
 SPLITS = ("train", "val", "test")
 
-# Geometry in path units: every canonical path spans about ±0.5 around the origin.
-CAMERA_DISTANCE = 2.5  # the camera sits on the -z axis and looks at the origin
-HALF_VIEW = 0.85  # path units from the centre to the frame's edge, at the origin's depth
-MAX_TRANSLATION = 0.15  # per axis; with HALF_VIEW this keeps the blob's centre inside the frame
-MAX_TILT = np.radians(30.0)  # out of the image plane; more would show circles edge-on, as lines
-HELIX_LEAN = np.radians(60.0)  # tips the helix axis sideways so that its turns show as loops
-
 # A frame shows the object when its brightest pixel reaches 20% of full intensity.
 VISIBLE_PIXEL = 51
 MIN_VISIBLE_FRACTION = 0.75
-
-# Samples rendered together: their float32 scratch (32 x 16 x 64 x 64 x 4 B = 8 MiB) stays in
-# the L3 cache, which measured twice as fast as chunks of 128.
-RENDER_CHUNK = 32
-
-# --- random numbers -------------------------------------------------------------------------
-
-_UINT64_MASK = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_STREAM_SHAPE, _STREAM_POSE, _STREAM_NOISE = 1, 2, 3  # separate streams: a new draw in one never shifts another
-_SHAPE_PARAMS = 5
-_POSE_PARAMS = 7  # spin, two tilts, three translations, noise std
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijection on uint64 whose outputs pass as independent.
-    uint64 array arithmetic wraps silently, which is what the hash relies on."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _uniforms(seed: int, indices: np.ndarray, stream: int, count: int) -> np.ndarray:
-    """(len(indices), count) floats in [0, 1); entry (r, c) depends only on (seed, indices[r], stream, c)."""
-    seed_word = np.full(len(indices), (seed + _GOLDEN) & _UINT64_MASK, dtype=np.uint64)
-    key = _mix64(_mix64(seed_word) ^ indices.astype(np.uint64))
-    key = _mix64(key + np.uint64((stream * _GOLDEN) & _UINT64_MASK))
-    counters = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
-    bits = _mix64(key[:, None] + counters[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def _normals(seed: int, indices: np.ndarray, stream: int, count: int) -> np.ndarray:
-    """Standard normal draws by Box-Muller, with the same purity as ``_uniforms``."""
-    u = _uniforms(seed, indices, stream, 2 * count)
-    return np.sqrt(-2.0 * np.log1p(-u[:, :count])) * np.cos(2.0 * np.pi * u[:, count:])
-
-
-# --- paths ------------------------------------------------------------------------------------
-# Each maps shape parameters (m, _SHAPE_PARAMS) in [0, 1) and times t (T,) in [0, 1] to points
-# (m, T, 3) in the image plane's orientation, before the random pose is applied.
-
-
-def _stack(x: Any, y: Any, z: Any) -> np.ndarray:
-    return np.stack(np.broadcast_arrays(x, y, z), axis=-1)
-
-
-def _direction(s: np.ndarray) -> np.ndarray:
-    return np.where(s < 0.5, -1.0, 1.0)
-
-
-def _linear_path(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    length = 0.6 + 0.4 * s[:, 0:1]
-    return _stack(length * (t - 0.5), 0.0, 0.0)
-
-
-def _circular_path(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    radius = 0.3 + 0.15 * s[:, 0:1]
-    sweep = 2.0 * np.pi * (0.8 + 0.2 * s[:, 1:2]) * _direction(s[:, 3:4])  # most of one turn
-    angle = 2.0 * np.pi * s[:, 2:3] + sweep * t
-    return _stack(radius * np.cos(angle), radius * np.sin(angle), 0.0)
-
-
-def _helical_path(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    radius = 0.2 + 0.08 * s[:, 0:1]
-    turns = 1.5 + s[:, 1:2]  # more than the circle's one, few enough to stay apart in 16 frames
-    angle = 2.0 * np.pi * (s[:, 2:3] + turns * t * _direction(s[:, 3:4]))
-    along = (0.8 + 0.2 * s[:, 4:5]) * (t - 0.5)
-    x, y = radius * np.cos(angle), radius * np.sin(angle)
-    lean_cos, lean_sin = np.cos(HELIX_LEAN), np.sin(HELIX_LEAN)
-    return _stack(x * lean_cos + along * lean_sin, y, along * lean_cos - x * lean_sin)
-
-
-def _parabolic_path(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    length = 0.6 + 0.4 * s[:, 0:1]
-    height = 0.4 + 0.3 * s[:, 1:2]
-    apex = 0.35 + 0.3 * s[:, 2:3]
-    return _stack(length * (t - 0.5), height * (0.5 - ((t - apex) / 0.65) ** 2), 0.0)
-
-
-def _sinusoidal_path(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    length = 0.6 + 0.4 * s[:, 0:1]
-    amplitude = 0.12 + 0.1 * s[:, 1:2]
-    cycles = 1.0 + s[:, 2:3]
-    return _stack(length * (t - 0.5), amplitude * np.sin(2.0 * np.pi * (cycles * t + s[:, 3:4])), 0.0)
-
-
-_PATHS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "linear": _linear_path,
-    "circular": _circular_path,
-    "helical": _helical_path,
-    "parabolic": _parabolic_path,
-    "sinusoidal": _sinusoidal_path,
-}
-TRAJECTORY_CLASSES: tuple[str, ...] = tuple(_PATHS)
-
-
-# --- pose, camera, rendering -------------------------------------------------------------------
-
-
-def _rotations(axis: int, angles: np.ndarray) -> np.ndarray:
-    """(m, 3, 3) right-handed rotations by ``angles`` about coordinate ``axis``."""
-    i, j = ((1, 2), (2, 0), (0, 1))[axis]
-    cos, sin = np.cos(angles), np.sin(angles)
-    rot = np.zeros((len(angles), 3, 3))
-    rot[:, axis, axis] = 1.0
-    rot[:, i, i], rot[:, j, j] = cos, cos
-    rot[:, i, j], rot[:, j, i] = -sin, sin
-    return rot
-
-
-def _world_points(cfg: DataConfig, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(m, T, 3) object positions: the class's path, randomly posed, plus point noise."""
-    t = np.linspace(0.0, 1.0, cfg.frames)
-    shape = _uniforms(cfg.seed, indices, _STREAM_SHAPE, _SHAPE_PARAMS)
-    points = np.empty((len(indices), cfg.frames, 3))
-    for label, name in enumerate(cfg.classes):
-        chosen = labels == label
-        if chosen.any():
-            points[chosen] = _PATHS[name](shape[chosen], t)
-
-    pose = _uniforms(cfg.seed, indices, _STREAM_POSE, _POSE_PARAMS)
-    rotation = (
-        _rotations(0, MAX_TILT * (2.0 * pose[:, 1] - 1.0))
-        @ _rotations(1, MAX_TILT * (2.0 * pose[:, 2] - 1.0))
-        @ _rotations(2, 2.0 * np.pi * pose[:, 0])
-    )
-    shift = MAX_TRANSLATION * (2.0 * pose[:, 3:6] - 1.0)
-    noise_std = cfg.noise_std_min + (cfg.noise_std_max - cfg.noise_std_min) * pose[:, 6]
-    noise = _normals(cfg.seed, indices, _STREAM_NOISE, cfg.frames * 3).reshape(len(indices), cfg.frames, 3)
-    posed = np.einsum("mij,mtj->mti", rotation, points)
-    return posed + shift[:, None, :] + noise_std[:, None, None] * noise
-
-
-def _project(points: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel column, row and blob std (each (m, T)) through the pinhole camera; nearer is bigger.
-    ``blob_sigma`` is in pixels of the frame itself, not rescaled by its width: the presets pick
-    it per frame size, and a rescaled 0.8 on 16x16 frames would be a 0.2-pixel, invisible blob."""
-    scale = CAMERA_DISTANCE / (CAMERA_DISTANCE + points[..., 2])
-    pixels_per_unit = min(cfg.height, cfg.width) / 2.0 / HALF_VIEW  # square pixels on any frame shape
-    cols = (cfg.width - 1) / 2.0 + points[..., 0] * scale * pixels_per_unit
-    rows = (cfg.height - 1) / 2.0 - points[..., 1] * scale * pixels_per_unit  # image rows grow downwards
-    return cols, rows, cfg.blob_sigma * scale
-
-
-def _render(cols: np.ndarray, rows: np.ndarray, sigma: np.ndarray, buffer: np.ndarray, out: np.ndarray) -> None:
-    """Draw one Gaussian blob per frame into ``out`` (m, T, H, W) uint8, as round(255 * intensity).
-    The blob is separable, so a frame is the outer product of a row profile and a column profile.
-    ``buffer`` is float32 scratch space of at least ``out``'s size, reused so that each chunk
-    does not fault in fresh pages."""
-    height, width = out.shape[2:]
-    inverse_var = (-0.5 / sigma**2)[..., None]
-    across = np.exp(inverse_var * (np.arange(width) - cols[..., None]) ** 2).astype(np.float32)
-    down = (255.0 * np.exp(inverse_var * (np.arange(height) - rows[..., None]) ** 2)).astype(np.float32)
-    frames = buffer[: len(out)]
-    np.multiply(down[..., :, None], across[..., None, :], out=frames)
-    frames += 0.5  # the uint8 cast truncates, so this rounds
-    np.copyto(out, frames, casting="unsafe")
-
-
-def generate_samples(cfg: DataConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Samples ``start`` to ``stop - 1``: videos uint8 (n, T, H, W) and labels int64 (n,).
-    Sample i has class i % len(classes), so every contiguous range is balanced."""
-    indices = np.arange(start, stop, dtype=np.int64)
-    labels = indices % len(cfg.classes)
-    videos = np.empty((len(indices), cfg.frames, cfg.height, cfg.width), dtype=np.uint8)
-    buffer = np.empty((min(len(indices), RENDER_CHUNK), *videos.shape[1:]), dtype=np.float32)
-    for first in range(0, len(indices), RENDER_CHUNK):
-        chunk = slice(first, first + RENDER_CHUNK)
-        points = _world_points(cfg, indices[chunk], labels[chunk])
-        _render(*_project(points, cfg), buffer=buffer, out=videos[chunk])
-    return videos, labels
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -356,7 +179,7 @@ def _write_shard(directory: Path, index: int, start: int, videos: np.ndarray, la
     for name, array in zip(_shard_files(index), (videos, labels)):
         payload = _npy_bytes(array)
         atomic_write_bytes(directory / name, payload)
-        files[name] = {"sha256": sha256_stream(io.BytesIO(payload)), "size": len(payload)}
+        files[name] = {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
     return {"index": index, "start": start, "count": len(labels), "files": files}
 
 
@@ -519,3 +342,68 @@ class VideoDataset:
         # slower while the training step keeps the cores busy. Both round x / 255 the same way.
         frames = np.divide(videos[:, None], np.float32(255.0), dtype=np.float32)
         return torch.from_numpy(frames), torch.from_numpy(self._labels[indices])
+
+
+# --- the data of a run ----------------------------------------------------------------------------
+
+
+def data_directory(cfg: Config, store: RunStore) -> Path:
+    if cfg.data.uri:
+        return Path(cfg.data.uri).expanduser()
+    return store.local_path(Layout.data_manifest).parent
+
+
+def prepare_dataset_in_turn(cfg: Config, store: RunStore, topology: Topology) -> VideoDataset:
+    """Rank 0 generates or downloads the data first; the others then find it (same host) or
+    fetch or regenerate the same bytes (another host)."""
+    if topology.is_writer:
+        dataset = prepare_dataset(cfg, store)
+    topology.barrier()
+    return dataset if topology.is_writer else prepare_dataset(cfg, store)
+
+
+def prepare_dataset(cfg: Config, store: RunStore) -> VideoDataset:
+    """Open the dataset: the local copy, else the run folder's (downloaded, then verified against
+    its manifest), else a freshly generated one."""
+    directory = data_directory(cfg, store)
+    if not (directory / MANIFEST_NAME).exists() and not (cfg.data.uri or download_dataset(store)):
+        run_generate(cfg, store)
+    return VideoDataset(directory, cfg.data, verify=True)
+
+
+def download_dataset(store: RunStore) -> bool:
+    """Fetch the run folder's shards into the local copy, manifest last; False if it has none."""
+    manifest = store.read_json(Layout.data_manifest)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        return False
+    log.info("data.download", shards=len(manifest["shards"]))
+    for shard in manifest["shards"]:
+        for filename in shard.get("files", {}):
+            if store.fetch(f"{Layout.data}/{Path(filename).name}") is None:
+                raise DataError(f"{Layout.data}/{filename} is listed in the run's data manifest but missing")
+    store.fetch(Layout.data_manifest)
+    return True
+
+
+def run_generate(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """The ``generate`` mode: write the dataset with progress in the log, then mirror it to the
+    run folder, shards first and the manifest that lists them last."""
+    directory = data_directory(cfg, store)
+    started = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        log.info(
+            "generate.progress", samples=done, total=total, percent=round(100 * done / total, 1),
+            samples_per_second=round(done / elapsed, 1) if elapsed > 0 else None,
+        )
+
+    log.info("generate.start", directory=str(directory), samples=cfg.data.num_samples)
+    manifest = generate_dataset(cfg.data, directory, progress=report)
+    log.info("generate.done", seconds=round(time.monotonic() - started, 2), shards=len(manifest["shards"]))
+    if not cfg.data.uri:
+        for shard in manifest["shards"]:
+            for filename in shard["files"]:
+                store.publish(f"{Layout.data}/{filename}")
+        store.publish(Layout.data_manifest)
+    return manifest

@@ -22,17 +22,17 @@ import numpy as np
 import structlog
 import torch
 
-from job.checkpoint import Checkpoint, CheckpointError, Checkpointer
+from job.checkpoint import Checkpoint, CheckpointError, CheckpointReader
 from job.config import MATH_SECTIONS, Config, ConfigError, config_from_dict, diff_keys, set_value
-from job.data import VideoDataset
+from job.data import VideoDataset, prepare_dataset
+from job.device import pick_device
 from job.metrics import (
     PSNR_CAP_DB, FrameScores, code_bits, confusion_matrix, fit_linear_probe, score_frames, ssim_window, summarise,
 )
 from job.model import VideoTokenizer, codebook_stats, trained_tokenizer
-from job.monitor import utc_now
+from job.monitoring.progress import utc_now
 from job.plots import reconstruction_grid_png
 from job.storage import Layout, RunStore
-from job.train import pick_device, prepare_dataset
 
 log = structlog.get_logger("job.evaluate")
 
@@ -53,7 +53,7 @@ class NothingToEvaluate(ConfigError):
 
 def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
     started = time.monotonic()
-    checkpoint, choice = load_best_checkpoint(Checkpointer(store, cfg.checkpoint.keep_last))
+    checkpoint, choice = load_best_checkpoint(CheckpointReader(store))
     run_cfg = evaluation_config(checkpoint, cfg)
     device = pick_device(run_cfg)
     model = trained_tokenizer(checkpoint.model, run_cfg.model, run_cfg.data, device)
@@ -98,7 +98,7 @@ def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
 # --- model and data -------------------------------------------------------------------------
 
 
-def load_best_checkpoint(checkpointer: Checkpointer) -> tuple[Checkpoint, str]:
+def load_best_checkpoint(checkpointer: CheckpointReader) -> tuple[Checkpoint, str]:
     """The best checkpoint by validation loss, as the newest valid checkpoint records it; the
     newest valid one itself when the best is not recorded or fails verification. Returns it with
     a sentence saying which was used and why."""

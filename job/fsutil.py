@@ -7,10 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
-
-CHUNK = 1 << 20
-
+from typing import Any
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder: write, fsync, rename,
@@ -30,8 +27,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def json_bytes(value: Any) -> bytes:
+    """The one JSON form of every file the job writes: sorted keys, so that the same value gives
+    the same bytes, and indented for a person reading the bucket."""
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
 def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(value))
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,11 +47,4 @@ def fsync_dir(path: Path) -> None:
 
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        return sha256_stream(f)
-
-
-def sha256_stream(f: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: f.read(CHUNK), b""):
-        digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

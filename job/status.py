@@ -2,7 +2,7 @@
 read from its run folder alone.
 
 Meant for a laptop with only requirements-status.txt installed, answering in about a second:
-nothing here may import torch or numpy, directly or through job.train, job.checkpoint,
+nothing here may import torch or numpy, directly or through job.training, job.checkpoint,
 job.model or job.data. A checkpoint is judged by the sizes its manifest promises, from one
 listing; checking its hashes would mean downloading it, which is ``verify``'s job.
 """
@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any, Callable, TypeVar
 
-from job.monitor import format_duration, render_progress
+from job.monitoring.progress import format_duration, render_progress
 from job.storage import Layout, open_folder
 
 EXIT_HEALTHY = 0

@@ -33,13 +33,13 @@ from typing import Any
 import structlog
 import torch
 
-from job.checkpoint import MANIFEST_FILE, Checkpoint, Checkpointer, ManifestMismatch, UnreadableCheckpoint
-from job.config import Config, config_from_dict, split_sizes
-from job.data import VideoDataset
+from job.checkpoint import MANIFEST_FILE, Checkpoint, CheckpointReader, ManifestMismatch, UnreadableCheckpoint
+from job.config import Config, config_from_dict, split_sizes, steps_per_epoch
+from job.data import VideoDataset, prepare_dataset
 from job.model import trained_tokenizer
-from job.monitor import utc_now
+from job.monitoring.progress import utc_now
 from job.storage import Layout, RunStore
-from job.train import build_training, prepare_dataset, steps_per_epoch
+from job.training.task import initial_tokenizer
 
 log = structlog.get_logger("job.verify")
 
@@ -62,7 +62,7 @@ def run_verify(cfg: Config, store: RunStore) -> bool:
 
     ``cfg`` (the command line's) only opens the run: each checkpoint is judged by the config
     saved in it, which is what trained it."""
-    verifier = RunVerifier(store, Checkpointer(store, cfg.checkpoint.keep_last))
+    verifier = RunVerifier(store, CheckpointReader(store))
     checks = verifier.run()
     failed = [check for check in checks if not check.passed]
     store.write_json(
@@ -87,7 +87,7 @@ def run_verify(cfg: Config, store: RunStore) -> bool:
 class RunVerifier:
     """Runs the checks over one run folder and collects their results in order."""
 
-    def __init__(self, store: RunStore, checkpointer: Checkpointer):
+    def __init__(self, store: RunStore, checkpointer: CheckpointReader):
         self.store = store
         self.checkpointer = checkpointer
         self.names = checkpointer.names()
@@ -146,7 +146,7 @@ class RunVerifier:
             )
 
     def load(self, name: str) -> Checkpoint | None:
-        """Checkpointer.load, split into the two checks it covers."""
+        """CheckpointReader.load, split into the two checks it covers."""
         try:
             checkpoint = self.checkpointer.load(name)
         except ManifestMismatch as exc:
@@ -311,7 +311,7 @@ def reason_problems(state: dict[str, Any], cfg: Config) -> list[str]:
 def weights_changed(checkpoint: Checkpoint, previous: Checkpoint | None) -> str:
     if previous is None:
         cfg = config_from_dict(checkpoint.state["config"])
-        reference = build_training(cfg, torch.device("cpu"), total_steps=1)[0].state_dict()
+        reference = initial_tokenizer(cfg).state_dict()
         label = f"the initial weights (seed {cfg.seed})"
     else:
         reference, label = previous.model, previous.name

@@ -20,10 +20,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
 class WorkerGone(RuntimeError):
@@ -90,11 +88,7 @@ class WorkerProcess:
 
     def _running(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            path = os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", self.module],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path},
-            )
+            self._proc = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return self._proc
 
 

@@ -1,42 +1,67 @@
-"""Checkpoint format, commit order, verification and pruning, in process on a smoke model."""
+"""Checkpoints in process on a smoke model: format, commit order, restore of every stateful part,
+verification, the manifest's rules, and the manager's cadence, best tracking and pruning."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import pytest
 import torch
 
-from job.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointError, Checkpointer, encode_checkpoint, restore
-from job.config import build_config
+from job.checkpoint import (
+    MANIFEST_FILE, MODEL_FILE, CheckpointError, CheckpointReader, ManifestMismatch, RNGState, take_snapshot,
+)
+from job.checkpointer import FINAL, CheckpointManager
+from job.config import build_config, set_value
 from job.fsutil import atomic_write_bytes
-from job.model import VideoTokenizer
 from job.storage import Layout, RunStore
-from job.train import Position, build_training, state_from
+from job.training.state import TrainState
+from job.training.task import build_optimizer, initial_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 CFG = build_config("smoke")
 
 
-def state(step: int) -> dict:
-    return state_from(Position(step=step), CFG, reason="steps")
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def fresh(seed: int = 0):
-    model, optimizer, scheduler = build_training(CFG, torch.device("cpu"), total_steps=100)
+def fresh_parts(seed: int = 0, step: int = 0) -> dict:
+    model = initial_tokenizer(CFG)
+    optimizer, scheduler = build_optimizer(model, CFG, total_steps=100)
     torch.manual_seed(seed)
-    return model, optimizer, scheduler
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState(step=step)}
 
 
-def one_step(model, optimizer, scheduler, video=None) -> None:
+def manager(store, parts, keep_last: int = 2, clock=None, **cadence) -> CheckpointManager:
+    cfg = build_config("smoke")
+    set_value(cfg, "checkpoint.keep_last", keep_last)
+    for key, value in cadence.items():
+        set_value(cfg, f"checkpoint.{key}", value)
+    return CheckpointManager(store, cfg.checkpoint, parts, extra={"config": CFG.to_dict()}, clock=clock or FakeClock())
+
+
+def save_at(checkpoints: CheckpointManager, step: int, reason: str = FINAL, val_loss: float | None = None) -> str:
+    checkpoints.state.step = step
+    name = checkpoints.save(reason, val_loss)
+    checkpoints.wait()
+    return name
+
+
+def one_step(parts: dict, video=None) -> None:
     if video is None:
         video = torch.rand(2, 1, CFG.data.frames, CFG.data.height, CFG.data.width)
-    loss = model(video).recon.mean()
-    optimizer.zero_grad()
+    loss = parts["model"](video).recon.mean()
+    parts["optimizer"].zero_grad()
     loss.backward()
-    optimizer.step()
-    scheduler.step()
+    parts["optimizer"].step()
+    parts["scheduler"].step()
 
 
 class RecordingStore(RunStore):
@@ -52,78 +77,112 @@ class RecordingStore(RunStore):
 
 
 def test_same_weights_give_the_same_bytes():
-    a, b = VideoTokenizer(CFG.model, CFG.data), VideoTokenizer(CFG.model, CFG.data)
-    b.load_state_dict(a.state_dict())
-    _, optimizer, scheduler = fresh()
-    first = encode_checkpoint(a, optimizer, scheduler, state={})[MODEL_FILE]
-    second = encode_checkpoint(b, optimizer, scheduler, state={})[MODEL_FILE]
-    assert first == second
+    a, b = fresh_parts(), fresh_parts()
+    b["model"].load_state_dict(a["model"].state_dict())
+    first = take_snapshot(a, {}).encode()[MODEL_FILE]
+    assert take_snapshot(b, {}).encode()[MODEL_FILE] == first
     with torch.no_grad():
-        next(b.parameters()).add_(1e-6)
-    assert encode_checkpoint(b, optimizer, scheduler, state={})[MODEL_FILE] != first
+        next(b["model"].parameters()).add_(1e-6)
+    assert take_snapshot(b, {}).encode()[MODEL_FILE] != first
 
 
 def test_commit_order_files_then_manifest_then_latest(tmp_path):
     store = RecordingStore(str(tmp_path))
-    model, optimizer, scheduler = fresh()
-    name = Checkpointer(store, keep_last=2).save(7, 0, model, optimizer, scheduler, state(7))
+    name = save_at(manager(store, fresh_parts()), 7)
     assert name == "step-00000007"
     assert store.writes[-2:] == [Layout.checkpoint_file(name, MANIFEST_FILE), Layout.latest]
     assert len(store.writes) == 6
     assert json.loads((tmp_path / Layout.latest).read_text()) == {"checkpoint": name, "step": 7}
 
 
-def test_restore_puts_back_model_optimizer_schedule_and_rng(tmp_path):
+def test_restore_puts_back_every_part(tmp_path):
     store = RunStore(str(tmp_path))
-    model, optimizer, scheduler = fresh()
-    one_step(model, optimizer, scheduler)
-    name = Checkpointer(store, keep_last=2).save(1, 0, model, optimizer, scheduler, state(1))
+    parts = fresh_parts()
+    one_step(parts)
+    parts["train"].sample_in_epoch, parts["train"].metrics = 16, [{"epoch": 1}]
+    name = save_at(manager(store, parts), 1)
     expected_next = torch.rand(3)
 
-    loaded = Checkpointer(store, keep_last=2).load(name)
-    model2, optimizer2, scheduler2 = fresh(seed=123)
-    restore(loaded, model2, optimizer2, scheduler2)
+    restored = fresh_parts(seed=123)
+    CheckpointReader(store).load(name).restore(restored)
     assert torch.equal(torch.rand(3), expected_next)  # the generator continues where it was saved
-    for p, q in zip(model.parameters(), model2.parameters()):
+    assert restored["train"] == parts["train"]
+    for p, q in zip(parts["model"].parameters(), restored["model"].parameters()):
         assert torch.equal(p, q)
-    assert scheduler2.last_epoch == scheduler.last_epoch
+    assert restored["scheduler"].last_epoch == parts["scheduler"].last_epoch
     # the optimizer's moments came back too: one more identical step lands on identical weights
     video = torch.rand(2, 1, CFG.data.frames, CFG.data.height, CFG.data.width)
-    one_step(model, optimizer, scheduler, video)
-    one_step(model2, optimizer2, scheduler2, video)
-    for p, q in zip(model.parameters(), model2.parameters()):
+    one_step(parts, video)
+    one_step(restored, video)
+    for p, q in zip(parts["model"].parameters(), restored["model"].parameters()):
         assert torch.equal(p, q)
 
 
 def test_damaged_or_unmanifested_checkpoints_are_refused(tmp_path):
     store = RunStore(str(tmp_path))
-    checkpointer = Checkpointer(store, keep_last=5)
-    model, optimizer, scheduler = fresh()
+    checkpoints = manager(store, fresh_parts(), keep_last=5)
     for step in (1, 2, 3):
-        checkpointer.save(step, 0, model, optimizer, scheduler, state(step))
+        save_at(checkpoints, step)
     weights = tmp_path / Layout.checkpoint_file("step-00000003", MODEL_FILE)
     data = bytearray(weights.read_bytes())
     data[100] ^= 0xFF
     atomic_write_bytes(weights, bytes(data))
     os.remove(tmp_path / Layout.checkpoint_file("step-00000002", MANIFEST_FILE))
 
+    reader = CheckpointReader(store)
     with pytest.raises(CheckpointError, match="sha256"):
-        checkpointer.load("step-00000003")
+        reader.load("step-00000003")
     with pytest.raises(CheckpointError, match="manifest"):
-        checkpointer.load("step-00000002")
-    assert checkpointer.load_newest_valid().name == "step-00000001"
+        reader.load("step-00000002")
+    assert reader.load_newest_valid().name == "step-00000001"
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", "/etc/passwd", "sub/model.safetensors", ""])
+def test_a_manifest_naming_anything_but_a_plain_file_of_its_folder_is_refused(tmp_path, name):
+    store = RunStore(str(tmp_path / "run"))
+    checkpoint = save_at(manager(store, fresh_parts()), 1)
+    outside = tmp_path / "x"
+    outside.write_bytes(b"planted")
+    manifest_path = tmp_path / "run" / Layout.checkpoint_manifest(checkpoint)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][name] = {"sha256": hashlib.sha256(b"planted").hexdigest(), "size": 7}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ManifestMismatch, match="not a plain file"):
+        CheckpointReader(store).load(checkpoint)
+    assert CheckpointReader(store).load_newest_valid() is None
 
 
 def test_each_commit_prunes_to_last_k_and_the_best(tmp_path):
     store = RunStore(str(tmp_path))
-    checkpoints = tmp_path / "checkpoints"
-    (checkpoints / "step-00000000").mkdir(parents=True)  # an older leftover that never committed
-    (checkpoints / "step-00000009").mkdir()  # a leftover from a later step: not replaced yet
-    checkpointer = Checkpointer(store, keep_last=2)
-    model, optimizer, scheduler = fresh()
-    for step in range(1, 6):
-        checkpointer.save(step, 0, model, optimizer, scheduler, state(step), best="step-00000002")
-    assert checkpointer.committed() == ["step-00000002", "step-00000004", "step-00000005"]
-    assert sorted(p.name for p in checkpoints.iterdir()) == [
+    checkpoints_dir = tmp_path / "checkpoints"
+    (checkpoints_dir / "step-00000000").mkdir(parents=True)  # an older leftover that never committed
+    (checkpoints_dir / "step-00000009").mkdir()  # a leftover from a later step: not replaced yet
+    checkpoints = manager(store, fresh_parts(), keep_last=2)
+    for step, val_loss in zip(range(1, 6), (0.5, 0.1, 0.3, 0.4, 0.2)):
+        save_at(checkpoints, step, "epochs", val_loss)
+    assert checkpoints.state.best == {"checkpoint": "step-00000002", "val_loss": 0.1}
+    assert CheckpointReader(store).committed() == ["step-00000002", "step-00000004", "step-00000005"]
+    assert sorted(p.name for p in checkpoints_dir.iterdir()) == [
         "latest.json", "step-00000002", "step-00000004", "step-00000005", "step-00000009",
     ]
+
+
+def test_the_manager_says_when_a_checkpoint_is_due(tmp_path):
+    clock = FakeClock()
+    checkpoints = manager(RunStore(str(tmp_path)), fresh_parts(), clock=clock, every_epochs=2, every_steps=5,
+                          every_minutes=1.0)
+    state = checkpoints.state
+    state.step, state.epoch = 3, 1
+    assert checkpoints.due(at_epoch_end=True) is None
+    state.epoch = 2
+    assert checkpoints.due(at_epoch_end=True) == "epochs"
+    assert checkpoints.due(at_epoch_end=False) is None  # epochs count only at an epoch's end
+    state.step = 10
+    assert checkpoints.due(at_epoch_end=False) == "steps"
+    state.step = 11
+    clock.now += 59
+    assert checkpoints.due(at_epoch_end=False) is None
+    clock.now += 1
+    assert checkpoints.due(at_epoch_end=False) == "minutes"
+    save_at(checkpoints, 11, "minutes")
+    assert checkpoints.due(at_epoch_end=False) is None  # the minutes count from the last save

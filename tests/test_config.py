@@ -7,7 +7,7 @@ import json
 import pytest
 
 from job.config import ConfigError, build_config, diff_keys, MATH_SECTIONS
-from tests.conftest import job_env, run_job
+from tests.helpers import job_env, run_job
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,10 +7,8 @@ against their schemas offline."""
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -27,8 +25,8 @@ import yaml
 
 from job.cli import EXIT_BAD_DATA, EXIT_PREEMPTED, EXIT_USAGE
 from job.config import build_config, split_sizes
-from job.monitor import Watchdog
-from tests.conftest import ROOT, final_model, job_env, log_events, run_job, sha256
+from job.monitoring.lifecycle import Watchdog
+from tests.helpers import ROOT, job_env, log_events
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -177,7 +175,7 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_the_build_context_holds_the_code_and_nothing_else():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
-    for kept in ("Dockerfile", "entrypoint.sh", "requirements.txt", "job/cli.py", "job/train.py"):
+    for kept in ("Dockerfile", "entrypoint.sh", "requirements.txt", "job/cli.py", "job/training/loop.py"):
         assert not dockerignored(kept, patterns), kept
     for left_out in (".venv/bin/python", ".git/config", "tests/test_cloud.py", "runs/demo/progress.json",
                      "cache/x", ".pytest_cache/v", "job/__pycache__/cli.cpython-311.pyc", "infra/job.env",
@@ -352,57 +350,6 @@ def test_the_healthcheck_reports_no_progress_yet_as_1_not_dockers_reserved_2(tmp
 
 
 # --- docker run --restart on-failure, played without Docker -------------------------------
-
-
-def start_container(s3, cache: Path, workdir: Path) -> subprocess.Popen:
-    """What `docker run --restart on-failure -e JOB_PRESET=smoke -e JOB_RUN_URI=s3://... -e AWS_...
-    magvit-job train` starts: the entrypoint, with a new, empty cache (a new container)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = entrypoint_env(JOB_PRESET="smoke", JOB_RUN_URI=s3.uri(), JOB_CACHE_DIR=str(cache), **s3.env)
-    return subprocess.Popen([str(ENTRYPOINT), "train", *FAST_RETRY], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def test_restart_on_failure_with_sigkills_and_a_new_container_each_time_ends_with_identical_weights(
-        s3, tmp_path, smoke_baseline):
-    seed = random.randrange(1 << 30)
-    print(f"kill seed: {seed}")
-    rng = random.Random(seed)
-    kills_wanted = rng.randint(3, 5)
-    kills, codes, lines = 0, [], []
-    for start in range(40):
-        proc = start_container(s3, tmp_path / f"container-{start}" / "cache", tmp_path / f"container-{start}" / "work")
-        lines = collect(proc)
-        try:
-            if kills < kills_wanted:
-                wait_for(lambda: training_started(lines) or proc.poll() is not None, 120,
-                         f"training to start (kill seed {seed})")
-                time.sleep(rng.uniform(0.05, 0.5))
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
-                    kills += 1
-            codes.append(proc.wait(timeout=180))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        if codes[-1] == 0:
-            break
-        assert codes[-1] not in (EXIT_USAGE, EXIT_BAD_DATA), "".join(lines[-30:])  # would loop forever
-    print(f"exit codes of the starts: {codes}")
-    assert codes[-1] == 0, f"no start succeeded (kill seed {seed}); last output:\n" + "".join(lines[-30:])
-    assert kills >= 3, f"only {kills} kills before the run completed (kill seed {seed})"
-
-    latest = json.loads(s3.get("run/checkpoints/latest.json"))
-    baseline_model = final_model(smoke_baseline)
-    assert latest == {"checkpoint": baseline_model.parent.name, "step": SMOKE_STEPS}
-    final = hashlib.sha256(s3.get(f"run/checkpoints/{latest['checkpoint']}/model.safetensors")).hexdigest()
-    assert final == sha256(baseline_model), f"weights differ from the uninterrupted run (kill seed {seed})"
-
-    status = run_job("status", s3.uri())
-    assert status.returncode == 0, status.stdout + status.stderr
-    assert "completed" in status.stdout
-    status_json = json.loads(run_job("status", s3.uri(), "--json").stdout)
-    assert status_json["status"] == "completed" and status_json["health"] == "completed"
 
 
 # --- infra/ ------------------------------------------------------------------------------

@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from job.config import DataConfig, split_sizes
-from job.data import (
-    MANIFEST_NAME,
-    TRAJECTORY_CLASSES,
-    VISIBLE_PIXEL,
-    DataError,
-    VideoDataset,
-    generate_dataset,
-    generate_samples,
-    validate_samples,
-)
+from job.config import TRAJECTORY_CLASSES, DataConfig, split_sizes
+from job.data import MANIFEST_NAME, VISIBLE_PIXEL, DataError, VideoDataset, generate_dataset, validate_samples
+from job.synthetic import generate_samples
 from job.fsutil import sha256_file
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from job.config import build_config, split_sizes
-from tests.conftest import ROOT, job_env, log_events, run_job
+from tests.helpers import ROOT, job_env, log_events, run_job
 
 pytestmark = pytest.mark.timeout(300)
 SMOKE = build_config("smoke")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import log_events, run_job
-from job.checkpoint import Checkpointer
+from tests.helpers import log_events, run_job
+from job.checkpoint import CheckpointReader
 from job.config import config_from_dict
 from job.data import VideoDataset
 from job.evaluate import KINDS, load_best_checkpoint
@@ -175,11 +175,11 @@ def record_best(run: Path, checkpoint: str, best: str) -> None:
 
 
 @pytest.fixture
-def run_with_older_best(smoke_baseline, tmp_path) -> tuple[Checkpointer, str, str]:
+def run_with_older_best(smoke_baseline, tmp_path) -> tuple[CheckpointReader, str, str]:
     """A copy of the smoke run whose newest checkpoint names an older one as the best."""
     run = tmp_path / "run"
     shutil.copytree(smoke_baseline, run)
-    checkpointer = Checkpointer(RunStore(str(run)), keep_last=2)
+    checkpointer = CheckpointReader(RunStore(str(run)))
     *older, newest = checkpointer.committed()
     assert older, "the smoke run keeps more than one checkpoint"
     record_best(run, newest, older[-1])

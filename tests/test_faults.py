@@ -9,38 +9,25 @@ import pty
 import shutil
 import signal
 import subprocess
-import threading
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from job.config import build_config, split_sizes
-from tests.conftest import (
-    FAKE_SECRET, ROOT, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256, worker_processes,
+from tests.helpers import (
+    FAKE_SECRET, ROOT, JobProcess, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256,
+    worker_processes,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SMOKE = build_config("smoke")
 SMOKE_STEPS = SMOKE.train.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.train.batch_size)
 
 
-def start(run: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, list[str], threading.Thread]:
-    proc = subprocess.Popen(
-        job_command("train", "--preset", "smoke", "--run-uri", str(run), *extra),
-        cwd=ROOT, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    return proc, lines, reader
-
-
-def wait_for_line(lines: list[str], needle: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(needle in line for line in lines):
-        assert time.monotonic() < deadline, f"no {needle} within {timeout} s"
-        time.sleep(0.05)
+def start(run: Path, *extra: str) -> JobProcess:
+    return JobProcess.job("train", "--preset", "smoke", "--run-uri", str(run), *extra)
 
 
 PLOT_WORKER = "job.plot_worker"
@@ -50,16 +37,14 @@ PLOT_WORKER = "job.plot_worker"
 def test_a_stop_signal_saves_and_exits_143_within_10_s_then_resumes_exactly(tmp_path, smoke_baseline, sig):
     run = tmp_path / "run"
     workers_before = worker_processes(PLOT_WORKER)
-    proc, lines, reader = start(run)
-    wait_for_line(lines, '"train.progress"', 60)
+    proc = start(run)
+    proc.wait_for('"train.progress"', timeout=60)
     sent = time.monotonic()
     proc.send_signal(sig)
     assert proc.wait(timeout=15) == 143
     assert time.monotonic() - sent < 10
     assert_workers_end(PLOT_WORKER, workers_before)
-    reader.join(5)
-    events = log_events("".join(lines))
-    saved = [e for e in events if e["event"] == "checkpoint.saved"]
+    saved = proc.events("checkpoint.saved")
     assert saved[-1]["reason"] == "signal"
     progress = json.loads((run / "progress.json").read_text())
     assert progress["status"] == "preempted" and progress["last_checkpoint"] == saved[-1]["checkpoint"]
@@ -75,7 +60,7 @@ def test_a_sigkilled_job_leaves_no_plot_worker_behind(tmp_path):
     run = tmp_path / "run"
     workers_before = worker_processes(PLOT_WORKER)
     # Still training when killed, with the worker idle: both plots drawn, the next ones an hour away.
-    proc, lines, reader = start(run, "--set", "train.epochs=40", "--set", "monitor.plot_every_seconds=3600")
+    proc = start(run, "--set", "train.epochs=40", "--set", "monitor.plot_every_seconds=3600")
     deadline = time.monotonic() + 60
     while not all((run / "plots" / name).exists() for name in ("reconstruction.png", "loss.png")):
         assert time.monotonic() < deadline and proc.poll() is None, "no plots drawn"
@@ -84,21 +69,41 @@ def test_a_sigkilled_job_leaves_no_plot_worker_behind(tmp_path):
     assert proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=15)
-    reader.join(5)
     assert_workers_end(PLOT_WORKER, workers_before)
+
+
+# The job as `python -m job` runs it, with one training step that never ends: the hang is put in
+# by the test, so that the production code carries no hook for it.
+HANG_AT_STEP = """
+import sys, threading
+from job.cli import main
+from job.training.task import TokenizerTask
+
+step, real_step = [0], TokenizerTask.train_step
+
+def train_step(self, indices):
+    step[0] += 1
+    if step[0] == int(sys.argv[1]):
+        threading.Event().wait()
+    return real_step(self, indices)
+
+TokenizerTask.train_step = train_step
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def test_the_watchdog_ends_a_hung_step_with_exit_75_and_every_stack(tmp_path):
     run = tmp_path / "run"
     limit_seconds = 3
-    env = job_env(JOB_TEST_HANG_AT_STEP="7")
-    proc, lines, reader = start(run, "--set", f"monitor.watchdog_minutes={limit_seconds / 60}", env=env)
-    wait_for_line(lines, '"train.progress"', 60)
+    proc = JobProcess([
+        sys.executable, "-c", HANG_AT_STEP, "7", "train", "--preset", "smoke", "--run-uri", str(run),
+        "--set", f"monitor.watchdog_minutes={limit_seconds / 60}",
+    ])
+    proc.wait_for('"train.progress"', timeout=60)
     started = time.monotonic()
     assert proc.wait(timeout=60) == 75
     assert time.monotonic() - started < limit_seconds + 10
-    reader.join(5)
-    stalled = [e for e in log_events("".join(lines)) if e["event"] == "watchdog.stalled"]
+    stalled = proc.events("watchdog.stalled")
     assert stalled and stalled[0]["level"] == "error"
     stacks = stalled[0]["stacks"]
     assert any(name.startswith("MainThread") and "train_step" in stack for name, stack in stacks.items())

@@ -17,7 +17,7 @@ from matplotlib.image import imread
 
 from job.plot_worker import BackgroundPlots
 from job.plots import MAX_FRAMES_PER_ROW, loss_curves_png, reconstruction_grid_png
-from tests.conftest import ROOT, job_env
+from tests.helpers import ROOT, job_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -169,7 +169,7 @@ def written():
 
 
 def test_the_training_process_never_imports_matplotlib():
-    code = "import sys, job.train\nassert 'matplotlib' not in sys.modules, 'matplotlib imported by job.train'\n"
+    code = "import sys, job.training.loop\nassert 'matplotlib' not in sys.modules, 'matplotlib imported by job.training.loop'\n"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=job_env(), check=True, timeout=50)
 
 

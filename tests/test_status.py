@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, job_command, job_env, run_job
+from tests.helpers import ROOT, free_port, job_command, job_env, run_job
 from job.cli import main
 
 pytestmark = pytest.mark.timeout(120)

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
 import shutil
-import signal
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from job.config import build_config, split_sizes
-from tests.conftest import ROOT, final_model, job_command, job_env, log_events, run_job, sha256
+from tests.helpers import final_model, log_events, run_job, sha256
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,54 +88,6 @@ def test_a_rerun_of_a_completed_run_changes_nothing(smoke_baseline, tmp_path):
     assert "train.already_complete" in result.stdout
     assert sha256(final_model(run)) == before
     assert json.loads((run / "progress.json").read_text())["attempt"] == 2
-
-
-def kill_when_training(run: Path, rng: random.Random, max_delay: float) -> int | None:
-    """Start train, wait until it reports training, SIGKILL it after a random delay.
-    Returns the exit code if it finished before the kill, else None."""
-    proc = subprocess.Popen(
-        job_command("train", "--preset", "smoke", "--run-uri", str(run)),
-        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    training = threading.Event()
-
-    def watch() -> None:
-        for line in proc.stdout:
-            if '"train.progress"' in line or '"train.resumed"' in line or '"train.fresh_start"' in line:
-                training.set()
-
-    reader = threading.Thread(target=watch, daemon=True)
-    reader.start()
-    training.wait(timeout=60)
-    time.sleep(rng.uniform(0.05, max_delay))
-    if proc.poll() is not None:
-        reader.join(5)
-        return proc.returncode
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    reader.join(5)
-    return None
-
-
-def test_sigkill_at_random_moments_resumes_to_identical_weights(smoke_baseline, tmp_path):
-    seed = int(os.environ.get("KILL_SEED", random.randrange(1 << 30)))
-    print(f"kill seed: {seed} (rerun with KILL_SEED={seed})")
-    rng = random.Random(seed)
-    run = tmp_path / "killed"
-    kills = 0
-    for _ in range(30):
-        if kill_when_training(run, rng, max_delay=0.5) is None:
-            kills += 1
-        if kills >= 5:
-            break
-    assert kills >= 5, "the run finished before it could be killed 5 times"
-    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
-    assert result.returncode == 0, result.stderr
-    assert sha256(final_model(run)) == sha256(final_model(smoke_baseline)), f"kill seed {seed}"
-    progress = json.loads((run / "progress.json").read_text())
-    assert progress["status"] == "completed" and progress["attempt"] >= kills + 1
-    metrics = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == list(range(1, SMOKE.train.epochs + 1))
 
 
 def damage_newest(run: Path, how: str) -> tuple[str, str]:

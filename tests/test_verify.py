@@ -18,7 +18,7 @@ import pytest
 from job.config import build_config
 from job.storage import RunStore
 from job.verify import run_verify
-from tests.conftest import ROOT, job_command, job_env, log_events, run_job
+from tests.helpers import ROOT, job_command, job_env, log_events, run_job
 
 pytestmark = pytest.mark.timeout(300)
 

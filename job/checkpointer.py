@@ -1,0 +1,147 @@
+"""Writing checkpoints (SPEC §7, §10), as torchtitan's CheckpointManager does: it holds the run's
+stateful parts, decides when a checkpoint is due (epochs, steps, minutes), tracks the best by
+validation loss, commits in the background in the order files, manifest, latest.json, and
+prunes what a newer committed checkpoint has replaced.
+
+The training thread only waits for copies of the state (``take_snapshot``); serializing,
+hashing, writing and pruning happen on one writer thread, one checkpoint in flight at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import structlog
+
+from job.checkpoint import MANIFEST_FILE, CheckpointReader, Snapshot, Stateful, delete_checkpoint, make_manifest, take_snapshot
+from job.config import CheckpointConfig
+from job.storage import Layout, RunStore
+from job.training.state import TrainState
+
+log = structlog.get_logger("job.checkpoint")
+
+# Reasons a checkpoint is taken; the last two end the process, so their commit is waited for.
+FINAL, SIGNAL = "final", "signal"
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        store: RunStore,
+        cadence: CheckpointConfig,
+        parts: dict[str, Stateful],
+        extra: dict[str, Any],
+        on_commit: Callable[[str], None] = lambda name: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """``parts``: model, optimizer, scheduler, rng and train (a TrainState); ``extra``: what
+        else state.json records (the config). ``on_commit(name)`` runs on the writer thread once a
+        checkpoint is committed."""
+        self.store, self.cadence, self.parts, self.extra = store, cadence, parts, extra
+        self.on_commit, self.clock = on_commit, clock
+        self.last_save = clock()
+        # Each folder and whether it is committed: listed once at start, when the run URI has
+        # just answered the preflight, then kept current here, so that the training thread never
+        # waits on a store that may be away.
+        self._folders = CheckpointReader(store).inventory()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    @property
+    def state(self) -> TrainState:
+        return self.parts["train"]  # type: ignore[return-value]
+
+    def due(self, at_epoch_end: bool) -> str | None:
+        """Why a checkpoint is due now, or None."""
+        c, state = self.cadence, self.state
+        if at_epoch_end and c.every_epochs and state.epoch % c.every_epochs == 0:
+            return "epochs"
+        if c.every_steps and state.step % c.every_steps == 0:
+            return "steps"
+        if c.every_minutes and self.clock() - self.last_save >= c.every_minutes * 60:
+            return "minutes"
+        return None
+
+    def save(self, reason: str, val_loss: float | None = None) -> str:
+        """Snapshot the parts now and commit them in the background; with ``val_loss`` (an epoch
+        end) the checkpoint becomes the best if it beats the best so far. A final or signal save
+        waits for its commit: the process is about to end. Returns the checkpoint's name."""
+        self.wait()
+        state = self.state
+        name = Layout.checkpoint_name(state.step)
+        if val_loss is not None and (state.best is None or val_loss < state.best["val_loss"]):
+            state.best = {"checkpoint": name, "val_loss": val_loss}
+        started = self.clock()
+        snapshot = take_snapshot(self.parts, {**self.extra, "reason": reason})
+        best = state.best["checkpoint"] if state.best else None
+        self._pending = self._writer.submit(self._commit, name, reason, state.step, state.epoch, snapshot, best)
+        self.last_save = self.clock()
+        log.info("checkpoint.snapshot", checkpoint=name, reason=reason, blocked_seconds=round(self.last_save - started, 4))
+        if reason in (FINAL, SIGNAL):
+            self.wait()
+        return name
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is committed; raise what its commit raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=False)
+
+    def _commit(self, name: str, reason: str, step: int, epoch: int, snapshot: Snapshot, best: str | None) -> None:
+        started = time.monotonic()
+        files = snapshot.encode()
+        manifest = make_manifest(files, step, epoch)
+        # A folder of this name can only be a leftover of an attempt that died before or
+        # after committing it, from a step this attempt has redone: it is replaced.
+        if name in self._folders:
+            delete_checkpoint(self.store, name)
+        for filename, data in files.items():
+            self.store.write_bytes(Layout.checkpoint_file(name, filename), data)
+        self.store.write_json(Layout.checkpoint_file(name, MANIFEST_FILE), manifest)
+        self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
+        self._folders[name] = True
+        pruned = self._prune(name, best)
+        log.info(
+            "checkpoint.saved", checkpoint=name, reason=reason, step=step, epoch=epoch,
+            seconds=round(time.monotonic() - started, 3), pruned=pruned,
+        )
+        self.on_commit(name)
+
+    def _prune(self, newest: str, best: str | None) -> list[str]:
+        """Delete what the just-committed ``newest`` has replaced: committed checkpoints beyond the
+        last ``keep_last`` (the best is kept), and leftovers older than ``newest``. A checkpoint a
+        run resumed from stays until a newer one is committed."""
+        committed = sorted(n for n, done in self._folders.items() if done and n <= newest)
+        keep = set(committed[-self.cadence.keep_last :]) | {newest} | ({best} if best else set())
+        doomed = [n for n in sorted(self._folders) if n < newest and n not in keep]
+        for name in doomed:
+            delete_checkpoint(self.store, name)
+            del self._folders[name]
+        return doomed
+
+
+def mirror_unsent(store: RunStore) -> None:
+    """Queue for upload, in commit order, the checkpoints this machine's working copy holds
+    but the run URI does not (an earlier attempt ended before its backlog drained)."""
+    if store.remote is None:
+        return
+    local = [n for n in store.local.list_dir(Layout.checkpoints) if n.startswith("step-")]
+    unsent = [
+        n for n in local
+        if store.local.exists(Layout.checkpoint_manifest(n))
+        and not store.exists_remotely(Layout.checkpoint_manifest(n))
+    ]
+    for name in unsent:
+        manifest = store.read_json(Layout.checkpoint_manifest(name)) or {}
+        for filename in manifest.get("files", {}):
+            store.publish(Layout.checkpoint_file(name, filename))
+        store.publish(Layout.checkpoint_manifest(name))
+        log.info("checkpoint.reupload", checkpoint=name)
+    if unsent and store.local.exists(Layout.latest):
+        store.publish(Layout.latest)

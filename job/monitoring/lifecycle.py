@@ -1,0 +1,112 @@
+"""How a run ends when it must (SPEC §7, §8): a watchdog for a run that stopped making
+progress (exit 75), and SIGTERM / SIGINT as a request to save and exit 143."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from job.monitoring.progress import PeriodicThread, Progress
+
+
+def end_process(code: int) -> None:
+    """Flush the logs and end the process at once, from any thread (a hung main thread cannot
+    be asked to raise)."""
+    logging.shutdown()
+    os._exit(code)
+
+
+class Watchdog(PeriodicThread):
+    """Ends a run that has stopped making progress (SPEC §8).
+
+    When no ``touch()`` arrives for ``limit`` seconds it logs every thread's stack, marks the
+    run ``stalled``, gives ``on_stall`` (e.g. a bounded upload flush) its chance, and ends the
+    process with exit 75 so that the restart policy starts it again. A hung main thread cannot
+    raise, so the exit comes from this thread."""
+
+    name = "watchdog"
+    EXIT_STALLED = 75
+
+    def __init__(
+        self, progress: Progress, limit: float, on_stall: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic, exit: Callable[[int], None] = end_process,
+    ):
+        """``clock`` and ``exit`` are the real ones in a run; tests pass a fake clock and an exit
+        that records instead of ending the test process."""
+        super().__init__(interval=min(1.0, limit / 4))
+        self.progress = progress
+        self.limit = limit
+        self.on_stall = on_stall
+        self.clock, self.exit = clock, exit
+        self._last = clock()
+        self._log = structlog.get_logger("job.watchdog")
+
+    def touch(self) -> None:
+        self._last = self.clock()
+
+    def __enter__(self):
+        self.touch()
+        return super().__enter__()
+
+    def tick(self) -> None:
+        idle = self.clock() - self._last
+        if idle >= self.limit:
+            self._stall(idle)
+
+    def _stall(self, idle: float) -> None:
+        try:
+            self._log.error("watchdog.stalled", idle_seconds=round(idle, 1), limit_seconds=self.limit, stacks=thread_stacks())
+            self.progress.update(status="stalled", error=f"no training step for {idle:.0f} s")
+            self.on_stall()
+        finally:
+            self.exit(self.EXIT_STALLED)
+
+
+def thread_stacks() -> dict[str, str]:
+    """Every thread's current stack, by thread name."""
+    frames = sys._current_frames()
+    return {
+        f"{thread.name} ({thread.ident})": "".join(traceback.format_stack(frames[thread.ident]))
+        for thread in threading.enumerate()
+        if thread.ident in frames
+    }
+
+
+class StopRequest:
+    """SIGTERM / SIGINT as a request: the training loop finishes its step, saves and exits 143.
+
+    A second signal while the first is being honoured changes nothing; `docker stop` sends
+    SIGKILL after its grace period anyway."""
+
+    EXIT_CODE = 143
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            structlog.get_logger("job.signals").warning("signal.received", signal=self.signal_name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None

@@ -1,0 +1,135 @@
+"""Structured logs (SPEC §8): JSON lines on stdout (a readable line on a terminal), the same
+records in the run folder's ``logs/``, and secrets redacted before anything is written."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+from job.storage import Layout, RunStore
+
+# Fields stamped on every record of this process (mode, attempt, rank). A plain dict rather
+# than contextvars, because records also come from the heartbeat and other threads.
+_RUN_CONTEXT: dict[str, Any] = {}
+
+
+def bind_run_context(**fields: Any) -> None:
+    _RUN_CONTEXT.update(fields)
+
+
+def _add_run_context(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in _RUN_CONTEXT.items():
+        event.setdefault(key, value)
+    return event
+
+
+# Environment variables whose values must never reach a log line or a file of the run.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+SECRET_KEY_WORDS = ("secret", "password", "token", "credential", "authorization")
+REDACTED = "[REDACTED]"
+# Clients that log request details (signed headers, credentials providers) at DEBUG.
+NOISY_LOGGERS = ("botocore", "boto3", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp", "s3transfer")
+
+
+def redact(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if any(w in str(k).lower() for w in SECRET_KEY_WORDS) else redact(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+def _secrets() -> tuple[str, ...]:
+    return tuple(v for k in SECRET_ENV_VARS if len(v := os.environ.get(k, "")) >= 4)
+
+
+def redact_environment_secrets(value: Any) -> Any:
+    return redact(value, _secrets())
+
+
+def _redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    return redact_environment_secrets(event)
+
+
+def _progress_bar(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """For a person at a terminal: a bar on batch-progress lines."""
+    step, total = event.get("step"), event.get("total_steps")
+    if event.get("event") == "train.progress" and isinstance(step, int) and total:
+        filled = int(30 * step / total)
+        event["bar"] = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * step / total:5.1f}%"
+    return event
+
+
+_SHARED_PROCESSORS = [
+    _add_run_context,
+    structlog.stdlib.add_logger_name,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.processors.StackInfoRenderer(),
+]
+
+
+def _formatter(console: bool = False) -> logging.Formatter:
+    """JSON lines, or for a terminal a readable line with a progress bar. Secrets are redacted
+    last, after exceptions have been rendered to text."""
+    render = [structlog.processors.format_exc_info, _redact_secrets]
+    if console:
+        render += [_progress_bar, structlog.dev.ConsoleRenderer(colors=False)]
+    else:
+        render += [structlog.processors.JSONRenderer(sort_keys=False)]
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED_PROCESSORS,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+    )
+
+
+def setup_logging(level: str = "INFO", **context: Any) -> None:
+    """JSON lines on stdout, flushed per record. Goes through the standard library's logging so
+    that third-party loggers land in the same pipeline; ``context`` (mode, rank, ...) is bound
+    to every record."""
+    structlog.configure(
+        processors=[*_SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(_formatter(console=sys.stdout.isatty()))
+    root.addHandler(stdout)
+    root.setLevel(level.upper())
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    _RUN_CONTEXT.clear()
+    bind_run_context(**context)
+
+
+class RunLog:
+    """This attempt's log file in the run folder (``logs/attempt-NNN.jsonl``): every record, as
+    JSON lines, appended locally and mirrored to the run URI whenever ``publish`` is called."""
+
+    def __init__(self, store: RunStore, attempt: int):
+        self.store = store
+        self.rel = Layout.log_file(attempt)
+        path = store.local_path(self.rel)
+        self._handler = logging.FileHandler(path, encoding="utf-8")
+        self._handler.setFormatter(_formatter())
+        logging.getLogger().addHandler(self._handler)
+
+    def publish(self) -> None:
+        self._handler.flush()
+        self.store.publish(self.rel)

@@ -1,0 +1,218 @@
+"""Where a run folder's bytes live: a local folder or an fsspec URL, behind one ``Folder``
+interface, so that callers never learn which kind they have."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from job.fsutil import atomic_write_bytes
+
+
+class StorageError(RuntimeError):
+    """The run folder cannot be used (unreachable, not writable, a backlog that cannot be delivered)."""
+
+
+class Folder(Protocol):
+    """What the job needs of a run folder. Paths are relative to its root (see ``Layout``)."""
+
+    uri: str
+
+    def read_bytes(self, rel: str) -> bytes | None: ...
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+    def list_dir(self, rel: str) -> list[str]: ...
+    def list_files(self, rel: str) -> list[str]: ...
+    def file_sizes(self, rel: str) -> dict[str, int]: ...
+    def exists(self, rel: str) -> bool: ...
+    def delete(self, rel: str) -> None: ...
+    def delete_many(self, rels: list[str]) -> None: ...
+    def check(self) -> None: ...
+
+
+def delete_remote_tree(folder: Folder, rel: str, first: tuple[str, ...]) -> None:
+    """Delete every file under ``rel``: those named in ``first`` on their own, then the rest at once."""
+    files = folder.list_files(rel)
+    leading = [f for f in files if f.rsplit("/", 1)[-1] in first]
+    for f in leading:
+        folder.delete(f)
+    rest = [f for f in files if f not in leading]
+    if rest:
+        folder.delete_many(rest)
+
+
+class LocalFolder:
+    """A folder on local disk; writes are atomic (temp file, fsync, rename)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            return self.path(rel).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        atomic_write_bytes(self.path(rel), data)
+
+    def list_dir(self, rel: str) -> list[str]:
+        folder = self.path(rel)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def list_files(self, rel: str) -> list[str]:
+        """Relative paths of every file under folder ``rel``."""
+        folder = self.path(rel)
+        if not folder.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in folder.rglob("*") if p.is_file())
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        """Size of each file directly inside folder ``rel``, by name."""
+        sizes = {}
+        for name in self.list_dir(rel):
+            try:
+                stat = (self.path(rel) / name).stat()
+            except FileNotFoundError:  # deleted between the listing and the stat
+                continue
+            if not (self.path(rel) / name).is_dir():
+                sizes[name] = stat.st_size
+        return sizes
+
+    def exists(self, rel: str) -> bool:
+        return self.path(rel).exists()
+
+    def delete(self, rel: str) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
+    def delete_many(self, rels: list[str]) -> None:
+        for rel in rels:
+            self.delete(rel)
+
+    def delete_tree(self, rel: str, first: tuple[str, ...] = ()) -> None:
+        """Delete folder ``rel``: the files named in ``first`` before anything else."""
+        folder = self.path(rel)
+        for name in first:
+            (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"run folder {self.uri} cannot be created: {exc}") from exc
+        _probe(self)
+
+
+class RemoteFolder:
+    """A folder behind an fsspec URL (s3://bucket/prefix). Endpoint and credentials come only from
+    the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, instance roles, ...).
+
+    Each call fails fast (short timeouts, one try): retrying is the caller's job, with backoff
+    and logging, rather than the client's hidden one."""
+
+    def __init__(self, uri: str):
+        import fsspec  # imported here: a local run never needs it
+
+        self.uri = uri.rstrip("/")
+        options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        if urlparse(uri).scheme in ("s3", "s3a"):
+            options["config_kwargs"] = {"connect_timeout": 3, "read_timeout": 20, "retries": {"max_attempts": 1}}
+        self.fs, self.base = fsspec.core.url_to_fs(self.uri, **options)
+        if hasattr(self.fs, "retries"):
+            self.fs.retries = 1
+
+    def _full(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._full(rel))
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.fs.pipe_file(self._full(rel), data)
+
+    def list_dir(self, rel: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self._full(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        prefix = self._full(rel).rstrip("/") + "/"
+        return sorted({e[len(prefix):].split("/")[0] for e in entries if e.startswith(prefix)} - {""})
+
+    def list_files(self, rel: str) -> list[str]:
+        try:
+            found = self.fs.find(self._full(rel))
+        except FileNotFoundError:
+            return []
+        return sorted(f[len(self.base) + 1 :] for f in found)
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        try:
+            entries = self.fs.ls(self._full(rel), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in entries if e.get("type") == "file"}
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._full(rel))
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self._full(rel))
+        except FileNotFoundError:
+            pass
+
+    def delete_many(self, rels: list[str]) -> None:
+        """Delete files, in one request per 1000 on S3 (DeleteObjects), one by one elsewhere."""
+        if not hasattr(self.fs, "call_s3"):
+            for rel in rels:
+                self.delete(rel)
+            return
+        bucket = self.fs.split_path(self.base)[0]
+        for start in range(0, len(rels), 1000):
+            keys = [{"Key": self.fs.split_path(self._full(rel))[1]} for rel in rels[start : start + 1000]]
+            answer = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            # A quiet DeleteObjects answers 200 and lists only the keys it could not delete.
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise OSError(
+                    f"{len(errors)} key(s) not deleted, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                )
+
+    def check(self) -> None:
+        _probe(self)
+
+
+def _probe(folder: Folder) -> None:
+    """Write, read back and delete a small file: the folder is usable now."""
+    probe = f".preflight-{os.getpid()}"
+    folder.write_bytes(probe, b"ok")
+    if folder.read_bytes(probe) != b"ok":
+        raise StorageError(f"run folder {folder.uri}: a file written there did not read back")
+    folder.delete(probe)
+
+
+def open_folder(uri: str) -> Folder:
+    """Direct access to a run folder, without a cache (what ``status`` reads)."""
+    return RemoteFolder(uri) if is_remote(uri) else LocalFolder(uri.removeprefix("file://"))
+
+
+def is_remote(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    return scheme not in ("", "file") and len(scheme) > 1  # one letter: a Windows drive
+
+
+def default_cache_dir(uri: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    parsed = urlparse(uri)
+    return base / "magvit-job" / parsed.scheme / parsed.netloc / parsed.path.strip("/")

@@ -1,0 +1,164 @@
+"""The run folder a job writes (SPEC §4, §10): written locally first, atomically, then mirrored
+to the run URI when that is remote. Reads look in the cache first, then in the URI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import structlog
+from tenacity import Retrying, wait_exponential_jitter
+
+from job.fsutil import json_bytes
+from job.storage.folders import LocalFolder, RemoteFolder, StorageError, default_cache_dir, is_remote
+from job.storage.uploader import Uploader, _Op, describe
+
+log = structlog.get_logger("job.storage")
+
+
+class RunStore:
+    """A run folder addressed by relative paths (see ``Layout``): written locally first, then
+    mirrored to the run URI when that is remote."""
+
+    def __init__(
+        self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0, read_only: bool = False,
+        live_upload_seconds: float = 0.0,
+    ):
+        """``read_only``: a process that only reads the run (a DDP rank other than 0). Its writes
+        are dropped on purpose, so that exactly one process owns every file of the run.
+        ``live_upload_seconds``: live files (progress, logs, plots) reach the run URI at most
+        this often; checkpoints and data are never held back."""
+        uri = str(uri)
+        self.uri = uri
+        self.read_only = read_only
+        self.remote: RemoteFolder | None = None
+        self.uploader: Uploader | None = None
+        if is_remote(uri):
+            self.remote = RemoteFolder(uri)
+            self.local = LocalFolder(cache_dir or default_cache_dir(uri))
+            self.uploader = None if read_only else Uploader(self.local, self.remote, retry_max_seconds, live_upload_seconds)
+        else:
+            self.local = LocalFolder(uri.removeprefix("file://"))
+        self.root = self.local.root
+
+    @classmethod
+    def for_job(cls, uri: str, cache_dir: str | Path | None, storage: Any, read_only: bool = False) -> RunStore:
+        """The store a job process uses, tuned by its config's ``storage`` section."""
+        return cls(
+            uri, cache_dir, retry_max_seconds=storage.retry_max_seconds, read_only=read_only,
+            live_upload_seconds=storage.live_upload_seconds,
+        )
+
+    # writes: local, then mirrored
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.read_only:
+            return
+        self.local.write_bytes(rel, data)
+        self.publish(rel)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, json_bytes(value))
+
+    def publish(self, rel: str) -> None:
+        """Mirror the local file ``rel`` (e.g. a log the logging module appends to)."""
+        if self.uploader:
+            self.uploader.submit(_Op("put", rel))
+
+    def delete_tree(self, rel: str, first: tuple[str, ...] = ()) -> None:
+        """Delete folder ``rel`` here and at the run URI; the files named in ``first`` go before
+        the rest (a checkpoint's manifest, so that a half-deleted one never counts)."""
+        if self.read_only:
+            return
+        self.local.delete_tree(rel, first)
+        if self.uploader:
+            self.uploader.submit(_Op("delete_tree", rel, first))
+
+    def local_path(self, rel: str) -> Path:
+        """Where ``rel`` lives in the local working copy (parents created)."""
+        path = self.local.path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # reads: the local copy first, then the run URI
+    def read_bytes(self, rel: str) -> bytes | None:
+        data = self.local.read_bytes(rel)
+        if data is None and self.remote:
+            data = self.remote.read_bytes(rel)
+        return data
+
+    def read_json(self, rel: str) -> Any | None:
+        """The parsed file, or None when it is missing or not valid JSON."""
+        data = self.read_bytes(rel)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
+
+    def exists(self, rel: str) -> bool:
+        return self.local.exists(rel) or bool(self.remote and self.remote.exists(rel))
+
+    def exists_remotely(self, rel: str) -> bool:
+        """Whether the run URI itself holds ``rel`` (always true for a local run)."""
+        return self.remote.exists(rel) if self.remote else self.local.exists(rel)
+
+    def list_dir(self, rel: str) -> list[str]:
+        names = set(self.local.list_dir(rel))
+        if self.remote:
+            names |= set(self.remote.list_dir(rel))
+        return sorted(names)
+
+    def fetch(self, rel: str) -> Path | None:
+        """Make sure the local copy holds ``rel``, downloading it if needed; None if nowhere."""
+        if not self.local.exists(rel):
+            data = self.remote.read_bytes(rel) if self.remote else None
+            if data is None:
+                return None
+            self.local.write_bytes(rel, data)
+        return self.local.path(rel)
+
+    # lifecycle
+    def preflight(self, connect_seconds: float) -> None:
+        """The working copy and the run URI can be written and read back. A remote that does not
+        answer is retried for ``connect_seconds``: a run that may exist there must never be
+        restarted from scratch because the store was briefly away."""
+        self.local.check()
+        if not self.remote:
+            return
+        check = (lambda: self.remote.list_dir("")) if self.read_only else self.remote.check
+        retrying = Retrying(
+            wait=wait_exponential_jitter(multiplier=0.5, max=10),
+            stop=lambda state: state.seconds_since_start >= connect_seconds,
+            before_sleep=lambda state: log.warning(
+                "storage.unreachable", uri=self.uri, attempt=state.attempt_number,
+                error=describe(state.outcome.exception()),
+            ),
+            reraise=True,
+        )
+        try:
+            retrying(check)
+        except Exception as exc:
+            raise StorageError(f"run URI {self.uri} is not reachable after {connect_seconds:.0f} s: {describe(exc)}") from exc
+
+    def flush(self, timeout: float) -> None:
+        """Deliver the backlog within ``timeout`` seconds, or raise StorageError naming what is
+        left (the local working copy keeps it for the next attempt)."""
+        if not self.uploader:
+            return
+        left = self.uploader.flush(timeout)
+        if left:
+            self.uploader.abandon()
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            raise StorageError(
+                f"{len(left)} file(s) could not be delivered to {self.uri} within {timeout:.0f} s ({shown}); "
+                f"they stay in the local cache {self.root} for the next attempt"
+            )
+
+    def close(self) -> None:
+        if self.uploader:
+            self.uploader.abandon()

@@ -1,0 +1,180 @@
+"""Mirrors a local working copy to a remote folder in the background (SPEC §10), so that a slow
+or dead bucket never blocks a training step: retries with backoff and jitter (tenacity), in two
+lanes so that a large checkpoint never holds back a heartbeat."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from job.storage.folders import Folder, delete_remote_tree
+from job.storage.layout import Layout
+
+log = structlog.get_logger("job.storage")
+
+
+@dataclass(frozen=True)
+class _Op:
+    kind: str  # "put" | "delete_tree"
+    rel: str
+    first: tuple[str, ...] = ()  # delete_tree: the file names deleted before the rest
+
+
+class _Lane:
+    """One background thread delivering operations to the remote folder in order.
+
+    Submitting an operation on a path that is already waiting moves it to the back of the line
+    (its content is read when it is sent, so the newest content goes and goes once)."""
+
+    def __init__(
+        self, name: str, local: Folder, remote: Folder, max_wait: float, pause: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """``pause``: a file is sent again no sooner than this after its last send (unless someone
+        waits for a flush), so that a file rewritten many times a second goes once per pause,
+        while a file not sent lately (the first progress of an attempt) goes at once."""
+        self.name, self.local, self.remote, self.max_wait, self.pause = name, local, remote, max_wait, pause
+        self.clock = clock  # the pause's clock; tests pass a fake one
+        self._pending: OrderedDict[str, _Op] = OrderedDict()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._last_sent: dict[str, float] = {}
+        self._flushers = 0
+        self._abandon = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: _Op) -> None:
+        with self._cond:
+            self._pending.pop(op.rel, None)
+            self._pending[op.rel] = op
+            self._cond.notify_all()
+
+    def backlog(self) -> list[str]:
+        with self._cond:
+            return list(self._pending)
+
+    def wait_idle(self, deadline: float) -> bool:
+        with self._cond:
+            self._flushers += 1
+            self._cond.notify_all()  # ends a rest
+            try:
+                while self._pending or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                return True
+            finally:
+                self._flushers -= 1
+
+    def abandon(self) -> None:
+        """Stop retrying: the process is about to exit with what it could deliver."""
+        self._abandon.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._abandon.is_set():
+                    rel, wait = self._next_due()
+                    if rel is not None:
+                        break
+                    self._cond.wait(wait)
+                if self._abandon.is_set():
+                    return
+                op = self._pending[rel]
+                self._busy = True
+            delivered = self._deliver(op)
+            with self._cond:
+                if delivered and self._pending.get(rel) is op:
+                    del self._pending[rel]
+                if self.pause:
+                    self._last_sent[rel] = self.clock()
+                self._busy = False
+                self._cond.notify_all()
+
+    def _next_due(self) -> tuple[str | None, float | None]:
+        """The oldest waiting path that may be sent now, else (None, seconds until one may)."""
+        if not self._pending:
+            return None, None
+        now, soonest = self.clock(), math.inf
+        for rel in self._pending:
+            due = self._last_sent.get(rel, -math.inf) + self.pause
+            if due <= now or self._flushers:
+                return rel, None
+            soonest = min(soonest, due - now)
+        return None, soonest
+
+    def _deliver(self, op: _Op) -> bool:
+        retrying = Retrying(
+            wait=wait_exponential_jitter(multiplier=0.5, max=self.max_wait),
+            retry=retry_if_exception_type(Exception),
+            stop=lambda state: self._abandon.is_set(),
+            sleep=self._abandon.wait,  # an abandon ends the wait at once
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            retrying(self._apply, op)
+            return True
+        except Exception as exc:  # only reached once abandoned
+            log.error("upload.abandoned", lane=self.name, path=op.rel, error=describe(exc))
+            return False
+
+    def _apply(self, op: _Op) -> None:
+        if op.kind == "put":
+            data = self.local.read_bytes(op.rel)
+            if data is not None:  # gone locally: a later delete will follow it
+                self.remote.write_bytes(op.rel, data)
+        elif op.kind == "delete_tree":
+            delete_remote_tree(self.remote, op.rel, op.first)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        op = state.args[0]
+        log.warning(
+            "upload.retry", lane=self.name, path=op.rel, attempt=state.attempt_number,
+            wait_seconds=round(state.upcoming_sleep, 2), error=describe(state.outcome.exception()),
+        )
+
+
+def describe(exc: BaseException | None) -> str:
+    """The store's own words: botocore's ClientError carries its code and message in str()."""
+    return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+
+
+class Uploader:
+    """Mirrors the local working copy to the remote folder in the background: one lane for
+    files whose order matters (checkpoints, data), one for live files (progress, logs, plots),
+    so that a large checkpoint never holds back a heartbeat."""
+
+    def __init__(self, local: Folder, remote: Folder, max_wait: float, live_pause: float = 0.0):
+        self.ordered = _Lane("ordered", local, remote, max_wait)
+        # Every request costs CPU in this process (botocore holds the GIL that training needs)
+        # and at the store: progress and logs, rewritten several times a second, rest between sends.
+        self.live = _Lane("live", local, remote, max_wait, pause=live_pause)
+
+    def lane(self, rel: str) -> _Lane:
+        return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live
+
+    def submit(self, op: _Op) -> None:
+        self.lane(op.rel).submit(op)
+
+    def flush(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds for the backlog to drain; return what is left."""
+        deadline = time.monotonic() + timeout
+        self.ordered.wait_idle(deadline)
+        self.live.wait_idle(deadline)
+        return self.ordered.backlog() + self.live.backlog()
+
+    def abandon(self) -> None:
+        self.ordered.abandon()
+        self.live.abandon()

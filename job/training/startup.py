@@ -1,0 +1,68 @@
+"""How an attempt begins (SPEC §7, §10): preflight the run folder and the disk, number the
+attempt, agree across ranks on the checkpoint to resume from, and refuse a resume that would
+change the math."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import torch
+
+from job.checkpoint import Checkpoint, CheckpointReader
+from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys
+from job.distributed import Topology
+from job.storage import Layout, RunStore, StorageError
+from job.training.task import tokenizer_parameters
+
+
+class ResumeRefused(ConfigError):
+    """The run folder holds a run whose math differs from the requested config (exit 2)."""
+
+
+def preflight(cfg: Config, store: RunStore) -> None:
+    """Before any work: the run folder is reachable and writable, and the local disk can hold the
+    data and the kept checkpoints."""
+    store.preflight(cfg.storage.connect_seconds)
+    d = cfg.data
+    dataset_bytes = 0 if d.uri else d.num_samples * (d.frames * d.height * d.width + 8)
+    # weights + two AdamW moments, for the kept checkpoints plus best and the one being written
+    checkpoint_bytes = 3 * 4 * tokenizer_parameters(cfg) * (cfg.checkpoint.keep_last + 2)
+    needed = int(1.2 * (dataset_bytes + checkpoint_bytes)) + (64 << 20)
+    free = shutil.disk_usage(store.root).free
+    if free < needed:
+        raise StorageError(
+            f"not enough disk space under {store.root}: {free >> 20} MiB free, "
+            f"about {needed >> 20} MiB needed for the dataset and the kept checkpoints"
+        )
+
+
+def recorded_attempt(store: RunStore) -> int:
+    """The highest attempt any earlier attempt left a trace of: progress.json or a log file
+    (0 if none). Every attempt writes both as it starts."""
+    progress = store.read_json(Layout.progress)
+    attempts = [progress.get("attempt")] if isinstance(progress, dict) else []
+    attempts += [Layout.attempt_of_log(name) for name in store.list_dir(Layout.logs)]
+    return max((a for a in attempts if isinstance(a, int)), default=0)
+
+
+def agree_on_start(
+    reader: CheckpointReader, topology: Topology, device: torch.device, attempt: int, previous: Checkpoint | None
+) -> tuple[int, Checkpoint | None]:
+    """Rank 0's attempt number and checkpoint, on every rank: the others load that same
+    checkpoint (verified against its manifest like any other read)."""
+    step = previous.step if previous else -1
+    attempt, step = topology.broadcast_ints([attempt, step], device)
+    if previous is None and step >= 0:
+        previous = reader.load(Layout.checkpoint_name(step))
+    return attempt, previous
+
+
+def refuse_math_changes(saved_config: dict[str, Any], cfg: Config) -> None:
+    changed = diff_keys(saved_config, cfg.to_dict(), MATH_SECTIONS)
+    if changed:
+        raise ResumeRefused(
+            "refusing to resume: the run's checkpoints were trained with different "
+            f"{', '.join(changed)}; use a new --run-uri, or the run's own config "
+            "(only train.epochs, checkpoint, monitor and logging settings may change)"
+        )

@@ -1,0 +1,206 @@
+"""Helpers the tests share: run the job as a user would (a separate process whose output a
+thread collects, so that tests wait on its log lines, not on fixed sleeps), and a real S3
+endpoint on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from job.config import build_config, steps_per_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = ROOT / "entrypoint.sh"
+SMOKE = build_config("smoke")
+SMOKE_STEPS = SMOKE.train.epochs * steps_per_epoch(SMOKE)
+# Lines that say a train attempt is past its start and into training.
+TRAINING = ('"train.progress"', '"train.resumed"', '"train.fresh_start"')
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def worker_processes(module: str) -> set[int]:
+    """PIDs of the helper processes (job.worker) running ``python -m <module>`` on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and module.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_workers_end(module: str, before: set[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while worker_processes(module) - before:
+        assert time.monotonic() < deadline, f"{module} process(es) {worker_processes(module) - before} outlived the job"
+        time.sleep(0.1)
+
+
+def job_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "job", *args]
+
+
+def run_job(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m job ARGS`` to completion and return its exit code and output."""
+    return subprocess.run(
+        job_command(*args), cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+class JobProcess:
+    """A process started as a user would, whose output a thread collects line by line, so that
+    a test waits for what the job says (``wait_for``) instead of sleeping a fixed time."""
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT):
+        self.proc = subprocess.Popen(
+            command, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def job(cls, *args: str, env: dict[str, str] | None = None) -> "JobProcess":
+        return cls(job_command(*args), env=env)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, *needles: str, timeout: float) -> bool:
+        """Wait until a line holds one of ``needles`` (True) or the output ends first (False);
+        fail the test after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                if any(n in line for line in self.lines[seen:] for n in needles):
+                    return True
+                seen = len(self.lines)
+                if self._ended:
+                    return False
+                left = deadline - time.monotonic()
+                assert left > 0, f"none of {needles} within {timeout} s; last output:\n{self.output[-3000:]}"
+                self._changed.wait(left)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(5)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def events(self, name: str | None = None) -> list[dict]:
+        return [e for e in log_events(self.output) if name is None or e["event"] == name]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def final_model(run: Path) -> Path:
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    return run / "checkpoints" / latest["checkpoint"] / "model.safetensors"
+
+
+def log_events(output: str) -> list[dict]:
+    """The JSON log records in a process's stdout."""
+    events = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            events.append(json.loads(line))
+    return events
+
+
+# --- a real S3 endpoint on 127.0.0.1 --------------------------------------------------------
+
+FAKE_SECRET = "TESTSECRETdoNotLeak0123456789abcdefXYZ"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Endpoint:
+    """moto's S3 server on a free local port, which a test can take away and bring back
+    (moto keeps the buckets in this process, so they survive a restart)."""
+
+    def __init__(self) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class S3Bucket:
+    """A fresh bucket for one test, with the environment a job process needs to reach it."""
+
+    def __init__(self, endpoint: S3Endpoint, name: str):
+        import boto3
+
+        self.endpoint, self.name = endpoint, name
+        self.env = {
+            "AWS_ENDPOINT_URL": endpoint.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint.url, aws_access_key_id="testing",
+            aws_secret_access_key=FAKE_SECRET, region_name="us-east-1",
+        )
+        self.client.create_bucket(Bucket=name)
+
+    def uri(self, prefix: str = "run") -> str:
+        return f"s3://{self.name}/{prefix}"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)

@@ -1,10 +1,10 @@
 """How long the training thread pauses per checkpoint, against the time to copy the state.
 
 For the `default` model and for a model of at least 100 MB (the `default` model widened), with
-AdamW state populated by one step: the blocking part of ``Checkpointer.save_async`` (a host
-copy of weights, optimizer and RNG) against a bare ``clone()`` of the same tensors measured in
-the same run, plus the background commit (serialize, sha256, atomic writes, prune) that the
-training thread no longer waits for. Prints one JSON line per model.
+AdamW state populated by one step: the blocking part of ``CheckpointManager.save`` (a host
+copy of weights, optimizer, RNG and train state) against a bare ``clone()`` of the same tensors
+measured in the same run, plus the background commit (serialize, sha256, atomic writes, prune)
+that the training thread no longer waits for. Prints one JSON line per model.
 
     python bench/bench_checkpoint.py [--repeats 5]
 """
@@ -12,28 +12,29 @@ training thread no longer waits for. Prints one JSON line per model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from structlog.testing import capture_logs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from job.checkpoint import Checkpointer  # noqa: E402
-from job.config import build_config  # noqa: E402
-from job.storage import RunStore  # noqa: E402
-from job.train import Position, build_training, state_from  # noqa: E402
+from job.checkpoint import RNGState
+from job.checkpointer import CheckpointManager
+from job.config import build_config
+from job.storage import RunStore
+from job.training.state import TrainState
+from job.training.task import build_optimizer, initial_tokenizer
 
 
 def populated(cfg):
     """Model, optimizer and schedule after one step, so AdamW holds its two moments."""
-    model, optimizer, scheduler = build_training(cfg, torch.device("cpu"), total_steps=100)
+    model = initial_tokenizer(cfg)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps=100)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -53,22 +54,27 @@ def measure(name: str, cfg, repeats: int) -> dict:
     state_bytes += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                        if torch.is_tensor(v))
     copies, blocks, commits = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpointer = Checkpointer(RunStore(tmp), keep_last=2)
-        for step in range(1, repeats + 1):
-            started = time.perf_counter()
-            clone_state(model, optimizer)
-            copies.append(time.perf_counter() - started)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState()}
+    # The manager logs through structlog; captured here, so that stdout holds only the JSON
+    # results, and read back for the commit's own duration (its "checkpoint.saved" seconds).
+    with tempfile.TemporaryDirectory() as tmp, capture_logs() as logs:
+        cadence = dataclasses.replace(cfg.checkpoint, keep_last=2)
+        manager = CheckpointManager(RunStore(tmp), cadence, parts, extra={"config": cfg.to_dict()})
+        try:
+            for step in range(1, repeats + 1):
+                started = time.perf_counter()
+                clone_state(model, optimizer)
+                copies.append(time.perf_counter() - started)
 
-            commit_seconds = []
-            started = time.perf_counter()
-            checkpointer.save_async(
-                step, 0, model, optimizer, scheduler, state_from(Position(step=step), cfg, "steps"),
-                on_commit=lambda _n, seconds, _p: commit_seconds.append(seconds),
-            )
-            blocks.append(time.perf_counter() - started)
-            checkpointer.wait()
-            commits.append(commit_seconds[0])
+                manager.state.step = step  # the checkpoint's name and step
+                started = time.perf_counter()
+                saved_as = manager.save("steps")
+                blocks.append(time.perf_counter() - started)
+                manager.wait()
+                saved = [e for e in logs if e["event"] == "checkpoint.saved" and e["checkpoint"] == saved_as]
+                commits.append(saved[-1]["seconds"])
+        finally:
+            manager.close()
     copy, block, commit = (statistics.median(x) for x in (copies, blocks, commits))
     return {
         "bench": "checkpoint_blocking",

@@ -23,14 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from bench_overhead import WARMUP_STEPS, bare_loop
 from common import emit, median, note, spread
-
-import torch  # noqa: E402  (after common, which puts the repository on sys.path)
-
-from bench_overhead import WARMUP_STEPS, bare_loop  # noqa: E402
-import job.train as jt  # noqa: E402
-from job.config import build_config, split_sizes  # noqa: E402
-from job.data import VideoDataset, generate_dataset  # noqa: E402
+from job.config import build_config, steps_per_epoch
+from job.data import VideoDataset, generate_dataset
+from job.device import pick_device
 
 # Each runs until killed, at nice 19: the least claim on a CPU a process can make.
 LOADS = {
@@ -68,10 +67,10 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = build_config(args.preset, None, [f"train.epochs={args.epochs}"])
-    device = jt.pick_device(cfg)
+    device = pick_device(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    total_steps = cfg.train.epochs * -(-split_sizes(cfg.data)[0] // cfg.train.batch_size)
+    total_steps = cfg.train.epochs * steps_per_epoch(cfg)
     with tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp:
         generate_dataset(cfg.data, Path(tmp))
         dataset = VideoDataset(Path(tmp), cfg.data)

@@ -13,17 +13,15 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from job.config import DataConfig  # noqa: E402
-from job.data import VideoDataset, generate_dataset, generate_samples  # noqa: E402
+from job.config import DataConfig
+from job.data import VideoDataset, generate_dataset
+from job.synthetic import generate_samples
 
 TARGET_SECONDS = 30.0
 BATCH_SIZE = 32

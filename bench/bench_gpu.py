@@ -6,12 +6,13 @@ Without a CUDA device it prints {"bench": "gpu", "skipped": "no CUDA device", ..
 
 On a GPU (a few minutes, most of it torch.compile's first compilation; meant to stay under 8):
 the default dataset (10,000 x 16 x 64 x 64) is generated into a temporary folder, and the
-job's training step runs on it exactly as TrainingLoop.train_step does (VideoDataset.get of a
+job's training step runs on it exactly as TokenizerTask.train_step does (VideoDataset.get of a
 batch in the job's epoch order, .to(device, non_blocking=True), bf16 autocast forward,
 compute_loss, backward, clip, AdamW, scheduler, float(loss)), with the preset's batch size (32):
 
-- eager: the model from build_training();
-- compiled: another model from build_training(), wrapped in torch.compile (mode "default").
+- eager: the model of initial_tokenizer() with build_optimizer()'s AdamW and schedule, as
+  TokenizerTask builds them;
+- compiled: another such model, wrapped in torch.compile (mode "default").
 
 Each gets --warmup steps first (for compiled, the first of them compiles; its time is reported
 as compile_seconds), then --repeats blocks of --steps timed steps, eager and compiled blocks
@@ -27,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import emit, median, note, spread
+import torch
 
-import torch  # noqa: E402
+from common import emit, median, note, spread
 
 
 def main() -> None:
@@ -49,7 +50,9 @@ def main() -> None:
 
     from job.config import build_config
     from job.data import VideoDataset, generate_dataset
-    from job.train import build_training, epoch_order, optimizer_step, pick_device
+    from job.device import autocast, pick_device
+    from job.training.state import epoch_order
+    from job.training.task import build_optimizer, initial_tokenizer, optimizer_step
 
     preset = args.cpu_check or "default"
     cfg = build_config(preset, None, ["train.device=cpu"] if args.cpu_check else [])
@@ -80,14 +83,15 @@ def main() -> None:
 
         variants = {}
         for which in ("eager", "compiled"):
-            model, optimizer, scheduler = build_training(cfg, device, 100_000)
+            model = initial_tokenizer(cfg).to(device)
+            optimizer, scheduler = build_optimizer(model, cfg, 100_000)
             forward = torch.compile(model) if which == "compiled" else model
-            variants[which] = (model, forward, optimizer, scheduler)
+            # the job's precision: bf16 autocast on CUDA when train.bf16, float32 otherwise
+            variants[which] = (model, forward, optimizer, scheduler, autocast(device, cfg))
 
         def step(which: str, videos: torch.Tensor) -> float:
-            _model, forward, optimizer, scheduler = variants[which]
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.train.bf16)
-            return optimizer_step(forward, optimizer, scheduler, videos, cfg, autocast)  # the job's own step
+            _model, forward, optimizer, scheduler, precision = variants[which]
+            return optimizer_step(forward, optimizer, scheduler, videos, cfg, precision)  # the job's own step
 
         def block(which: str, steps: int, loader: bool) -> float:
             """Samples/s over ``steps`` steps."""

@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common import emit, median, note, spread
-
-import torch  # noqa: E402  (after common, which puts the repository on sys.path)
-
-from job.config import build_config  # noqa: E402
-from job.data import VideoDataset, generate_dataset  # noqa: E402
-from job.train import build_training, optimizer_step, pick_device  # noqa: E402
+from job.config import build_config
+from job.data import VideoDataset, generate_dataset
+from job.device import pick_device
+from job.training.task import build_optimizer, initial_tokenizer, optimizer_step
 
 TARGET = 5.0
 
@@ -62,7 +61,8 @@ def bench_small(work: Path, repeats: int, batches: int, steps: int) -> None:
     generate_dataset(cfg.data, work / "small")
     dataset = VideoDataset(work / "small", cfg.data)
     batch_size = cfg.train.batch_size
-    model, optimizer, scheduler = build_training(cfg, device, 10_000)
+    model = initial_tokenizer(cfg).to(device)  # as TokenizerTask builds it
+    optimizer, scheduler = build_optimizer(model, cfg, 10_000)
     train = dataset.split("train")
     step_batches = [dataset.get(train[i * batch_size : (i + 1) * batch_size])[0] for i in range(steps)]
     train_rate(cfg, model, optimizer, scheduler, step_batches[:3])  # warm-up: oneDNN primitives, allocator

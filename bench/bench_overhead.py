@@ -4,10 +4,11 @@
 
 Same model, data, batches and number of steps in both, in this one process:
 
-- bare: build_training(), then per epoch the job's batch order (epoch_order) through
-  VideoDataset.get, forward, compute_loss, backward, clip, AdamW step, scheduler step, and the
-  same validation pass at each epoch end (validation is training work, not safety). Nothing else.
-- full: job.train.train(cfg, store) on an s3:// run folder served by a moto S3 server on
+- bare: the model, AdamW and schedule TokenizerTask builds (initial_tokenizer, build_optimizer),
+  then per epoch the job's batch order (epoch_order) through VideoDataset.get, forward,
+  compute_loss, backward, clip, AdamW step, scheduler step, and the same validation pass at each
+  epoch end (validation is training work, not safety). Nothing else.
+- full: job.training.loop.train(cfg, store) on an s3:// run folder served by a moto S3 server on
   127.0.0.1 (its own process, as a real bucket is elsewhere), checkpoints every --every-steps
   steps (plus the preset's per-epoch ones and the final one), heartbeat every 1 s,
   progress.json every 1 s, JSON logs (to a file instead of stdout), plots (drawn by the plot
@@ -16,7 +17,7 @@ Same model, data, batches and number of steps in both, in this one process:
   run folder (no uploads), to separate the uploads' share.
 
 The ratio compares the training phase only: the bare loop's time against the time the job
-spends in TrainingLoop.run (first step to final checkpoint, timed by wrapping that method).
+spends in Trainer.run (first step to final checkpoint, timed by wrapping that method).
 What comes before (preflight against the bucket, the checkpoint search, opening and verifying
 the dataset, building the model) and after (waiting for plots, flushing the upload backlog) is
 reported separately, as is the ratio including all of it. The dataset is generated beforehand
@@ -28,7 +29,7 @@ each repeat runs the variants back to back (ABBA order); "ratio" is of the media
 "ratio_of_fastest" of the fastest runs (least disturbed by other processes on a shared
 machine). After the first repeat the two final models are compared: the same weights mean the
 same arithmetic was done. To say where the extra time goes, the job's methods are timed
-(train_step, save, validate, ...), each thread's CPU seconds are read from /proc, and so are
+(Trainer.save, TokenizerTask.train_step and validate, ...; see TIMED), each thread's CPU seconds are read from /proc, and so are
 the CPU seconds of the job's helper process (the plot worker, among "ended child processes")
 and of the S3 server, which shares this machine's cores
 with the job as a real bucket would not. bench_contention.py says what such work on another
@@ -47,15 +48,18 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+import job.training.loop
 from common import KeepLogHandlers, S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
-
-import torch  # noqa: E402  (after common, which puts the repository on sys.path)
-from safetensors.torch import load_file  # noqa: E402
-
-import job.train as jt  # noqa: E402
-from job.config import build_config, split_sizes  # noqa: E402
-from job.data import VideoDataset, generate_dataset  # noqa: E402
-from job.storage import Layout, RunStore  # noqa: E402
+from job.config import build_config, steps_per_epoch
+from job.data import VideoDataset, generate_dataset
+from job.device import pick_device
+from job.storage import Layout, RunStore
+from job.training.loop import Trainer, train
+from job.training.state import epoch_order
+from job.training.task import TokenizerTask, build_optimizer, initial_tokenizer, optimizer_step
 
 TARGET = 1.05
 # Per preset: epochs and repeats that keep `make bench` within its budget on 2 cores.
@@ -64,7 +68,7 @@ WARMUP_STEPS = 5
 
 
 class Timers:
-    """Seconds spent in named calls, accumulated while ``active``."""
+    """Seconds spent in named calls, accumulated since the last ``reset()``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -78,43 +82,62 @@ class Timers:
         self.marks.clear()
         self.sequence.clear()
 
-    def wrap(self, owner: object, name: str, mark: bool = False, logged: bool = False) -> None:
-        original = getattr(owner, name, None)
-        if original is None:  # the job's code moved on; the bench still runs, with less detail
-            return
+    def wrap(self, owner: object, name: str, label: str, mark: bool = False, logged: bool = False) -> None:
+        """Time ``owner.name`` (a method of a class, or a function of the module that calls it)
+        under ``label``. A name the job no longer has fails here, not as a silent zero later."""
+        original = getattr(owner, name)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
             started = time.perf_counter()
             if mark:
-                self.marks[f"{name}.start"] = started
-                self.marks[f"{name}.cpu_start"] = time.process_time()
+                self.marks[f"{label}.start"] = started
+                self.marks[f"{label}.cpu_start"] = time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 ended = time.perf_counter()
                 if mark:
-                    self.marks[f"{name}.end"] = ended
-                    self.marks[f"{name}.cpu_end"] = time.process_time()
-                self.seconds[name] = self.seconds.get(name, 0.0) + ended - started
-                self.calls[name] = self.calls.get(name, 0) + 1
+                    self.marks[f"{label}.end"] = ended
+                    self.marks[f"{label}.cpu_end"] = time.process_time()
+                self.seconds[label] = self.seconds.get(label, 0.0) + ended - started
+                self.calls[label] = self.calls.get(label, 0) + 1
                 if logged:
-                    self.sequence.append((name, ended - started))
+                    self.sequence.append((label, ended - started))
 
         setattr(owner, name, timed)
 
 
-SETUP_PARTS = ("preflight", "prepare_dataset_in_turn", "build_training")
+# What is timed, by the label it is reported under (the names of the job's methods before
+# Trainer and TokenizerTask split the old TrainingLoop, so that results stay comparable):
+# (owner, attribute, label). The setup functions are wrapped in job.training.loop, whose
+# train() calls them by those names.
+TIMED_LOOP = (
+    (Trainer, "run", "run"),  # the training phase: first step to final checkpoint
+    (TokenizerTask, "train_step", "train_step"),
+    (TokenizerTask, "validate", "validate"),
+    (Trainer, "save", "save"),  # snapshot + background commit start + reconstruction picture
+    (Trainer, "report_batch", "report_batch"),
+    (TokenizerTask, "picture", "plot_reconstructions"),  # its forward pass; the plot worker renders
+    (Trainer, "finish_epoch", "finish_epoch"),  # includes validate and the epoch-end save
+)
+TIMED_SETUP = (
+    (job.training.loop, "preflight", "preflight"),
+    (job.training.loop, "prepare_dataset_in_turn", "prepare_dataset_in_turn"),
+    (TokenizerTask, "__init__", "build_training"),  # model, AdamW, schedule
+)
+SETUP_PARTS = tuple(label for _, _, label in TIMED_SETUP)
 TIMERS = Timers()
-for _name in ("run", "train_step", "validate", "save", "report_batch", "plot_reconstructions", "finish_epoch"):
-    TIMERS.wrap(jt.TrainingLoop, _name, mark=_name == "run", logged=_name in ("train_step", "save"))
-for _name in SETUP_PARTS:
-    TIMERS.wrap(jt, _name)
+for _owner, _name, _label in TIMED_LOOP:
+    TIMERS.wrap(_owner, _name, _label, mark=_label == "run", logged=_label in ("train_step", "save"))
+for _owner, _name, _label in TIMED_SETUP:
+    TIMERS.wrap(_owner, _name, _label)
 
 
 def bare_loop(cfg, dataset: VideoDataset, device: torch.device, total_steps: int, max_steps: int = 0) -> dict:
     """The training arithmetic and nothing else."""
-    model, optimizer, scheduler = jt.build_training(cfg, device, total_steps)
+    model = initial_tokenizer(cfg).to(device)  # as TokenizerTask builds it
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     train_indices, val_indices = dataset.split("train"), dataset.split("val")
     if cfg.train.val_batches:
         val_indices = val_indices[: cfg.train.val_batches * cfg.train.batch_size]
@@ -133,13 +156,13 @@ def bare_epochs(
     batch_size = cfg.train.batch_size
     for epoch in range(cfg.train.epochs):
         step_started = time.perf_counter()
-        order = jt.epoch_order(cfg.seed, epoch, len(train_indices))
+        order = epoch_order(cfg.seed, epoch, len(train_indices))
         for start in range(0, len(order), batch_size):
             if max_steps and start // batch_size >= max_steps:
                 return
             began = time.perf_counter()
             videos, _ = dataset.get(train_indices[order[start : start + batch_size]])
-            jt.optimizer_step(model, optimizer, scheduler, videos, cfg)
+            optimizer_step(model, optimizer, scheduler, videos, cfg)
             steps.append(time.perf_counter() - began)
         val_started = time.perf_counter()
         parts["train_step"] += val_started - step_started
@@ -166,7 +189,7 @@ def full_job(cfg, data_template: Path, work: Path, s3: S3Server | None, bucket: 
     started = time.perf_counter()
     try:
         with KeepLogHandlers(), ThreadCPU() as threads:
-            jt.train(cfg, store)
+            train(cfg, store)
         server_cpu = s3.cpu_seconds() - server_cpu if s3 else 0.0
         trained = time.perf_counter()
         store.flush(cfg.storage.flush_seconds)
@@ -243,10 +266,9 @@ def bench_preset(
         "monitor.progress_every_seconds=1",
     ]
     cfg = build_config(preset, None, overrides)
-    device = jt.pick_device(cfg)
+    device = pick_device(cfg)
     torch.set_num_threads(cfg.train.threads or threads)  # what a fresh `python -m job` process would use
-    steps_per_epoch = -(-split_sizes(cfg.data)[0] // cfg.train.batch_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
+    total_steps = steps_per_epoch(cfg) * cfg.train.epochs
 
     data_template = work / f"data-{preset}"
     generate_dataset(cfg.data, data_template)

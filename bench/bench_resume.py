@@ -14,18 +14,20 @@
    shapes it meets), so it is reported apart.
 3. The split of that time, measured separately (medians of --repeats):
    - imports: `python -c pass` (interpreter start) and the job's imports, timed inside a fresh
-     interpreter (job.cli and job.train; for s3 also s3fs, which a local run never imports);
+     interpreter (job.cli and job.training.loop; for s3 also s3fs, which a local run never
+     imports);
    - in this process, in the job's order, with a new RunStore and an empty cache: preflight
      (the run URI's write/read/delete probe; for s3 it also opens the connection), the
      checkpoint search (listing), download (every file of the newest checkpoint through the
-     RunStore), verify (sha256 against the manifest), building the model, load (safetensors
-     decode, JSON, restore()), and the dataset (downloaded when remote, opened with hash
+     RunStore), verify (sha256 against the manifest), building the model (the model, AdamW and
+     schedule TokenizerTask builds), load (safetensors decode, JSON, Checkpoint.restore() of
+     every stateful part), and the dataset (downloaded when remote, opened with hash
      verification);
    - other: what remains of the time to `train.resumed` (logging and config setup, the attempt
      counter, progress.json, threads); measurement noise can make it slightly negative.
 4. The same download / verify / load split for a checkpoint of the `default` model (5 M
-   parameters, 60 MB with the AdamW moments), written by the job's Checkpointer from a freshly
-   built model (not trained), local and s3.
+   parameters, 60 MB with the AdamW moments), written by the job's CheckpointManager from a
+   freshly built model (not trained), local and s3.
 
 Ratios s3 / local are reported for the end-to-end time and each part.
 """
@@ -45,15 +47,17 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+from safetensors.torch import load as load_tensors
+
 from common import ROOT, S3Server, emit, job_env, job_logging_to, median, note, spread
-
-import torch  # noqa: E402  (after common, which puts the repository on sys.path)
-from safetensors.torch import load as load_tensors  # noqa: E402
-
-import job.train as jt  # noqa: E402
-from job.checkpoint import Checkpoint, Checkpointer, restore  # noqa: E402
-from job.config import build_config, split_sizes  # noqa: E402
-from job.storage import Layout, RunStore  # noqa: E402
+from job.checkpoint import Checkpoint, CheckpointReader, RNGState
+from job.checkpointer import CheckpointManager
+from job.config import build_config, steps_per_epoch
+from job.data import prepare_dataset
+from job.storage import Layout, RunStore
+from job.training.state import TrainState
+from job.training.task import build_optimizer, initial_tokenizer
 
 PRESET = "small"
 STOP_AFTER_STEPS = 25  # the first attempt is stopped with SIGTERM after this many steps
@@ -121,7 +125,7 @@ def startup_seconds(env: dict[str, str]) -> float:
 IMPORT_TIMER = """
 import time
 t0 = time.perf_counter()
-import job.cli, job.train
+import job.cli, job.training.loop
 t1 = time.perf_counter()
 import s3fs
 t2 = time.perf_counter()
@@ -130,7 +134,8 @@ print(t1 - t0, t2 - t1)
 
 
 def import_seconds(env: dict[str, str]) -> dict[str, float]:
-    """The job's imports in a fresh interpreter: local runs need job.cli and job.train, s3 runs s3fs too."""
+    """The job's imports in a fresh interpreter: local runs need job.cli and job.training.loop,
+    s3 runs s3fs too."""
     out = subprocess.run([sys.executable, "-c", IMPORT_TIMER], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     job_s, s3fs_s = map(float, out.stdout.split())
     return {"local": job_s, "s3": job_s + s3fs_s}
@@ -151,8 +156,7 @@ def checkpoint_split(uri: str, cache: Path, cfg, total_steps: int, dataset: bool
     parts: dict[str, float] = {}
     try:
         _, parts["preflight"] = timed(lambda: store.preflight(cfg.storage.connect_seconds))
-        checkpointer = Checkpointer(store, cfg.checkpoint.keep_last)
-        names, parts["list"] = timed(checkpointer.names)
+        names, parts["list"] = timed(CheckpointReader(store).names)
         name = names[-1]
 
         def download() -> tuple[dict, dict[str, bytes]]:
@@ -165,9 +169,7 @@ def checkpoint_split(uri: str, cache: Path, cfg, total_steps: int, dataset: bool
         )
         if not ok:
             raise RuntimeError(f"{uri}: {name} does not verify")
-        (model, optimizer, scheduler), parts["build_model"] = timed(
-            lambda: jt.build_training(cfg, torch.device("cpu"), total_steps)
-        )
+        stateful, parts["build_model"] = timed(lambda: built(cfg, total_steps))
 
         def load() -> None:
             checkpoint = Checkpoint(
@@ -175,35 +177,46 @@ def checkpoint_split(uri: str, cache: Path, cfg, total_steps: int, dataset: bool
                 optimizer=load_tensors(blobs["optimizer.safetensors"]), rng=load_tensors(blobs["rng.safetensors"]),
                 state=json.loads(blobs["state.json"]),
             )
-            restore(checkpoint, model, optimizer, scheduler)
+            checkpoint.restore(stateful)
 
         _, parts["load"] = timed(load)
         parts["bytes"] = sum(len(b) for b in blobs.values())
         if dataset:
-            _, parts["dataset"] = timed(lambda: jt.prepare_dataset(cfg, store))
+            _, parts["dataset"] = timed(lambda: prepare_dataset(cfg, store))
     finally:
         store.close()
     # The job's own call, as a cross-check of list + download + verify + decode (a new store,
     # an empty cache: it opens its own connection).
     store = RunStore(uri, cache.with_name(cache.name + "-check"))
     try:
-        _, parts["load_newest_valid"] = timed(Checkpointer(store, cfg.checkpoint.keep_last).load_newest_valid)
+        _, parts["load_newest_valid"] = timed(CheckpointReader(store).load_newest_valid)
     finally:
         store.close()
     return parts
 
 
+def built(cfg, total_steps: int) -> dict:
+    """The stateful parts of a fresh run on the CPU, as train() builds them (TokenizerTask's model,
+    AdamW and schedule; the random states; the train state)."""
+    model = initial_tokenizer(cfg)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState()}
+
+
 def default_checkpoint(folder: Path) -> None:
-    """A checkpoint of the default model with AdamW moments, through the job's Checkpointer."""
+    """A checkpoint of the default model with AdamW moments, through the job's CheckpointManager."""
     cfg = build_config("default")
-    model, optimizer, scheduler = jt.build_training(cfg, torch.device("cpu"), 1000)
-    for p in model.parameters():
+    parts = built(cfg, 1000)
+    for p in parts["model"].parameters():
         p.grad = torch.zeros_like(p)
-    optimizer.step()  # creates the moments, as any trained run has them
+    parts["optimizer"].step()  # creates the moments, as any trained run has them
     store = RunStore(str(folder))
-    Checkpointer(store, cfg.checkpoint.keep_last).save(
-        0, 0, model, optimizer, scheduler, jt.state_from(jt.Position(), cfg, "bench")
-    )
+    manager = CheckpointManager(store, cfg.checkpoint, parts, extra={"config": cfg.to_dict()})
+    try:
+        manager.save("bench")  # step 0, from the fresh TrainState
+        manager.wait()
+    finally:
+        manager.close()
     store.write_json(Layout.config, cfg.to_dict())
 
 
@@ -229,7 +242,7 @@ def main() -> None:
         preempted_run(base, env)
         bucket = s3.create_bucket(f"bench-resume-{uuid.uuid4().hex[:6]}")
         cfg = build_config(PRESET, None, [f"train.epochs={RESUME_EPOCHS}"])
-        total_steps = -(-split_sizes(cfg.data)[0] // cfg.train.batch_size) * RESUME_EPOCHS
+        total_steps = steps_per_epoch(cfg) * RESUME_EPOCHS
 
         e2e: dict[str, list[dict[str, float]]] = {"local": [], "s3": []}
         split: dict[str, list[dict[str, float]]] = {"local": [], "s3": []}

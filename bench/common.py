@@ -21,9 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the working folder of `python -m job` children
 
 FAKE_KEY_ID = "bench"
 FAKE_SECRET = "bench-secret-not-a-real-one"
@@ -76,9 +74,10 @@ def spread(values: list[float], digits: int = 4) -> list[float]:
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    """The environment of a `python -m job` child: no JOB_* settings leak in from the shell."""
+    """The environment of a `python -m job` child: no JOB_* settings leak in from the shell. The
+    package comes from the venv (`pip install -e .`), not from a path in the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **extra)
+    env.update(PYTHONUNBUFFERED="1", **extra)
     return env
 
 
@@ -163,7 +162,7 @@ class S3Server:
 def job_logging_to(path: Path) -> None:
     """The job's logging as `python -m job` sets it up (JSON lines), but into a file instead of
     this process's stdout, which belongs to the bench's JSON result."""
-    from job.monitor import setup_logging
+    from job.monitoring.logs import setup_logging
 
     setup_logging("INFO", mode="train")
     for handler in logging.getLogger().handlers:
@@ -172,8 +171,8 @@ def job_logging_to(path: Path) -> None:
 
 
 class KeepLogHandlers:
-    """train() adds a file handler per attempt to the root logger and never removes it (a process
-    runs one attempt); a bench that calls train() repeatedly removes them again."""
+    """train() adds a file handler per attempt to the root logger (its RunLog) and never removes
+    it (a process runs one attempt); a bench that calls train() repeatedly removes them again."""
 
     def __enter__(self) -> "KeepLogHandlers":
         self.before = list(logging.getLogger().handlers)

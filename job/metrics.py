@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 PSNR_CAP_DB = 100.0
@@ -221,6 +222,6 @@ def fit_linear_probe(
 
 
 def confusion_matrix(true: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts (num_classes, num_classes): rows the true class, columns the predicted one."""
-    pairs = true.long() * num_classes + predicted.long()
-    return torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """Counts (num_classes, num_classes): rows the true class, columns the predicted one
+    (torchmetrics', whose arguments come the other way round)."""
+    return multiclass_confusion_matrix(predicted.long(), true.long(), num_classes=num_classes)

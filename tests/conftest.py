@@ -11,6 +11,13 @@ import pytest
 from tests.helpers import S3Bucket, S3Endpoint, run_job
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs a trained run (it starts the job as a process) is a slow one."""
+    for item in items:
+        if "smoke_baseline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smoke_baseline(tmp_path_factory) -> Path:
     """One uninterrupted smoke run, shared by the tests that compare against it."""

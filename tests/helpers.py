@@ -88,16 +88,14 @@ class JobProcess:
             self._ended = True
             self._changed.notify_all()
 
-    def wait_for(self, *needles: str, timeout: float) -> bool:
-        """Wait until a line holds one of ``needles`` (True) or the output ends first (False);
-        fail the test after ``timeout`` seconds."""
+    def wait_for(self, *needles: str, timeout: float, times: int = 1) -> bool:
+        """Wait until ``times`` lines hold one of ``needles`` (True) or the output ends first
+        (False); fail the test after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        seen = 0
         with self._changed:
             while True:
-                if any(n in line for line in self.lines[seen:] for n in needles):
+                if sum(any(n in line for n in needles) for line in self.lines) >= times:
                     return True
-                seen = len(self.lines)
                 if self._ended:
                     return False
                 left = deadline - time.monotonic()
@@ -121,6 +119,15 @@ class JobProcess:
 
     def events(self, name: str | None = None) -> list[dict]:
         return [e for e in log_events(self.output) if name is None or e["event"] == name]
+
+
+def poll_until(predicate, timeout: float, what: str, every: float = 0.1) -> None:
+    """For a state outside any process's output (a bucket, a file): check it every ``every``
+    seconds, and fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
 
 
 def sha256(path: Path) -> str:

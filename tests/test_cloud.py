@@ -6,20 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from job.config import build_config, split_sizes
+from job.checkpoint import delete_checkpoint
 from job.storage import Layout, RunStore
-from tests.helpers import ROOT, job_command, job_env, log_events, run_job, sha256
+from tests.helpers import SMOKE, SMOKE_STEPS, JobProcess, log_events, poll_until, run_job, sha256
 
 pytestmark = pytest.mark.timeout(300)
 
-SMOKE = build_config("smoke")
-SMOKE_STEPS = SMOKE.train.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.train.batch_size)
 FAST_RETRY = ("--set", "storage.retry_max_seconds=2")
 
 
@@ -44,6 +41,7 @@ def train_s3(s3, cache: Path, *extra: str, timeout: float = 180) -> subprocess.C
                    timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_run_in_a_bucket_has_the_whole_run_folder(s3, tmp_path, smoke_baseline):
     result = train_s3(s3, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
@@ -67,6 +65,7 @@ def test_a_run_in_a_bucket_has_the_whole_run_folder(s3, tmp_path, smoke_baseline
     )
 
 
+@pytest.mark.slow
 def test_a_new_container_resumes_from_the_bucket_alone(s3, tmp_path):
     assert train_s3(s3, tmp_path / "first").returncode == 0
     epochs = SMOKE.train.epochs + 1
@@ -82,6 +81,7 @@ def test_a_new_container_resumes_from_the_bucket_alone(s3, tmp_path):
     assert f"run/{Layout.log_file(2)}" in s3.keys("run/logs/")
 
 
+@pytest.mark.slow
 def test_a_bucket_checkpoint_without_manifest_or_with_a_wrong_hash_is_skipped(s3, tmp_path):
     assert train_s3(s3, tmp_path / "first", "--set", "checkpoint.keep_last=3").returncode == 0
     kept = bucket_checkpoints(s3)
@@ -153,7 +153,7 @@ def test_deleting_a_checkpoint_in_the_bucket_removes_its_manifest_first_then_the
     real_delete, real_delete_many = store.remote.delete, store.remote.delete_many
     store.remote.delete = lambda rel: (calls.append(("delete", [rel])), real_delete(rel))
     store.remote.delete_many = lambda rels: (calls.append(("delete_many", rels)), real_delete_many(rels))
-    store.delete_tree(Layout.checkpoint_dir(name))
+    delete_checkpoint(store, name)
     store.flush(20)
     store.close()
     assert s3.keys(f"prune/{Layout.checkpoint_dir(name)}") == []
@@ -162,25 +162,8 @@ def test_deleting_a_checkpoint_in_the_bucket_removes_its_manifest_first_then_the
     assert sorted(calls[1][1]) == sorted(Layout.checkpoint_file(name, f) for f in files[:-1])
 
 
-def start_train(s3, cache: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        job_command("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *FAST_RETRY, *extra),
-        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def collect(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    return lines, reader
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+def start_train(s3, cache: Path, *extra: str) -> JobProcess:
+    return JobProcess.job("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *FAST_RETRY, *extra)
 
 
 def local_step(cache: Path) -> int:
@@ -190,24 +173,24 @@ def local_step(cache: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_training_goes_on_while_the_endpoint_is_away_and_the_backlog_drains(s3, tmp_path):
     cache = tmp_path / "cache"
     epochs = 50
     proc = start_train(s3, cache, "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=40",
                        "--set", "storage.flush_seconds=90")
-    lines, reader = collect(proc)
     try:
-        wait_for(lambda: bucket_checkpoints(s3), 90, "a first checkpoint in the bucket")
+        poll_until(lambda: bucket_checkpoints(s3), 90, "a first checkpoint in the bucket")
         s3.endpoint.stop()
         down_at_step = local_step(cache)
-        time.sleep(30)
+        proc.wait_for('"upload.retry"', timeout=60, times=3)  # the store is away, and known to be
+        poll_until(lambda: local_step(cache) > down_at_step + 20 or proc.poll() is not None, 120,
+                   "training to go on while the store is away")
         assert proc.poll() is None, "training stopped while the store was away"
-        assert local_step(cache) > down_at_step + 20, "training did not go on while the store was away"
     finally:
         s3.endpoint.start()
-    assert proc.wait(timeout=240) == 0, "".join(lines[-30:])
-    reader.join(5)
-    events = log_events("".join(lines))
+    assert proc.wait(timeout=240) == 0, proc.output[-3000:]
+    events = proc.events()
     retries = [e for e in events if e["event"] == "upload.retry"]
     assert retries and max(e["attempt"] for e in retries) >= 2
     assert all("EndpointConnectionError" in e["error"] or "Could not connect" in e["error"] for e in retries)
@@ -219,18 +202,17 @@ def test_training_goes_on_while_the_endpoint_is_away_and_the_backlog_drains(s3, 
         assert_verified_in_bucket(s3, name)
 
 
+@pytest.mark.slow
 def test_an_undeliverable_backlog_fails_clearly_and_the_next_attempt_delivers_it(s3, tmp_path):
     cache = tmp_path / "cache"
     proc = start_train(s3, cache, "--set", "storage.flush_seconds=3", "--set", "checkpoint.every_steps=0")
-    lines, reader = collect(proc)
     try:
-        wait_for(lambda: f"run/{Layout.progress}" in s3.keys("run/"), 60, "the run to appear in the bucket")
+        poll_until(lambda: f"run/{Layout.progress}" in s3.keys("run/"), 60, "the run to appear in the bucket")
         s3.endpoint.stop()
         assert proc.wait(timeout=120) == 1
     finally:
         s3.endpoint.start()
-    reader.join(5)
-    output = "".join(lines)
+    output = proc.output
     assert "could not be delivered" in output and "local cache" in output
     assert (cache / "checkpoints" / f"step-{SMOKE_STEPS:08d}" / "manifest.json").exists()
 
@@ -242,24 +224,23 @@ def test_an_undeliverable_backlog_fails_clearly_and_the_next_attempt_delivers_it
     assert bucket_progress(s3)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_start_while_the_endpoint_is_down_waits_and_resumes_instead_of_starting_over(s3, tmp_path):
     assert train_s3(s3, tmp_path / "first").returncode == 0
     epochs = SMOKE.train.epochs + 1
     s3.endpoint.stop()
     try:
         proc = start_train(s3, tmp_path / "empty", "--set", f"train.epochs={epochs}", "--set", "storage.connect_seconds=60")
-        lines, reader = collect(proc)
-        wait_for(lambda: any('"storage.unreachable"' in line for line in lines), 60, "a retry of the unreachable store")
-        time.sleep(3)
+        proc.wait_for('"storage.unreachable"', timeout=60, times=2)  # retried, not given up
     finally:
         s3.endpoint.start()
-    assert proc.wait(timeout=180) == 0, "".join(lines[-20:])
-    reader.join(5)
-    events = log_events("".join(lines))
+    assert proc.wait(timeout=180) == 0, proc.output[-3000:]
+    events = proc.events()
     assert not any(e["event"] == "train.fresh_start" for e in events)
     assert [e["step"] for e in events if e["event"] == "train.resumed"] == [SMOKE_STEPS]
 
 
+@pytest.mark.slow
 def test_a_store_that_stays_away_ends_the_start_with_exit_1_and_touches_nothing(s3, tmp_path):
     assert train_s3(s3, tmp_path / "first").returncode == 0
     before = {k: s3.get(k) for k in s3.keys("run/checkpoints/")}

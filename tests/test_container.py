@@ -278,6 +278,7 @@ def test_entrypoint_help_without_a_mode_is_trains_help():
     assert "--run-uri" in result.stdout and "--cache-dir" in result.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_entrypoints_pid_reaches_python_which_saves_and_exits_143(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(

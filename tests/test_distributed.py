@@ -16,7 +16,7 @@ import pytest
 from job.config import build_config, split_sizes
 from tests.helpers import ROOT, job_env, log_events, run_job
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 SMOKE = build_config("smoke")
 N_TRAIN = split_sizes(SMOKE.data)[0]
 

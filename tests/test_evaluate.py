@@ -18,7 +18,7 @@ from job.data import VideoDataset
 from job.evaluate import KINDS, load_best_checkpoint
 from job.storage import RunStore
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = {

@@ -365,19 +365,20 @@ sys.meta_path.insert(0, ForbidHeavyImports())
 
 
 def test_status_imports_no_torch_or_numpy(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(FORBID_HEAVY_IMPORTS)
-    env = job_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)])
-    guard = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    # `python -m job status ...` with an import hook that makes torch and numpy uninstallable.
+    guarded = FORBID_HEAVY_IMPORTS + "import runpy\nrunpy.run_module('job', run_name='__main__')\n"
+    guard = subprocess.run([sys.executable, "-c", FORBID_HEAVY_IMPORTS + "import torch"], capture_output=True, text=True)
     assert guard.returncode != 0 and "not installed here" in guard.stderr  # the guard itself works
 
     for files, exit_code in ((crafted_run("running"), 0), (crafted_run("failed"), 1)):
         run = write_run(tmp_path / f"run-{exit_code}", files)
         for args in ((), ("--json",)):
-            result = status_process(str(run), *args, env=env)
+            result = subprocess.run(
+                [sys.executable, "-c", guarded, "status", str(run), *args],
+                env=job_env(), capture_output=True, text=True, timeout=60,
+            )
             assert result.returncode == exit_code, result.stdout + result.stderr
+            assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_status_answers_fast_on_a_local_run(tmp_path):

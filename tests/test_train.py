@@ -12,7 +12,7 @@ import pytest
 from job.config import build_config, split_sizes
 from tests.helpers import final_model, log_events, run_job, sha256
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PROGRESS_FIELDS = {
     "status", "mode", "epoch", "epochs", "step", "total_steps", "loss", "samples_per_second",

@@ -20,7 +20,7 @@ from job.storage import RunStore
 from job.verify import run_verify
 from tests.helpers import ROOT, job_command, job_env, log_events, run_job
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PER_CHECKPOINT = ("manifest", "safe_load", "forward", "cadence", "weights_changed", "metrics_history")
 CHECK_KINDS = {*PER_CHECKPOINT, "latest", "checkpoints"}

@@ -12,7 +12,7 @@ from tenacity import Retrying, wait_exponential_jitter
 
 from job.fsutil import json_bytes
 from job.storage.folders import LocalFolder, RemoteFolder, StorageError, default_cache_dir, is_remote
-from job.storage.uploader import Uploader, _Op, describe
+from job.storage.uploader import Uploader, Op, describe
 
 log = structlog.get_logger("job.storage")
 
@@ -66,7 +66,7 @@ class RunStore:
     def publish(self, rel: str) -> None:
         """Mirror the local file ``rel`` (e.g. a log the logging module appends to)."""
         if self.uploader:
-            self.uploader.submit(_Op("put", rel))
+            self.uploader.submit(Op("put", rel))
 
     def delete_tree(self, rel: str, first: tuple[str, ...] = ()) -> None:
         """Delete folder ``rel`` here and at the run URI; the files named in ``first`` go before
@@ -75,7 +75,7 @@ class RunStore:
             return
         self.local.delete_tree(rel, first)
         if self.uploader:
-            self.uploader.submit(_Op("delete_tree", rel, first))
+            self.uploader.submit(Op("delete_tree", rel, first))
 
     def local_path(self, rel: str) -> Path:
         """Where ``rel`` lives in the local working copy (parents created)."""

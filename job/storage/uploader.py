@@ -21,13 +21,13 @@ log = structlog.get_logger("job.storage")
 
 
 @dataclass(frozen=True)
-class _Op:
+class Op:
     kind: str  # "put" | "delete_tree"
     rel: str
     first: tuple[str, ...] = ()  # delete_tree: the file names deleted before the rest
 
 
-class _Lane:
+class Lane:
     """One background thread delivering operations to the remote folder in order.
 
     Submitting an operation on a path that is already waiting moves it to the back of the line
@@ -42,7 +42,7 @@ class _Lane:
         while a file not sent lately (the first progress of an attempt) goes at once."""
         self.name, self.local, self.remote, self.max_wait, self.pause = name, local, remote, max_wait, pause
         self.clock = clock  # the pause's clock; tests pass a fake one
-        self._pending: OrderedDict[str, _Op] = OrderedDict()
+        self._pending: OrderedDict[str, Op] = OrderedDict()
         self._cond = threading.Condition()
         self._busy = False
         self._last_sent: dict[str, float] = {}
@@ -51,7 +51,7 @@ class _Lane:
         self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, op: _Op) -> None:
+    def submit(self, op: Op) -> None:
         with self._cond:
             self._pending.pop(op.rel, None)
             self._pending[op.rel] = op
@@ -114,7 +114,7 @@ class _Lane:
             soonest = min(soonest, due - now)
         return None, soonest
 
-    def _deliver(self, op: _Op) -> bool:
+    def _deliver(self, op: Op) -> bool:
         retrying = Retrying(
             wait=wait_exponential_jitter(multiplier=0.5, max=self.max_wait),
             retry=retry_if_exception_type(Exception),
@@ -130,7 +130,7 @@ class _Lane:
             log.error("upload.abandoned", lane=self.name, path=op.rel, error=describe(exc))
             return False
 
-    def _apply(self, op: _Op) -> None:
+    def _apply(self, op: Op) -> None:
         if op.kind == "put":
             data = self.local.read_bytes(op.rel)
             if data is not None:  # gone locally: a later delete will follow it
@@ -157,15 +157,15 @@ class Uploader:
     so that a large checkpoint never holds back a heartbeat."""
 
     def __init__(self, local: Folder, remote: Folder, max_wait: float, live_pause: float = 0.0):
-        self.ordered = _Lane("ordered", local, remote, max_wait)
+        self.ordered = Lane("ordered", local, remote, max_wait)
         # Every request costs CPU in this process (botocore holds the GIL that training needs)
         # and at the store: progress and logs, rewritten several times a second, rest between sends.
-        self.live = _Lane("live", local, remote, max_wait, pause=live_pause)
+        self.live = Lane("live", local, remote, max_wait, pause=live_pause)
 
-    def lane(self, rel: str) -> _Lane:
+    def lane(self, rel: str) -> Lane:
         return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live
 
-    def submit(self, op: _Op) -> None:
+    def submit(self, op: Op) -> None:
         self.lane(op.rel).submit(op)
 
     def flush(self, timeout: float) -> list[str]:

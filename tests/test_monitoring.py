@@ -1,0 +1,107 @@
+"""Monitoring in process: the watchdog and the heartbeat driven by a fake clock, stop signals,
+progress files, and redaction of secrets in log records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+
+import pytest
+
+from job.monitoring.lifecycle import StopRequest, Watchdog
+from job.monitoring.logs import REDACTED, redact
+from job.monitoring.progress import Heartbeat, Progress, render_progress
+from job.storage import Layout, RunStore
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def progress(tmp_path) -> Progress:
+    return Progress(RunStore(str(tmp_path)), attempt=2, epochs=4, total_steps=100)
+
+
+def read_progress(progress: Progress) -> dict:
+    return json.loads((progress.store.root / Layout.progress).read_text())
+
+
+def test_the_watchdog_ends_a_run_with_no_step_for_its_limit(progress, caplog):
+    clock, exits = FakeClock(), []
+    watchdog = Watchdog(progress, limit=60, clock=clock, exit=exits.append)
+    clock.now += 59
+    watchdog.tick()
+    assert exits == []
+    watchdog.touch()  # a step completed
+    clock.now += 59
+    watchdog.tick()
+    assert exits == []
+    clock.now += 1
+    with caplog.at_level(logging.ERROR):
+        watchdog.tick()
+    assert exits == [Watchdog.EXIT_STALLED] == [75]
+    state = read_progress(progress)
+    assert state["status"] == "stalled" and "60 s" in state["error"]
+
+
+def test_the_watchdog_gives_on_stall_its_chance_even_when_it_fails(progress):
+    clock, exits, called = FakeClock(), [], []
+
+    def on_stall():
+        called.append(True)
+        raise OSError("the store is away")
+
+    watchdog = Watchdog(progress, limit=1, clock=clock, exit=exits.append, on_stall=on_stall)
+    clock.now += 5
+    with pytest.raises(OSError):
+        watchdog.tick()
+    assert called and exits == [75]  # the exit comes whatever on_stall did
+
+
+def test_a_heartbeat_refreshes_progress_and_survives_a_failing_upload(progress):
+    beats = []
+
+    def on_beat():
+        beats.append(True)
+        raise OSError("upload failed")
+
+    before = read_progress(progress)["heartbeat_at"] if (progress.store.root / Layout.progress).exists() else None
+    heartbeat = Heartbeat(progress, interval=30, on_beat=on_beat)
+    heartbeat.tick()
+    heartbeat.tick()  # the first failure did not end anything
+    assert len(beats) == 2
+    state = read_progress(progress)
+    assert state["heartbeat_at"] and state["heartbeat_at"] != before
+    assert "status:" in (progress.store.root / Layout.progress_text).read_text()
+
+
+def test_a_stop_signal_is_a_request_and_the_handler_is_put_back(progress):
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal changes nothing
+        assert stop.requested and stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_secrets_are_redacted_by_value_and_by_key():
+    record = {"error": "denied for key AKIASECRET123", "headers": {"Authorization": "AWS4 abc"}, "n": 3}
+    clean = redact(record, ("AKIASECRET123",))
+    assert clean == {"error": f"denied for key {REDACTED}", "headers": {"Authorization": REDACTED}, "n": 3}
+
+
+def test_progress_renders_for_a_person():
+    text = render_progress({"status": "running", "mode": "train", "attempt": 2, "epoch": 3, "epochs": 4,
+                            "step": 50, "total_steps": 100, "loss": 0.5, "samples_per_second": 12.0,
+                            "eta_seconds": 65, "error": "boom"})
+    assert "50/100 (50.0%)" in text and "1m05s" in text and "error:           boom" in text

@@ -32,6 +32,7 @@ from safetensors.torch import save as save_tensors
 
 from job.fsutil import json_bytes
 from job.storage import Layout, RunStore
+from job.storage.layout import StageLayout
 from job.training.state import TrainState
 
 MODEL_FILE = "model.safetensors"
@@ -168,23 +169,24 @@ def is_plain_file_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
-def delete_checkpoint(store: RunStore, name: str) -> None:
+def delete_checkpoint(store: RunStore, name: str, stage: StageLayout = Layout.tokenizer) -> None:
     """Remove a checkpoint, here and at the run URI: its manifest first, so that a half-deleted
     folder never counts as committed."""
-    store.delete_tree(Layout.checkpoint_dir(name), first=(MANIFEST_FILE,))
+    store.delete_tree(stage.checkpoint_dir(name), first=(MANIFEST_FILE,))
 
 
 class CheckpointReader:
-    """Finds, verifies and loads the checkpoints of a run folder; never writes."""
+    """Finds, verifies and loads the checkpoints of one stage of a run folder; never writes."""
 
-    def __init__(self, store: RunStore):
+    def __init__(self, store: RunStore, stage: StageLayout = Layout.tokenizer):
         self.store = store
+        self.stage = stage
 
     def inventory(self) -> dict[str, bool]:
         """Each checkpoint folder, and whether it has a manifest (hashes not checked)."""
         return {
-            name: self.store.exists(Layout.checkpoint_manifest(name))
-            for name in self.store.list_dir(Layout.checkpoints)
+            name: self.store.exists(self.stage.checkpoint_manifest(name))
+            for name in self.store.list_dir(self.stage.checkpoints)
             if name.startswith("step-")
         }
 
@@ -198,7 +200,7 @@ class CheckpointReader:
 
     def load(self, name: str) -> Checkpoint:
         """Read and verify every file against the manifest; raise CheckpointError on any doubt."""
-        manifest = self.store.read_json(Layout.checkpoint_file(name, MANIFEST_FILE))
+        manifest = self.store.read_json(self.stage.checkpoint_manifest(name))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ManifestMismatch(f"{name}: no readable manifest.json")
         foreign = [f for f in manifest["files"] if not is_plain_file_name(f)]
@@ -209,7 +211,7 @@ class CheckpointReader:
             raise ManifestMismatch(f"{name}: manifest lacks {', '.join(sorted(missing))}")
         blobs = {}
         for filename, expected in manifest["files"].items():
-            data = self.store.read_bytes(Layout.checkpoint_file(name, filename))
+            data = self.store.read_bytes(self.stage.checkpoint_file(name, filename))
             if data is None:
                 raise ManifestMismatch(f"{name}/{filename}: missing")
             if not isinstance(expected, dict) or len(data) != expected.get("size"):
@@ -233,9 +235,10 @@ class CheckpointReader:
             raise UnreadableCheckpoint(f"{name}: state.json lacks {', '.join(sorted(missing_state))}")
         return checkpoint
 
-    def load_newest_valid(self) -> Checkpoint | None:
-        """The newest checkpoint that passes verification; each one skipped is logged as a warning."""
-        for name in reversed(self.names()):
+    def load_newest_valid(self, names: list[str] | None = None) -> Checkpoint | None:
+        """The newest checkpoint (of ``names``, else of all) that passes verification; each one
+        skipped is logged as a warning."""
+        for name in reversed(sorted(self.names() if names is None else names)):
             try:
                 return self.load(name)
             except CheckpointError as exc:

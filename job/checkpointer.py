@@ -16,9 +16,10 @@ from typing import Any
 
 import structlog
 
-from job.checkpoint import MANIFEST_FILE, CheckpointReader, Snapshot, Stateful, delete_checkpoint, make_manifest, take_snapshot
+from job.checkpoint import Snapshot, Stateful, delete_checkpoint, make_manifest, take_snapshot
 from job.config import CheckpointConfig
 from job.storage import Layout, RunStore
+from job.storage.layout import StageLayout
 from job.training.state import TrainState
 
 log = structlog.get_logger("job.checkpoint")
@@ -31,22 +32,24 @@ class CheckpointManager:
     def __init__(
         self,
         store: RunStore,
+        stage: StageLayout,
         cadence: CheckpointConfig,
         parts: dict[str, Stateful],
         extra: dict[str, Any],
+        inventory: dict[str, bool],
         on_commit: Callable[[str], None] = lambda name: None,
         clock: Callable[[], float] = time.monotonic,
     ):
         """``parts``: model, optimizer, scheduler, rng and train (a TrainState); ``extra``: what
-        else state.json records (the config). ``on_commit(name)`` runs on the writer thread once a
+        else state.json records (the config); ``inventory``: each checkpoint folder and whether
+        it is committed (``CheckpointReader.inventory``), listed when the run URI has just
+        answered, then kept current here, so that the training thread never waits on a store
+        that may be away. ``on_commit(name)`` runs on the writer thread once a
         checkpoint is committed."""
-        self.store, self.cadence, self.parts, self.extra = store, cadence, parts, extra
+        self.store, self.stage, self.cadence, self.parts, self.extra = store, stage, cadence, parts, extra
         self.on_commit, self.clock = on_commit, clock
         self.last_save = clock()
-        # Each folder and whether it is committed: listed once at start, when the run URI has
-        # just answered the preflight, then kept current here, so that the training thread never
-        # waits on a store that may be away.
-        self._folders = CheckpointReader(store).inventory()
+        self._folders = dict(inventory)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
 
@@ -100,15 +103,15 @@ class CheckpointManager:
         # A folder of this name can only be a leftover of an attempt that died before or
         # after committing it, from a step this attempt has redone: it is replaced.
         if name in self._folders:
-            delete_checkpoint(self.store, name)
+            delete_checkpoint(self.store, name, self.stage)
         for filename, data in files.items():
-            self.store.write_bytes(Layout.checkpoint_file(name, filename), data)
-        self.store.write_json(Layout.checkpoint_file(name, MANIFEST_FILE), manifest)
-        self.store.write_json(Layout.latest, {"checkpoint": name, "step": step})
+            self.store.write_bytes(self.stage.checkpoint_file(name, filename), data)
+        self.store.write_json(self.stage.checkpoint_manifest(name), manifest)
+        self.store.write_json(self.stage.latest, {"checkpoint": name, "step": step})
         self._folders[name] = True
         pruned = self._prune(name, best)
         log.info(
-            "checkpoint.saved", checkpoint=name, reason=reason, step=step, epoch=epoch,
+            "checkpoint.saved", checkpoint=name, stage=self.stage.checkpoints, reason=reason, step=step, epoch=epoch,
             seconds=round(time.monotonic() - started, 3), pruned=pruned,
         )
         self.on_commit(name)
@@ -121,27 +124,27 @@ class CheckpointManager:
         keep = set(committed[-self.cadence.keep_last :]) | {newest} | ({best} if best else set())
         doomed = [n for n in sorted(self._folders) if n < newest and n not in keep]
         for name in doomed:
-            delete_checkpoint(self.store, name)
+            delete_checkpoint(self.store, name, self.stage)
             del self._folders[name]
         return doomed
 
 
-def mirror_unsent(store: RunStore) -> None:
+def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
     """Queue for upload, in commit order, the checkpoints this machine's working copy holds
     but the run URI does not (an earlier attempt ended before its backlog drained)."""
     if store.remote is None:
         return
-    local = [n for n in store.local.list_dir(Layout.checkpoints) if n.startswith("step-")]
+    local = [n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-")]
     unsent = [
         n for n in local
-        if store.local.exists(Layout.checkpoint_manifest(n))
-        and not store.exists_remotely(Layout.checkpoint_manifest(n))
+        if store.local.exists(stage.checkpoint_manifest(n))
+        and not store.exists_remotely(stage.checkpoint_manifest(n))
     ]
     for name in unsent:
-        manifest = store.read_json(Layout.checkpoint_manifest(name)) or {}
+        manifest = store.read_json(stage.checkpoint_manifest(name)) or {}
         for filename in manifest.get("files", {}):
-            store.publish(Layout.checkpoint_file(name, filename))
-        store.publish(Layout.checkpoint_manifest(name))
+            store.publish(stage.checkpoint_file(name, filename))
+        store.publish(stage.checkpoint_manifest(name))
         log.info("checkpoint.reupload", checkpoint=name)
-    if unsent and store.local.exists(Layout.latest):
-        store.publish(Layout.latest)
+    if unsent and store.local.exists(stage.latest):
+        store.publish(stage.latest)

@@ -80,6 +80,31 @@ class TrainConfig:
 
 
 @dataclass
+class Stage2Config:
+    """MAGVIT stage 2: the masked token transformer over the frozen tokenizer's codes. ``train``
+    runs it after the tokenizer; epochs 0 skips it."""
+
+    epochs: int = 60
+    batch_size: int = 32
+    dim: int = 256
+    depth: int = 8
+    heads: int = 8
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    # How often each task is drawn for a training sample (relative weights).
+    unconditional_weight: float = 1.0
+    class_weight: float = 2.0
+    predict_weight: float = 2.0
+    predict_latent_frames: int = 0  # latent frames given when predicting; 0 means half of them
+    # Sampling (sample, predict, evaluate): not part of the training math.
+    sample_steps: int = 12
+    temperature: float = 1.0
+    samples_per_class: int = 4
+    sample_seed: int = 0
+    eval_videos: int = 64  # test videos the prediction section of evaluate uses
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 10
     every_steps: int = 0  # 0 disables
@@ -111,6 +136,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -122,8 +148,14 @@ class Config:
 # Sections whose values change the numbers a run computes. Resuming with any of them changed
 # is refused; everything else (epochs, cadence, logging) may differ between attempts.
 MATH_SECTIONS = ("seed", "data", "model", "optim", "train.batch_size", "train.bf16")
-# data.uri only says where the same shards live, so moving them is not a change of math.
-NOT_MATH_KEYS = ("data.uri",)
+# Stage 2 trains on the tokenizer's codes: its checkpoints also depend on its own section.
+STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
+# data.uri only says where the same shards live, so moving them is not a change of math; the
+# stage-2 epochs and sampling settings do not change what has been trained.
+NOT_MATH_KEYS = (
+    "data.uri", "stage2.epochs", "stage2.sample_steps", "stage2.temperature", "stage2.samples_per_class",
+    "stage2.sample_seed", "stage2.eval_videos",
+)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -146,6 +178,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint.every_epochs": 2,
         "checkpoint.every_minutes": 2.0,
         "monitor.heartbeat_seconds": 10.0,
+        "stage2.epochs": 12,
+        "stage2.batch_size": 16,
+        "stage2.dim": 64,
+        "stage2.depth": 3,
+        "stage2.heads": 4,
+        "stage2.lr": 2e-3,
+        "stage2.warmup_steps": 50,
     },
     "smoke": {
         "data.num_samples": 256,
@@ -172,6 +211,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint.keep_last": 2,
         "monitor.heartbeat_seconds": 2.0,
         "monitor.progress_every_seconds": 0.5,
+        "stage2.epochs": 3,
+        "stage2.batch_size": 8,
+        "stage2.dim": 32,
+        "stage2.depth": 2,
+        "stage2.heads": 2,
+        "stage2.lr": 3e-3,
+        "stage2.warmup_steps": 4,
+        "stage2.sample_steps": 6,
+        "stage2.samples_per_class": 2,
+        "stage2.eval_videos": 16,
     },
 }
 
@@ -308,6 +357,33 @@ def validate(config: Config) -> None:
     for key, value in {"optim.beta1": o.beta1, "optim.beta2": o.beta2}.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    s2 = config.stage2
+    for key, value in {
+        "stage2.batch_size": s2.batch_size, "stage2.dim": s2.dim, "stage2.depth": s2.depth, "stage2.heads": s2.heads,
+        "stage2.lr": s2.lr, "stage2.sample_steps": s2.sample_steps, "stage2.samples_per_class": s2.samples_per_class,
+        "stage2.eval_videos": s2.eval_videos,
+    }.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    for key, value in {
+        "stage2.epochs": s2.epochs, "stage2.warmup_steps": s2.warmup_steps, "stage2.temperature": s2.temperature,
+        "stage2.predict_latent_frames": s2.predict_latent_frames, "stage2.sample_seed": s2.sample_seed,
+        "stage2.unconditional_weight": s2.unconditional_weight, "stage2.class_weight": s2.class_weight,
+        "stage2.predict_weight": s2.predict_weight,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    if s2.dim % s2.heads:
+        raise ConfigError(f"stage2.dim: {s2.dim} is not divisible by stage2.heads={s2.heads}")
+    if not s2.unconditional_weight + s2.class_weight + s2.predict_weight > 0:
+        raise ConfigError("stage2.predict_weight: the three task weights must not all be 0")
+    latent_frames = d.frames // 2**m.temporal_downsample
+    if s2.predict_latent_frames >= latent_frames:
+        raise ConfigError(
+            f"stage2.predict_latent_frames: must leave a latent frame to predict (the tokenizer gives {latent_frames})"
+        )
+    if d.num_samples - n_val - n_test < s2.batch_size:
+        raise ConfigError(f"stage2.batch_size: {s2.batch_size} is more than the {d.num_samples - n_val - n_test} training samples")
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 

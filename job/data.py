@@ -318,6 +318,11 @@ class VideoDataset:
             raise DataError(f"sample {sample}: label {labels[bad[0]]} outside 0..{len(self.cfg.classes) - 1}")
         return labels
 
+    @property
+    def labels(self) -> np.ndarray:
+        """The class of every sample, by index."""
+        return self._labels
+
     def split(self, name: str) -> np.ndarray:
         """Global indices of ``train``, ``val`` or ``test``: contiguous ranges in that order."""
         if name not in SPLITS:

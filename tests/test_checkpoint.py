@@ -44,7 +44,10 @@ def manager(store, parts, keep_last: int = 2, clock=None, **cadence) -> Checkpoi
     set_value(cfg, "checkpoint.keep_last", keep_last)
     for key, value in cadence.items():
         set_value(cfg, f"checkpoint.{key}", value)
-    return CheckpointManager(store, cfg.checkpoint, parts, extra={"config": CFG.to_dict()}, clock=clock or FakeClock())
+    return CheckpointManager(
+        store, Layout.tokenizer, cfg.checkpoint, parts, extra={"config": CFG.to_dict()}, inventory=CheckpointReader(store).inventory(),
+        clock=clock or FakeClock(),
+    )
 
 
 def save_at(checkpoints: CheckpointManager, step: int, reason: str = FINAL, val_loss: float | None = None) -> str:

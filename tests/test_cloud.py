@@ -113,7 +113,7 @@ def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
     model = initial_tokenizer(SMOKE)
     optimizer, scheduler = build_optimizer(model, SMOKE, total_steps=10)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState(step=3)}
-    CheckpointManager(store, SMOKE.checkpoint, parts, extra={"config": SMOKE.to_dict()}).save(FINAL)
+    CheckpointManager(store, Layout.tokenizer, SMOKE.checkpoint, parts, extra={"config": SMOKE.to_dict()}, inventory={}).save(FINAL)
     store.flush(30)
     store.close()
     name = "step-00000003"

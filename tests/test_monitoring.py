@@ -95,9 +95,11 @@ def test_a_stop_signal_is_a_request_and_the_handler_is_put_back(progress):
 
 
 def test_secrets_are_redacted_by_value_and_by_key():
-    record = {"error": "denied for key AKIASECRET123", "headers": {"Authorization": "AWS4 abc"}, "n": 3}
+    record = {"error": "denied for key AKIASECRET123", "headers": {"Authorization": "AWS4 abc"}, "n": 3,
+              "aws_session_token": "x", "tokenizer": {"checkpoint": "step-1"}}
     clean = redact(record, ("AKIASECRET123",))
-    assert clean == {"error": f"denied for key {REDACTED}", "headers": {"Authorization": REDACTED}, "n": 3}
+    assert clean == {"error": f"denied for key {REDACTED}", "headers": {"Authorization": REDACTED}, "n": 3,
+                     "aws_session_token": REDACTED, "tokenizer": {"checkpoint": "step-1"}}
 
 
 def test_progress_renders_for_a_person():

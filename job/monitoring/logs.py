@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -29,7 +30,11 @@ def _add_run_context(_logger: Any, _name: str, event: dict[str, Any]) -> dict[st
 
 # Environment variables whose values must never reach a log line or a file of the run.
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
-SECRET_KEY_WORDS = ("secret", "password", "token", "credential", "authorization")
+# A field is a secret when one word of its name is one of these (aws_session_token, Authorization;
+# not tokenizer or max_tokens).
+SECRET_KEY_WORDS = frozenset({
+    "secret", "secrets", "password", "passwd", "token", "credential", "credentials", "authorization",
+})
 REDACTED = "[REDACTED]"
 # Clients that log request details (signed headers, credentials providers) at DEBUG.
 NOISY_LOGGERS = ("botocore", "boto3", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp", "s3transfer")
@@ -42,7 +47,7 @@ def redact(value: Any, secrets: tuple[str, ...]) -> Any:
         return value
     if isinstance(value, dict):
         return {
-            k: REDACTED if any(w in str(k).lower() for w in SECRET_KEY_WORDS) else redact(v, secrets)
+            k: REDACTED if SECRET_KEY_WORDS & set(re.split(r"[^a-z]+", str(k).lower())) else redact(v, secrets)
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):

@@ -1,6 +1,34 @@
-"""Relative paths inside a run folder (SPEC §4): the one place that spells them."""
+"""Relative paths inside a run folder (SPEC §4, §15): the one place that spells them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Where one training stage keeps its checkpoints, metrics and plots. The tokenizer's are
+    the run folder's top-level ones (SPEC §4); the transformer's live under ``stage2/``."""
+
+    checkpoints: str
+    metrics: str
+    loss_plot: str
+    picture_plot: str
+
+    @property
+    def latest(self) -> str:
+        return f"{self.checkpoints}/latest.json"
+
+    def checkpoint_dir(self, name: str) -> str:
+        return f"{self.checkpoints}/{name}"
+
+    def checkpoint_file(self, name: str, filename: str) -> str:
+        return f"{self.checkpoints}/{name}/{filename}"
+
+    def checkpoint_manifest(self, name: str) -> str:
+        return f"{self.checkpoints}/{name}/{MANIFEST_FILE}"
 
 
 class Layout:
@@ -9,41 +37,39 @@ class Layout:
     progress = "progress.json"
     progress_text = "PROGRESS.txt"
     config = "config.json"
-    metrics = "metrics.jsonl"
     logs = "logs"
     plots = "plots"
-    loss_plot = "plots/loss.png"
-    reconstruction_plot = "plots/reconstruction.png"
     data = "data"
     data_manifest = "data/manifest.json"
-    checkpoints = "checkpoints"
-    latest = "checkpoints/latest.json"
     verify_report = "verify/report.json"
     eval = "eval"
+    samples = "samples"
+    predictions = "predictions"
+    checkpoint_manifest_file = MANIFEST_FILE
+
+    tokenizer = StageLayout("checkpoints", "metrics.jsonl", "plots/loss.png", "plots/reconstruction.png")
+    transformer = StageLayout(
+        "stage2/checkpoints", "stage2/metrics.jsonl", "plots/stage2-loss.png", "plots/stage2-samples.png"
+    )
+    # The tokenizer's, by their SPEC §4 names.
+    checkpoints = tokenizer.checkpoints
+    latest = tokenizer.latest
+    metrics = tokenizer.metrics
+    loss_plot = tokenizer.loss_plot
+    reconstruction_plot = tokenizer.picture_plot
+    checkpoint_dir = tokenizer.checkpoint_dir
+    checkpoint_file = tokenizer.checkpoint_file
+    checkpoint_manifest = tokenizer.checkpoint_manifest
 
     # Files whose remote copies must arrive in the order they were written (a manifest after
     # the files it lists, latest.json after the manifest); everything else only needs its
     # newest content to arrive.
-    ordered_prefixes = ("checkpoints/", "data/")
+    ordered_prefixes = ("checkpoints/", "stage2/checkpoints/", "data/")
 
     @staticmethod
     def checkpoint_name(step: int) -> str:
         # Zero-padded so that names sort by step as strings do.
         return f"step-{step:08d}"
-
-    @staticmethod
-    def checkpoint_dir(name: str) -> str:
-        return f"checkpoints/{name}"
-
-    @staticmethod
-    def checkpoint_file(name: str, filename: str) -> str:
-        return f"checkpoints/{name}/{filename}"
-
-    checkpoint_manifest_file = "manifest.json"
-
-    @staticmethod
-    def checkpoint_manifest(name: str) -> str:
-        return f"checkpoints/{name}/{Layout.checkpoint_manifest_file}"
 
     @staticmethod
     def log_file(attempt: int) -> str:

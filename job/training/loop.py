@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 
 import structlog
 
-from job.checkpoint import CheckpointReader, RNGState
+from job.checkpoint import Checkpoint, CheckpointReader, RNGState
 from job.checkpointer import FINAL, SIGNAL, CheckpointManager, mirror_unsent
-from job.config import Config, steps_per_epoch
+from job.config import Config
 from job.data import prepare_dataset_in_turn
 from job.device import pick_device
 from job.distributed import Topology
@@ -32,6 +33,8 @@ from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.plot_worker import BackgroundPlots
 from job.storage import Layout, RunStore, StorageError
+from job.training.stage2 import TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer
+from job.training.stages import StagePlan, stage_plans
 from job.training.startup import agree_on_start, preflight, recorded_attempt, refuse_math_changes
 from job.training.state import TrainState, epoch_order
 from job.training.task import Task, TokenizerTask
@@ -44,79 +47,49 @@ class Preempted(Exception):
 
 
 def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None:
-    """One attempt of a run. Under torchrun every rank calls this; rank 0 alone writes the run
-    folder (the others get a read-only store), and all ranks resume from the checkpoint it picks."""
+    """One attempt of a run: every stage still to train, in order. Under torchrun every rank calls
+    this; rank 0 alone writes the run folder (the others get a read-only store), and all ranks
+    resume from the checkpoints it picks."""
     preflight(cfg, store)
     device = pick_device(cfg, topology)
     topology.start(device, timeout_minutes=cfg.monitor.watchdog_minutes)
     if topology.distributed:
         bind_run_context(rank=topology.rank)
-    reader = CheckpointReader(store)
-    attempt, previous, publish_log = 0, None, lambda: None
+    plans = stage_plans(cfg)
+    attempt, publish_log = 0, lambda: None
     if topology.is_writer:
         attempt = recorded_attempt(store) + 1
         publish_log = RunLog(store, attempt).publish  # before the checkpoint search, so its warnings land there
-        mirror_unsent(store)  # what a previous attempt committed locally but could not upload
-        previous = reader.load_newest_valid()
-    attempt, previous = agree_on_start(reader, topology, device, attempt, previous)
+        for plan in plans:
+            mirror_unsent(store, plan.layout)  # what a previous attempt committed locally but could not upload
+    # The first stage's checkpoint is found, and a change of math refused, before any data work.
+    attempt, resume = find_resume_point(cfg, store, topology, device, plans[0], attempt)
     bind_run_context(attempt=attempt)
-    if previous is not None:
-        refuse_math_changes(previous.state["config"], cfg)
     store.write_json(Layout.config, cfg.to_dict())
 
-    total_steps = steps_per_epoch(cfg) * cfg.train.epochs
-    done = previous.state if previous else {"step": 0, "epoch": 0}
-    progress = Progress(
-        store, attempt=attempt, epochs=cfg.train.epochs, total_steps=total_steps, step=done["step"],
-        epoch=min(done["epoch"] + 1, cfg.train.epochs), last_checkpoint=previous.name if previous else None,
-    )
+    progress = Progress(store, attempt=attempt, stages=len(plans), **stage_progress(cfg, plans[0], resume.previous))
     progress.update(status="starting")
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
-    state = TrainState()
     try:
         with StopRequest() as stop, heartbeat:
             dataset = prepare_dataset_in_turn(cfg, store, topology)
-            task = TokenizerTask(cfg, dataset, device, total_steps, topology.distributed)
-            parts = {
-                "model": task.model, "optimizer": task.optimizer, "scheduler": task.scheduler,
-                "rng": RNGState(), "train": state,
-            }
-            if previous is not None:
-                previous.restore(parts)
-                log.info(
-                    "train.resumed", checkpoint=previous.name, step=state.step, epoch=state.epoch,
-                    sample_in_epoch=state.sample_in_epoch,
-                )
-            else:
-                log.info("train.fresh_start", total_steps=total_steps)
-            state.attempt = attempt
-            write_metrics(store, state.metrics)
-
-            if state.step < total_steps:
-                watchdog = Watchdog(
-                    progress, cfg.monitor.watchdog_minutes * 60,
-                    on_stall=lambda: flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds),
-                )
-                plots = BackgroundPlots(store.write_bytes)
-
-                def committed(name: str) -> None:  # on the checkpoint writer's thread
-                    progress.update(last_checkpoint=name)
-                    publish_log()
-
-                checkpoints = CheckpointManager(
-                    store, cfg.checkpoint, parts, extra={"config": cfg.to_dict()}, on_commit=committed,
-                )
-                trainer = Trainer(cfg, task, state, checkpoints, progress, topology, stop, watchdog, plots)
-                try:
-                    with watchdog:
-                        trainer.run(total_steps)
-                    plots.close(timeout=cfg.storage.signal_flush_seconds)  # the final plots
-                finally:
-                    plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
-                    checkpoints.close()
-            else:
-                log.info("train.already_complete", step=state.step, total_steps=total_steps)
+            watchdog = Watchdog(
+                progress, cfg.monitor.watchdog_minutes * 60,
+                on_stall=lambda: flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds),
+            )
+            plots = BackgroundPlots(store.write_bytes)
+            stages = Attempt(cfg, store, topology, device, attempt, dataset, progress, stop, watchdog, plots, publish_log)
+            try:
+                with watchdog:
+                    stages.run_stage(plans[0], resume, lambda total: TokenizerTask(
+                        cfg, dataset, device, total, topology.distributed,
+                    ))
+                    if len(plans) > 1:
+                        stages.run_transformer_stage(plans[1])
+                plots.close(timeout=cfg.storage.signal_flush_seconds)  # the final plots
+            finally:
+                plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
     except Preempted:
         progress.update(status="preempted")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
@@ -127,9 +100,114 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
         raise
     finally:
         topology.stop()
-    progress.update(status="completed", step=state.step, eta_seconds=0)
-    log.info("train.completed", step=state.step, best=state.best, checkpoint=progress.fields["last_checkpoint"])
+    progress.update(status="completed", eta_seconds=0)
+    log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
     publish_log()
+
+
+@dataclass
+class ResumePoint:
+    inventory: dict[str, bool]  # the stage's checkpoint folders, listed when the store last answered
+    previous: Checkpoint | None  # the newest valid one, if any
+
+
+def find_resume_point(
+    cfg: Config, store: RunStore, topology: Topology, device, plan: StagePlan, attempt: int,
+) -> tuple[int, ResumePoint]:
+    """The stage's newest valid checkpoint (rank 0 picks, every rank loads it), after refusing a
+    resume whose config changes the stage's math."""
+    reader = CheckpointReader(store, plan.layout)
+    inventory, previous = {}, None
+    if topology.is_writer:
+        inventory = reader.inventory()  # now, while the run URI has just answered
+        previous = reader.load_newest_valid(list(inventory))
+    attempt, previous = agree_on_start(reader, topology, device, attempt, previous)
+    if previous is not None:
+        refuse_math_changes(previous.state["config"], cfg, plan.math_sections)
+    return attempt, ResumePoint(inventory, previous)
+
+
+def stage_progress(cfg: Config, plan: StagePlan, previous: Checkpoint | None) -> dict:
+    """The progress fields that say where a stage stands."""
+    done = previous.state if previous else {"step": 0, "epoch": 0}
+    return {
+        "stage": plan.number, "stage_name": plan.name, "epochs": plan.epochs, "total_steps": plan.total_steps(cfg),
+        "step": done["step"], "epoch": min(done["epoch"] + 1, plan.epochs),
+        "last_checkpoint": previous.name if previous else None, "loss": None, "eta_seconds": None,
+        "samples_per_second": None,
+    }
+
+
+@dataclass
+class Attempt:
+    """What every stage of one attempt shares."""
+
+    cfg: Config
+    store: RunStore
+    topology: Topology
+    device: object
+    attempt: int
+    dataset: object
+    progress: Progress
+    stop: StopRequest
+    watchdog: Watchdog
+    plots: BackgroundPlots
+    publish_log: object
+
+    def run_stage(self, plan: StagePlan, resume: ResumePoint, build_task) -> None:
+        """Build the stage's task, restore every part from its newest checkpoint, and train it
+        to its last epoch."""
+        cfg, previous = self.cfg, resume.previous
+        total_steps = plan.total_steps(cfg)
+        task = build_task(total_steps)
+        state = TrainState()
+        parts = {"model": task.model, "optimizer": task.optimizer, "scheduler": task.scheduler, "rng": RNGState(),
+                 "train": state}
+        if previous is not None:
+            previous.restore(parts)
+            log.info(
+                "train.resumed", stage=plan.number, checkpoint=previous.name, step=state.step, epoch=state.epoch,
+                sample_in_epoch=state.sample_in_epoch,
+            )
+        else:
+            log.info("train.fresh_start", stage=plan.number, total_steps=total_steps)
+        state.attempt = self.attempt
+        write_metrics(self.store, plan.layout.metrics, state.metrics)
+        self.progress.update(**stage_progress(cfg, plan, previous))
+        if state.step >= total_steps:
+            log.info("train.already_complete", stage=plan.number, step=state.step, total_steps=total_steps)
+            return
+
+        def committed(name: str) -> None:  # on the checkpoint writer's thread
+            self.progress.update(last_checkpoint=name)
+            self.publish_log()
+
+        checkpoints = CheckpointManager(
+            self.store, plan.layout, cfg.checkpoint, parts, extra={"config": cfg.to_dict(), **task.identity},
+            inventory=resume.inventory, on_commit=committed,
+        )
+        try:
+            Trainer(cfg, plan, task, state, checkpoints, self.progress, self.topology, self.stop, self.watchdog,
+                    self.plots).run(total_steps)
+        finally:
+            checkpoints.close()
+        self.progress.update(step=state.step, eta_seconds=0)
+
+    def run_transformer_stage(self, plan: StagePlan) -> None:
+        """Stage 2, on the codes of the finished tokenizer's best checkpoint."""
+        cfg, store = self.cfg, self.store
+        reader = CheckpointReader(store, Layout.tokenizer)
+        tokenizer = None
+        if self.topology.is_writer:
+            newest = reader.load_newest_valid()
+            tokenizer = stage1_tokenizer(reader, newest)
+        _, tokenizer = agree_on_start(reader, self.topology, self.device, self.attempt, tokenizer)
+        _, resume = find_resume_point(cfg, store, self.topology, self.device, plan, self.attempt)
+        if resume.previous is not None:
+            refuse_other_tokenizer(resume.previous.state.get("tokenizer"), TokenizerRef.of(tokenizer))
+        self.run_stage(plan, resume, lambda total: TransformerTask(
+            cfg, self.dataset, self.device, total, self.topology.distributed, tokenizer, touch=self.watchdog.touch,
+        ))
 
 
 class Trainer:
@@ -137,27 +215,27 @@ class Trainer:
     and plots they trigger."""
 
     def __init__(
-        self, cfg: Config, task: Task, state: TrainState, checkpoints: CheckpointManager, progress: Progress,
-        topology: Topology, stop: StopRequest, watchdog: Watchdog, plots: BackgroundPlots,
+        self, cfg: Config, plan: StagePlan, task: Task, state: TrainState, checkpoints: CheckpointManager,
+        progress: Progress, topology: Topology, stop: StopRequest, watchdog: Watchdog, plots: BackgroundPlots,
     ):
-        self.cfg, self.task, self.state, self.checkpoints = cfg, task, state, checkpoints
+        self.cfg, self.plan, self.task, self.state, self.checkpoints = cfg, plan, task, state, checkpoints
         self.progress, self.topology, self.stop, self.watchdog, self.plots = progress, topology, stop, watchdog, plots
         self.store = checkpoints.store
         self.train_indices = task.dataset.split("train")
         val = task.dataset.split("val")
-        self.val_indices = val[: cfg.train.val_batches * cfg.train.batch_size] if cfg.train.val_batches else val
+        self.val_indices = val[: cfg.train.val_batches * plan.batch_size] if cfg.train.val_batches else val
         self.picture_indices = val[: len(cfg.data.classes)]  # one validation video per class
         self.rate = RateMeter()
         self.last_progress_write = 0.0
         self.last_plot: dict[str, float] = {}
 
     def run(self, total_steps: int) -> None:
-        cfg, state, topology = self.cfg, self.state, self.topology
-        batch_size = cfg.train.batch_size
+        cfg, plan, state, topology = self.cfg, self.plan, self.state, self.topology
+        batch_size = plan.batch_size
         self.progress.update(status="running")
-        while state.epoch < cfg.train.epochs:
+        while state.epoch < plan.epochs:
             epoch_started = time.monotonic()
-            order = epoch_order(cfg.seed, state.epoch, len(self.train_indices))
+            order = epoch_order(cfg.seed, state.epoch, len(self.train_indices), plan.order_stream)
             while state.sample_in_epoch < len(order):
                 batch = order[state.sample_in_epoch : state.sample_in_epoch + batch_size]
                 mine = batch[topology.rank :: topology.world_size]
@@ -195,12 +273,13 @@ class Trainer:
         }
         state.metrics.append(record)
         state.start_next_epoch()
-        write_metrics(self.store, state.metrics)
+        write_metrics(self.store, self.plan.layout.metrics, state.metrics)
         final = state.step >= total_steps
-        if self.topology.is_writer and self.plot_due(Layout.loss_plot, final):  # the only rank that stores it
-            self.plots.submit(Layout.loss_plot, "loss_curves", metrics=list(state.metrics))
-        log.info("train.epoch", **record)
-        self.progress.update(epoch=min(state.epoch + 1, self.cfg.train.epochs), loss=record["train_loss"])
+        loss_plot = self.plan.layout.loss_plot
+        if self.topology.is_writer and self.plot_due(loss_plot, final):  # the only rank that stores it
+            self.plots.submit(loss_plot, "loss_curves", metrics=list(state.metrics))
+        log.info("train.epoch", stage=self.plan.number, **record)
+        self.progress.update(epoch=min(state.epoch + 1, self.plan.epochs), loss=record["train_loss"])
         reason = FINAL if final else self.checkpoints.due(at_epoch_end=True)
         if reason:
             self.save(reason, val_loss=val["val_loss"])
@@ -209,9 +288,10 @@ class Trainer:
         if not self.topology.is_writer:
             return
         name = self.checkpoints.save(reason, val_loss)
-        if reason != SIGNAL and self.plot_due(Layout.reconstruction_plot, final=reason == FINAL):
-            plot, arguments = self.task.picture(self.picture_indices, f"{name}: original | reconstruction | error")
-            self.plots.submit(Layout.reconstruction_plot, plot, **arguments)
+        picture = self.plan.layout.picture_plot
+        if reason != SIGNAL and self.plot_due(picture, final=reason == FINAL):
+            plot, arguments = self.task.picture(self.picture_indices, f"{self.plan.name} {name}")
+            self.plots.submit(picture, plot, **arguments)
 
     def plot_due(self, rel: str, final: bool) -> bool:
         """Rendering costs a CPU core (in the plot worker) and the arrays cost a forward pass, so a
@@ -223,15 +303,15 @@ class Trainer:
         return False
 
     def report_batch(self, loss: float, total_steps: int) -> None:
-        state, cfg = self.state, self.cfg
-        self.rate.add(state.step * cfg.train.batch_size)
+        state, cfg, plan = self.state, self.cfg, self.plan
+        self.rate.add(state.step * plan.batch_size)
         if state.step % cfg.train.log_every_batches and state.step != total_steps:
             return
         rate = self.rate.rate()
-        eta = self.rate.eta((total_steps - state.step) * cfg.train.batch_size)
+        eta = self.rate.eta((total_steps - state.step) * plan.batch_size)
         log.info(
-            "train.progress", epoch=state.epoch + 1, epochs=cfg.train.epochs,
-            batch=math.ceil(state.sample_in_epoch / cfg.train.batch_size), batches=steps_per_epoch(cfg),
+            "train.progress", stage=plan.number, epoch=state.epoch + 1, epochs=plan.epochs,
+            batch=math.ceil(state.sample_in_epoch / plan.batch_size), batches=plan.steps_per_epoch(cfg),
             step=state.step, total_steps=total_steps, loss=round(loss, 6),
             lr=self.task.scheduler.get_last_lr()[0], samples_per_second=rate and round(rate, 1),
             eta=eta and format_duration(eta),
@@ -242,10 +322,10 @@ class Trainer:
             self.progress.update(step=state.step, loss=loss, samples_per_second=rate, eta_seconds=eta)
 
 
-def write_metrics(store: RunStore, metrics: list[dict]) -> None:
-    """metrics.jsonl is rewritten whole from the history, so that epochs redone after a resume
-    appear once."""
-    store.write_text(Layout.metrics, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+def write_metrics(store: RunStore, rel: str, metrics: list[dict]) -> None:
+    """A stage's metrics.jsonl is rewritten whole from the history, so that epochs redone after a
+    resume appear once."""
+    store.write_text(rel, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
 
 
 def flush_quietly(store: RunStore, publish_log, timeout: float) -> None:

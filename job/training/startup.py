@@ -58,8 +58,8 @@ def agree_on_start(
     return attempt, previous
 
 
-def refuse_math_changes(saved_config: dict[str, Any], cfg: Config) -> None:
-    changed = diff_keys(saved_config, cfg.to_dict(), MATH_SECTIONS)
+def refuse_math_changes(saved_config: dict[str, Any], cfg: Config, sections: tuple[str, ...] = MATH_SECTIONS) -> None:
+    changed = diff_keys(saved_config, cfg.to_dict(), sections)
     if changed:
         raise ResumeRefused(
             "refusing to resume: the run's checkpoints were trained with different "

@@ -65,6 +65,7 @@ def sample_digest(positions: np.ndarray) -> int:
         return int(mix64(x).sum(dtype=np.uint64))
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the training samples in one epoch: a pure function of (seed, epoch)."""
-    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+def epoch_order(seed: int, epoch: int, n: int, stream: tuple[int, ...] = ()) -> np.ndarray:
+    """The order of the training samples in one epoch: a pure function of (seed, epoch, and the
+    stage's stream)."""
+    return np.random.Generator(np.random.PCG64([seed, epoch, *stream])).permutation(n)

@@ -23,6 +23,7 @@ from job.model import VideoTokenizer, codebook_stats, compute_loss, reconstructi
 
 class Task(Protocol):
     name: str
+    identity: dict[str, Any]  # what else its checkpoints record about where its inputs came from
     dataset: VideoDataset
     device: torch.device
     model: torch.nn.Module
@@ -34,14 +35,18 @@ class Task(Protocol):
     def picture(self, indices: np.ndarray, title: str) -> tuple[str, dict[str, Any]]: ...
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
-    """AdamW with linear warmup then cosine decay."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int, lr: float | None = None,
+                    warmup_steps: int | None = None):
+    """AdamW with linear warmup then cosine decay; ``lr`` and ``warmup_steps`` default to the
+    ``optim`` section's (stage 2 has its own)."""
     o = cfg.optim
+    lr = o.lr if lr is None else lr
+    warmup_steps = o.warmup_steps if warmup_steps is None else warmup_steps
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+        model.parameters(), lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
         foreach=False,  # the same kernels on every attempt; foreach is a speed detail we do not need on CPU
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o.warmup_steps, total_steps, o.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, o.min_lr_ratio))
     return optimizer, scheduler
 
 
@@ -87,6 +92,7 @@ class TokenizerTask:
     """Stage 1: reconstruct videos through the tokenizer's codes."""
 
     name = "tokenizer"
+    identity: dict[str, Any] = {}
 
     def __init__(self, cfg: Config, dataset: VideoDataset, device: torch.device, total_steps: int, distributed: bool):
         self.cfg, self.dataset, self.device = cfg, dataset, device

@@ -1,0 +1,148 @@
+"""MAGVIT stage 2 (SPEC §15): a bidirectional transformer over the frozen tokenizer's codes,
+trained with MaskGIT's masked-token objective, and MaskGIT's iterative parallel decoding.
+
+A video is its t x h x w token grid, flattened in time-major order and preceded by one class
+token (a class, or "none"). One model does three tasks (MAGVIT's multi-task setup): generation
+without condition, class-conditional generation, and frame prediction, where the tokens of the
+first latent frames are given (visible) and the rest are masked. Training masks a cosine-
+scheduled share of the tokens that are not given and learns to predict them; sampling starts
+from all of them masked and, over ``steps`` rounds, keeps the most confident predictions and
+masks the rest again.
+
+The blocks are PyTorch's own ``nn.TransformerEncoderLayer`` (pre-norm, GELU): maintained,
+deterministic on the CPU under ``torch.use_deterministic_algorithms``, and enough at this size;
+what MaskGIT adds (masking, conditioning, decoding) is the code below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from job.config import Stage2Config
+
+# Tasks of a training sample, and the class id that means "no class".
+UNCONDITIONAL, CLASS_CONDITIONAL, PREDICTION = 0, 1, 2
+
+
+@dataclass
+class MaskedBatch:
+    """What the transformer sees and what it must predict."""
+
+    tokens: torch.Tensor  # (B, L) int64: code ids, MASK where hidden
+    classes: torch.Tensor  # (B,) int64: class id, or num_classes for none
+    targets: torch.Tensor  # (B, L) int64: the true codes
+    masked: torch.Tensor  # (B, L) bool: positions the loss is computed on
+
+
+class MaskedVideoTransformer(nn.Module):
+    def __init__(self, cfg: Stage2Config, codebook_size: int, latent_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.codebook_size = codebook_size
+        self.mask_id = codebook_size  # one id past the codebook
+        self.latent_shape = tuple(latent_shape)
+        self.num_classes = num_classes
+        self.length = math.prod(latent_shape)
+        self.token_embedding = nn.Embedding(codebook_size + 1, cfg.dim)
+        self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
+        self.position = nn.Parameter(torch.zeros(1, self.length + 1, cfg.dim))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.dim, cfg.heads, dim_feedforward=4 * cfg.dim, dropout=0.0, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, codebook_size)
+
+    def forward(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, codebook_size) for every token position."""
+        x = torch.cat([self.class_embedding(classes)[:, None], self.token_embedding(tokens)], dim=1)
+        x = self.blocks(x + self.position)
+        return self.head(self.norm(x[:, 1:]))
+
+    # --- training ------------------------------------------------------------------------------
+
+    def given_positions(self, frames: int) -> torch.Tensor:
+        """(L,) bool: the tokens of the first ``frames`` latent frames."""
+        t, h, w = self.latent_shape
+        given = torch.zeros(t, h * w, dtype=torch.bool)
+        given[:frames] = True
+        return given.flatten()
+
+    def mask_for_training(
+        self, codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> MaskedBatch:
+        """A task per sample (drawn with the configured weights), then MaskGIT's cosine masking of
+        the tokens that task does not give. Draws from ``generator``, by default torch's global
+        one, which every checkpoint saves, so a resumed run draws the same masks."""
+        batch = len(codes)
+        targets = codes.flatten(1)
+        weights = torch.tensor([self.cfg.unconditional_weight, self.cfg.class_weight, self.cfg.predict_weight])
+        tasks = torch.multinomial(weights, batch, replacement=True, generator=generator)
+        none = torch.full_like(labels, self.num_classes)
+        classes = torch.where(tasks == CLASS_CONDITIONAL, labels, none)
+        given = self.given_positions(self.predict_frames())[None].expand(batch, -1) & (tasks == PREDICTION)[:, None]
+        candidates = ~given
+        ratio = torch.cos(0.5 * math.pi * torch.rand(batch, generator=generator))  # MaskGIT's cosine schedule
+        counts = (ratio * candidates.sum(1)).ceil().clamp(min=1)
+        scores = torch.rand(batch, self.length, generator=generator).masked_fill(~candidates, 2.0)  # given: never masked
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        masked = ranks < counts[:, None]
+        return MaskedBatch(targets.masked_fill(masked, self.mask_id), classes, targets, masked)
+
+    def loss(self, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy on the masked positions, and the share of them predicted right."""
+        logits = self(batch.tokens, batch.classes)
+        picked = logits[batch.masked]
+        truth = batch.targets[batch.masked]
+        loss = F.cross_entropy(picked.float(), truth)
+        accuracy = (picked.argmax(-1) == truth).float().mean()
+        return loss, accuracy
+
+    def predict_frames(self) -> int:
+        """Latent frames given in the prediction task: the configured number, or half."""
+        return self.cfg.predict_latent_frames or self.latent_shape[0] // 2
+
+    # --- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self, classes: torch.Tensor, given: torch.Tensor | None = None, given_frames: int = 0,
+        steps: int | None = None, temperature: float | None = None, generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Codes (B, t, h, w) by MaskGIT's iterative decoding. ``classes`` (B,): a class id, or
+        ``num_classes`` for none; ``given`` (B, t, h, w): codes whose first ``given_frames``
+        latent frames are kept as they are (frame prediction)."""
+        steps = steps or self.cfg.sample_steps
+        temperature = self.cfg.temperature if temperature is None else temperature
+        batch, device = len(classes), classes.device
+        tokens = torch.full((batch, self.length), self.mask_id, dtype=torch.long, device=device)
+        if given is not None and given_frames:
+            keep = self.given_positions(given_frames).to(device)
+            tokens[:, keep] = given.flatten(1)[:, keep]
+        unknown = tokens == self.mask_id
+        total = unknown.sum(1)
+        for step in range(steps):
+            logits = self(tokens, classes).float()
+            probs = F.softmax(logits / max(temperature, 1e-6), dim=-1)
+            sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(batch, self.length)
+            confidence = probs.gather(-1, sampled[..., None]).squeeze(-1).log()
+            # MaskGIT's annealed noise on the confidence: early rounds explore, late ones commit.
+            noise = -torch.log(-torch.log(torch.rand(confidence.shape, generator=generator, device=device) + 1e-20) + 1e-20)
+            confidence = confidence + temperature * (1 - (step + 1) / steps) * noise
+            still_masked = tokens == self.mask_id
+            tokens = torch.where(still_masked, sampled, tokens)
+            left = (math.cos(0.5 * math.pi * (step + 1) / steps) * total).floor().long()
+            if step + 1 == steps or not bool((left > 0).any()):
+                break
+            # Re-mask the least confident of this round's predictions; earlier choices stay.
+            confidence = confidence.masked_fill(~still_masked, math.inf)
+            ranks = confidence.argsort(dim=1).argsort(dim=1)
+            tokens = torch.where(ranks < left[:, None], torch.full_like(tokens, self.mask_id), tokens)
+        return tokens.view(batch, *self.latent_shape)

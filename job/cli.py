@@ -21,6 +21,8 @@ MODES = {
     "train": "resumable training; resumes automatically when the run already has checkpoints",
     "verify": "check every checkpoint of a run (exit 0 only if all pass); writes verify/report.json",
     "evaluate": "quality report of the run's best checkpoint on the test split; writes eval/",
+    "sample": "class-conditional videos from the trained stage 2 (stage2.samples_per_class per class); writes samples/",
+    "predict": "the trained stage 2 continues test videos from their first frames; writes predictions/",
 }
 # status takes its own arguments (RUN_URI first, no config): it runs on a laptop without torch.
 STATUS_HELP = "read only the run folder and print where the run stands (exit 0 healthy, 1 not, 2 no such run)"
@@ -137,6 +139,14 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
                 from job.evaluate import run_evaluate
 
                 run_evaluate(cfg, store)
+            elif mode == "sample":
+                from job.sampling import run_sample
+
+                run_sample(cfg, store)
+            elif mode == "predict":
+                from job.sampling import run_predict
+
+                run_predict(cfg, store)
         store.flush(cfg.storage.flush_seconds)
     finally:
         store.close()

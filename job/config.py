@@ -388,9 +388,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 
 
-def steps_per_epoch(cfg: Config) -> int:
-    """Optimizer steps per epoch: the last batch of an epoch may be smaller, never dropped."""
-    return math.ceil(split_sizes(cfg.data)[0] / cfg.train.batch_size)
+def steps_per_epoch(cfg: Config, batch_size: int | None = None) -> int:
+    """Optimizer steps per epoch at ``batch_size`` (the tokenizer's by default): the last batch of
+    an epoch may be smaller, never dropped."""
+    return math.ceil(split_sizes(cfg.data)[0] / (batch_size or cfg.train.batch_size))
 
 
 def split_sizes(data: DataConfig) -> tuple[int, int, int]:

@@ -81,10 +81,13 @@ def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
         "images": write_example_images(store, model, dataset, test_pass, run_cfg, device, checkpoint.name),
     }
     report["goals"] = goals(report)
+    from job.evaluate_stage2 import add_stage2_sections, markdown as stage2_markdown
+
+    add_stage2_sections(report, cfg, store, dataset, train_pass, test_pass, device)  # generation, prediction, their goals
     report["seconds"] = round(time.monotonic() - started, 2)
     report["created_at"] = utc_now()
     store.write_json(REPORT_JSON, report)
-    store.write_text(REPORT_MD, report_markdown(report))
+    store.write_text(REPORT_MD, report_markdown(report) + stage2_markdown(report))
     model_metrics = report["metrics"][MODEL]
     log.info(
         "evaluate.done", checkpoint=checkpoint.name, psnr_db=model_metrics["psnr_db"],
@@ -374,6 +377,8 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def summary_text(report: dict[str, Any], uri: str) -> str:
+    from job.evaluate_stage2 import summary_lines as stage2_summary_lines
+
     m = report["metrics"]
 
     def line(title: str, key: str, pattern: str, unit: str = "") -> str:
@@ -393,6 +398,7 @@ def summary_text(report: dict[str, Any], uri: str) -> str:
         f"codebook usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes, "
         f"perplexity {codebook['perplexity']:.1f}",
         f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})",
+        *stage2_summary_lines(report),
         f"goals met: {len(met)}/{len(report['goals'])}" + (f" ({', '.join(met)})" if met else ""),
         f"report: {uri.rstrip('/')}/{REPORT_MD}",
     ])

@@ -65,9 +65,11 @@ def loss_curves_png(metrics: list[dict[str, Any]]) -> bytes:
 
 
 def reconstruction_grid_png(
-    originals: np.ndarray, reconstructions: np.ndarray, labels: list[str], title: str
+    originals: np.ndarray, reconstructions: np.ndarray, labels: list[str], title: str,
+    kinds: tuple[str, str] = ("original", "reconstruction"),
 ) -> bytes:
-    """Per sample: original, reconstruction and |error| strips, each ending in a max-over-time frame.
+    """Per sample: original, reconstruction and |error| strips, each ending in a max-over-time frame
+    (``kinds`` names the first two rows: predict draws predicted | true | |error|).
 
     `originals` and `reconstructions` are (N, T, H, W) in [0, 1]; at most MAX_FRAMES_PER_ROW frames
     are shown, evenly spaced, but the max-over-time frame always covers the whole clip.
@@ -86,8 +88,8 @@ def reconstruction_grid_png(
     row_labels: list[str] = []
     for sample, label in enumerate(labels):
         for video, kind, cmap in (
-            (originals[sample], "original", gray),
-            (reconstructions[sample], "reconstruction", gray),
+            (originals[sample], kinds[0], gray),
+            (reconstructions[sample], kinds[1], gray),
             (errors[sample], "|error|", error_cmap),
         ):
             strips.append(cmap(np.clip(_strip(video, shown), 0.0, 1.0)))

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 from job.monitoring.progress import format_duration, render_progress
 from job.storage import Layout, open_folder
+from job.storage.layout import StageLayout
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -136,15 +137,20 @@ def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
         return RunReport(uri, now, "no such run", problem=problem)
 
     notes: list[str] = []
+    progress, problem = parse_progress(progress_bytes)
+    # The stage the run is in has the checkpoints and losses worth showing.
+    stage = Layout.transformer if (progress or {}).get("stage") == 2 else Layout.tokenizer
+    if stage is not Layout.tokenizer:
+        checkpoint_names = run.list_dir(stage.checkpoints)
     report = RunReport(
         uri, now, "unknown",
         stale_after=STALE_AFTER_BEATS * heartbeat_interval(run.read_json(Layout.config, notes)),
-        newest_checkpoint=newest_committed_checkpoint(run, checkpoint_names, notes),
-        latest=run.read_json(Layout.latest, notes),
-        loss_trend=loss_trend(run.read_bytes(Layout.metrics), notes),
+        newest_checkpoint=newest_committed_checkpoint(run, stage, checkpoint_names, notes),
+        latest=run.read_json(stage.latest, notes),
+        loss_trend=loss_trend(run.read_bytes(stage.metrics), notes),
         notes=notes,
     )
-    report.progress, report.problem = parse_progress(progress_bytes)
+    report.progress, report.problem = progress, problem
     if report.progress is not None:
         report.heartbeat_age = age_seconds(report.progress.get("heartbeat_at"), now)
         report.health = judge_health(report.status, report.heartbeat_age, report.stale_after)
@@ -194,22 +200,25 @@ def judge_health(status: Any, heartbeat_age: float | None, stale_after: float) -
     return "unknown"
 
 
-def newest_committed_checkpoint(run: RunFolder, names: list[str], notes: list[str]) -> dict[str, Any] | None:
-    """The newest checkpoint whose manifest exists and whose listed files all exist with the
-    manifest's sizes; each newer one that falls short is named in ``notes``."""
-    latest_file = PurePosixPath(Layout.latest).name
+def newest_committed_checkpoint(
+    run: RunFolder, stage: StageLayout, names: list[str], notes: list[str]
+) -> dict[str, Any] | None:
+    """The stage's newest checkpoint whose manifest exists and whose listed files all exist with
+    the manifest's sizes; each newer one that falls short is named in ``notes``."""
+    latest_file = PurePosixPath(stage.latest).name
     for name in sorted((n for n in names if n != latest_file), reverse=True):
-        manifest = run.read_json(Layout.checkpoint_manifest(name), notes)
-        problem = commit_problem(manifest, run.file_sizes(Layout.checkpoint_dir(name)) if manifest else {})
+        manifest = run.read_json(stage.checkpoint_manifest(name), notes)
+        problem = commit_problem(manifest, run.file_sizes(stage.checkpoint_dir(name)) if manifest else {})
         if problem is None:
             return {
                 "name": name,
+                "folder": stage.checkpoint_dir(name),
                 "step": manifest.get("step"),
                 "epoch": manifest.get("epoch"),
                 "created_at": manifest.get("created_at"),
                 "committed": True,
                 "sizes_match": True,
-                "verify": verify_result(run.read_json(Layout.verify_report, notes), name),
+                "verify": verify_result(run.read_json(Layout.verify_report, notes), stage.label + name),
             }
         notes.append(f"skipped checkpoint {name}: {problem}")
     return None
@@ -235,7 +244,7 @@ def verify_result(report: Any, checkpoint: str) -> dict[str, Any] | None:
     checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
     return {
         "passed": report["passed"],
-        "covers_checkpoint": checkpoint in json.dumps(report),
+        "covers_checkpoint": checkpoint in {c.get("name", "").split(" ", 1)[-1] for c in checks},
         "failed_checks": [str(c.get("name")) for c in checks if c.get("passed") is False],
     }
 

@@ -33,12 +33,14 @@ from typing import Any
 import structlog
 import torch
 
-from job.checkpoint import MANIFEST_FILE, Checkpoint, CheckpointReader, ManifestMismatch, UnreadableCheckpoint
-from job.config import Config, config_from_dict, split_sizes, steps_per_epoch
+from job.checkpoint import MANIFEST_FILE, MODEL_FILE, Checkpoint, CheckpointReader, ManifestMismatch, UnreadableCheckpoint
+from job.config import Config, config_from_dict, split_sizes
 from job.data import VideoDataset, prepare_dataset
-from job.model import trained_tokenizer
+from job.model import VideoTokenizer, trained_tokenizer
 from job.monitoring.progress import utc_now
 from job.storage import Layout, RunStore
+from job.training.stage2 import build_transformer, trained_transformer
+from job.training.stages import StagePlan, stage_plans
 from job.training.task import initial_tokenizer
 
 log = structlog.get_logger("job.verify")
@@ -62,42 +64,47 @@ def run_verify(cfg: Config, store: RunStore) -> bool:
 
     ``cfg`` (the command line's) only opens the run: each checkpoint is judged by the config
     saved in it, which is what trained it."""
-    verifier = RunVerifier(store, CheckpointReader(store))
-    checks = verifier.run()
+    datasets: dict[str, VideoDataset] = {}
+    verifiers = [RunVerifier(store, stage, datasets) for stage in (1, 2)]
+    checks = [check for verifier in verifiers for check in verifier.run()]
+    names = [f"{verifier.prefix}{name}" for verifier in verifiers for name in verifier.names]
     failed = [check for check in checks if not check.passed]
     store.write_json(
         Layout.verify_report,
-        {
-            "passed": not failed,
-            "checks": [asdict(check) for check in checks],
-            "checkpoints": verifier.names,
-            "created_at": utc_now(),
-        },
+        {"passed": not failed, "checks": [asdict(check) for check in checks], "checkpoints": names, "created_at": utc_now()},
     )
     for check in failed:
         log.warning("verify.check_failed", check=check.name, detail=check.detail)
     log.info(
         "verify.done", passed=not failed, checks=len(checks), failed=len(failed),
-        checkpoints=len(verifier.names), report=Layout.verify_report,
+        checkpoints=len(names), report=Layout.verify_report,
     )
     print(render_table(checks, f"{store.uri.rstrip('/')}/{Layout.verify_report}"), flush=True)
     return not failed
 
 
 class RunVerifier:
-    """Runs the checks over one run folder and collects their results in order."""
+    """Runs the checks over the checkpoints of one stage of a run folder (1: the tokenizer, 2: the
+    transformer) and collects their results in order."""
 
-    def __init__(self, store: RunStore, checkpointer: CheckpointReader):
+    def __init__(self, store: RunStore, stage: int, datasets: dict[str, VideoDataset]):
         self.store = store
-        self.checkpointer = checkpointer
-        self.names = checkpointer.names()
+        self.stage = stage
+        self.layout = Layout.tokenizer if stage == 1 else Layout.transformer
+        self.prefix = self.layout.label  # in check names
+        self.checkpointer = CheckpointReader(store, self.layout)
+        self.names = self.checkpointer.names()
         self.checks: list[Check] = []
         self.sound_steps: dict[str, int] = {}  # committed checkpoints that loaded, by name
-        self.datasets: dict[str, VideoDataset] = {}  # by data config: prepared once per run
+        self.datasets = datasets  # by data config: prepared once per run
+        self.tokenizers: dict[str, VideoTokenizer] = {}  # stage 2's, by checkpoint name
 
     def run(self) -> list[Check]:
+        where = f"{self.store.uri.rstrip('/')}/{self.layout.checkpoints}"
+        if not self.names and self.stage == 2:
+            self.add("checkpoints stage2", True, f"no checkpoint folder under {where}: stage 2 has not started")
+            return self.checks
         if not self.names:
-            where = f"{self.store.uri.rstrip('/')}/{Layout.checkpoints}"
             self.add("checkpoints", False, f"no checkpoint folder under {where}: nothing to verify (wrong --run-uri?)")
             return self.checks
         committed = self.checkpointer.committed()
@@ -111,9 +118,9 @@ class RunVerifier:
                 self.check_checkpoint(checkpoint, previous)
                 self.sound_steps[name] = checkpoint.state["step"]
                 previous = checkpoint
-        self.record(f"metrics_history {Layout.metrics}", lambda: self.metrics_file(previous))
-        self.record("latest", self.latest)
-        self.record("checkpoints", lambda: self.summary(committed))
+        self.record(f"metrics_history {self.layout.metrics}", lambda: self.metrics_file(previous))
+        self.record(f"latest{' stage2' if self.stage == 2 else ''}", self.latest)
+        self.record(f"checkpoints{' stage2' if self.stage == 2 else ''}", lambda: self.summary(committed))
         return self.checks
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -135,12 +142,12 @@ class RunVerifier:
     def check_uncommitted(self, name: str, newest_committed: str | None) -> None:
         if newest_committed is None or name > newest_committed:
             self.add(
-                f"manifest {name}", True,
+                f"manifest {self.prefix}{name}", True,
                 "not committed (no manifest.json): an interrupted save; readers skip it, the next attempt replaces it",
             )
         else:
             self.add(
-                f"manifest {name}", False,
+                f"manifest {self.prefix}{name}", False,
                 f"no manifest.json, yet the newer {newest_committed} is committed: a lost manifest "
                 "(or an interrupted prune); readers skip this folder",
             )
@@ -150,27 +157,28 @@ class RunVerifier:
         try:
             checkpoint = self.checkpointer.load(name)
         except ManifestMismatch as exc:
-            self.add(f"manifest {name}", False, str(exc))
+            self.add(f"manifest {self.prefix}{name}", False, str(exc))
             return None
         except UnreadableCheckpoint as exc:
-            self.add(f"manifest {name}", True, "every listed file has its size and sha256")
-            self.add(f"safe_load {name}", False, str(exc))
+            self.add(f"manifest {self.prefix}{name}", True, "every listed file has its size and sha256")
+            self.add(f"safe_load {self.prefix}{name}", False, str(exc))
             return None
         files = checkpoint.manifest["files"]
-        self.add(f"manifest {name}", True, f"{len(files)} files, each with its size and sha256")
+        self.add(f"manifest {self.prefix}{name}", True, f"{len(files)} files, each with its size and sha256")
         return checkpoint
 
     def check_checkpoint(self, checkpoint: Checkpoint, previous: Checkpoint | None) -> None:
         name = checkpoint.name
-        self.record(f"safe_load {name}", lambda: self.safe_files(checkpoint))
-        self.record(f"forward {name}", lambda: self.forward(checkpoint))
-        self.record(f"cadence {name}", lambda: cadence(checkpoint, previous))
-        self.record(f"weights_changed {name}", lambda: weights_changed(checkpoint, previous))
-        self.record(f"metrics_history {name}", lambda: saved_history(checkpoint))
+        self.record(f"safe_load {self.prefix}{name}", lambda: self.safe_files(checkpoint))
+        forward = self.forward if self.stage == 1 else self.forward_transformer
+        self.record(f"forward {self.prefix}{name}", lambda: forward(checkpoint))
+        self.record(f"cadence {self.prefix}{name}", lambda: cadence(checkpoint, previous, self.stage))
+        self.record(f"weights_changed {self.prefix}{name}", lambda: weights_changed(checkpoint, previous, self.initial_weights))
+        self.record(f"metrics_history {self.prefix}{name}", lambda: saved_history(checkpoint))
 
     def safe_files(self, checkpoint: Checkpoint) -> str:
         listed = set(checkpoint.manifest["files"])
-        present = set(self.store.list_dir(Layout.checkpoint_dir(checkpoint.name))) - {MANIFEST_FILE}
+        present = set(self.store.list_dir(self.layout.checkpoint_dir(checkpoint.name))) - {MANIFEST_FILE}
         problems = [f"{f}: in the folder but not in the manifest" for f in sorted(present - listed)]
         problems += [f"{f}: neither safetensors nor JSON" for f in sorted(listed) if not f.endswith(SAFE_SUFFIXES)]
         if problems:
@@ -197,32 +205,69 @@ class RunVerifier:
         mse = float(torch.mean((recon - videos) ** 2))
         return f"{len(videos)} validation videos -> codes {expected_codes} in range -> finite video; MSE {mse:.5f}"
 
-    def validation_batch(self, cfg: Config) -> torch.Tensor:
+    def forward_transformer(self, checkpoint: Checkpoint) -> str:
+        cfg = config_from_dict(checkpoint.state["config"])
+        tokenizer = self.tokenizer_of(checkpoint)
+        model = trained_transformer(checkpoint.model, cfg, tokenizer)
+        videos, labels = self.validation_batch(cfg, with_labels=True)
+        batch = model.mask_for_training(tokenizer.encode(videos), labels, generator=torch.Generator().manual_seed(0))
+        logits = model(batch.tokens, batch.classes)
+        expected = (len(videos), model.length, model.codebook_size)
+        if tuple(logits.shape) != expected:
+            raise CheckFailed(f"logits of shape {tuple(logits.shape)}, expected {expected}")
+        if not torch.isfinite(logits).all():
+            raise CheckFailed("the logits hold NaN or infinite values")
+        accuracy = float((logits[batch.masked].argmax(-1) == batch.targets[batch.masked]).float().mean())
+        return (f"{len(videos)} validation videos -> codes by tokenizer {checkpoint.state['tokenizer']['checkpoint']} "
+                f"-> finite logits {expected}; masked-token accuracy {accuracy:.3f}")
+
+    def tokenizer_of(self, checkpoint: Checkpoint) -> VideoTokenizer:
+        """The stage-1 weights a stage-2 checkpoint learned from, verified and matched by sha256."""
+        ref = checkpoint.state.get("tokenizer")
+        if not isinstance(ref, dict):
+            raise CheckFailed("state.json does not name the tokenizer this checkpoint learned from")
+        name = str(ref.get("checkpoint"))
+        if name not in self.tokenizers:
+            source = CheckpointReader(self.store, Layout.tokenizer).load(name)
+            if source.manifest["files"][MODEL_FILE]["sha256"] != ref.get("sha256"):
+                raise CheckFailed(f"tokenizer {name}'s weights differ from the sha256 this checkpoint learned from")
+            cfg = config_from_dict(source.state["config"])
+            self.tokenizers[name] = trained_tokenizer(source.model, cfg.model, cfg.data)
+        return self.tokenizers[name]
+
+    def initial_weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+        """The weights a run of this stage starts from: a pure function of the seed."""
+        cfg = config_from_dict(checkpoint.state["config"])
+        if self.stage == 1:
+            return initial_tokenizer(cfg).state_dict()
+        return build_transformer(cfg, self.tokenizer_of(checkpoint)).state_dict()
+
+    def validation_batch(self, cfg: Config, with_labels: bool = False):
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
         if key not in self.datasets:
             self.datasets[key] = prepare_dataset(cfg, self.store)
         dataset = self.datasets[key]
-        videos, _ = dataset.get(dataset.split("val")[: cfg.train.batch_size])
-        return videos
+        videos, labels = dataset.get(dataset.split("val")[: cfg.train.batch_size])
+        return (videos, labels) if with_labels else videos
 
     # --- per run -------------------------------------------------------------------------
 
     def metrics_file(self, newest: Checkpoint | None) -> str:
         """metrics.jsonl is rewritten from the checkpoint history on every resume, so it holds
         each epoch once; it may run ahead of the newest checkpoint, never behind it."""
-        records = read_jsonl(self.store.read_bytes(Layout.metrics) or b"")
+        records = read_jsonl(self.store.read_bytes(self.layout.metrics) or b"")
         saved = newest.state["epoch"] if newest else 0
         last = max([saved, *[r.get("epoch") for r in records if isinstance(r.get("epoch"), int)]])
         problem = history_problem(records, last)
         if problem:
-            raise CheckFailed(f"{Layout.metrics}: {problem}")
+            raise CheckFailed(f"{self.layout.metrics}: {problem}")
         held = f"epochs 1..{last}, each once and in order" if last else "no epoch finished yet"
         return f"{held} ({f'{newest.name} saved {saved}' if newest else 'no sound checkpoint to compare with'})"
 
     def latest(self) -> str:
-        latest = self.store.read_json(Layout.latest)
+        latest = self.store.read_json(self.layout.latest)
         if not isinstance(latest, dict):
-            raise CheckFailed(f"{Layout.latest} is missing or not JSON")
+            raise CheckFailed(f"{self.layout.latest} is missing or not JSON")
         name, step = latest.get("checkpoint"), latest.get("step")
         if name not in self.sound_steps:
             raise CheckFailed(f"points to {name!r}, which is not a sound committed checkpoint")
@@ -248,10 +293,11 @@ class RunVerifier:
 # --- checks that need nothing but the checkpoints ------------------------------------------
 
 
-def cadence(checkpoint: Checkpoint, previous: Checkpoint | None) -> str:
+def cadence(checkpoint: Checkpoint, previous: Checkpoint | None, stage: int = 1) -> str:
     state, manifest = checkpoint.state, checkpoint.manifest
     step, epoch = state["step"], state["epoch"]
     cfg = config_from_dict(state["config"])
+    plan = stage_plans(cfg)[stage - 1]
     problems = []
     if checkpoint.name != Layout.checkpoint_name(step):
         problems.append(f"the folder's name does not match state.json's step {step}")
@@ -262,37 +308,37 @@ def cadence(checkpoint: Checkpoint, previous: Checkpoint | None) -> str:
         problems.append(f"step {step} goes backwards: {previous.name} holds step {previous.state['step']}")
     if previous is not None and epoch < previous.state["epoch"]:
         problems.append(f"epoch {epoch} goes backwards: {previous.name} holds epoch {previous.state['epoch']}")
-    problems += position_problems(state, cfg)
-    problems += reason_problems(state, cfg)
+    problems += position_problems(state, cfg, plan)
+    problems += reason_problems(state, cfg, plan)
     if problems:
         raise CheckFailed("; ".join(problems))
     return f"step {step}, epoch {epoch}, {state['sample_in_epoch']} samples into the next; reason {state['reason']!r}"
 
 
-def position_problems(state: dict[str, Any], cfg: Config) -> list[str]:
+def position_problems(state: dict[str, Any], cfg: Config, plan: StagePlan) -> list[str]:
     """Every step trains one batch of the epoch's order, so step, epoch and the position inside
     the epoch determine each other."""
     step, epoch, sample = state["step"], state["epoch"], state["sample_in_epoch"]
-    n_train, batch_size = split_sizes(cfg.data)[0], cfg.train.batch_size
+    n_train, batch_size = split_sizes(cfg.data)[0], plan.batch_size
     if not 0 <= sample <= n_train:
         return [f"sample_in_epoch {sample} outside 0..{n_train}"]
-    expected = epoch * steps_per_epoch(cfg) + math.ceil(sample / batch_size)
+    expected = epoch * plan.steps_per_epoch(cfg) + math.ceil(sample / batch_size)
     problems = []
     if step != expected:
         problems.append(f"step {step}, but epoch {epoch} plus {sample} samples at batch size {batch_size} "
                         f"make step {expected}")
-    total = steps_per_epoch(cfg) * cfg.train.epochs
+    total = plan.total_steps(cfg)
     if step > total:
         problems.append(f"step {step} beyond the run's {total} steps")
     return problems
 
 
-def reason_problems(state: dict[str, Any], cfg: Config) -> list[str]:
+def reason_problems(state: dict[str, Any], cfg: Config, plan: StagePlan) -> list[str]:
     """Whether the recorded reason could have triggered this checkpoint, under the checkpoint
     settings of the attempt that wrote it (they may change between attempts)."""
     step, epoch, sample, reason = state["step"], state["epoch"], state["sample_in_epoch"], state.get("reason")
     c = cfg.checkpoint
-    total = steps_per_epoch(cfg) * cfg.train.epochs
+    total = plan.total_steps(cfg)
     allowed = {
         "epochs": (c.every_epochs > 0 and epoch > 0 and sample == 0 and epoch % c.every_epochs == 0,
                    f"the end of an epoch that is a multiple of checkpoint.every_epochs={c.every_epochs}"),
@@ -300,7 +346,7 @@ def reason_problems(state: dict[str, Any], cfg: Config) -> list[str]:
                   f"a step that is a multiple of checkpoint.every_steps={c.every_steps}"),
         "minutes": (c.every_minutes > 0, "checkpoint.every_minutes > 0"),
         "signal": (True, ""),
-        "final": (step == total and sample == 0, f"the last step, {total} for train.epochs={cfg.train.epochs}"),
+        "final": (step == total and sample == 0, f"the last step, {total} for {plan.epochs} epochs"),
     }
     if reason not in allowed:
         return [f"unknown reason {reason!r}"]
@@ -308,11 +354,10 @@ def reason_problems(state: dict[str, Any], cfg: Config) -> list[str]:
     return [] if fits else [f"reason {reason!r} needs {needs}"]
 
 
-def weights_changed(checkpoint: Checkpoint, previous: Checkpoint | None) -> str:
+def weights_changed(checkpoint: Checkpoint, previous: Checkpoint | None, initial_weights) -> str:
     if previous is None:
-        cfg = config_from_dict(checkpoint.state["config"])
-        reference = initial_tokenizer(cfg).state_dict()
-        label = f"the initial weights (seed {cfg.seed})"
+        reference = initial_weights(checkpoint)
+        label = f"the initial weights (seed {checkpoint.state['config']['seed']})"
     else:
         reference, label = previous.model, previous.name
     changed = sum(

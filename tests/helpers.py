@@ -61,6 +61,16 @@ def run_job(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
     )
 
 
+class FakeClock:
+    """A monotonic clock that moves only when a test says so (``clock.now += seconds``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class JobProcess:
     """A process started as a user would, whose output a thread collects line by line, so that
     a test waits for what the job says (``wait_for``) instead of sleeping a fixed time."""

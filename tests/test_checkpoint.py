@@ -19,17 +19,10 @@ from job.fsutil import atomic_write_bytes
 from job.storage import Layout, RunStore
 from job.training.state import TrainState
 from job.training.task import build_optimizer, initial_tokenizer
+from tests.helpers import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
 CFG = build_config("smoke")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fresh_parts(seed: int = 0, step: int = 0) -> dict:

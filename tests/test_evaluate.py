@@ -68,7 +68,8 @@ def test_report_has_every_section(evaluated):
     assert 0 < report["codebook"]["usage"] <= 1 and 1 <= report["codebook"]["perplexity"] <= 64
     for goal in report["goals"].values():
         assert {"value", "target", "comparison", "met"} <= set(goal) and isinstance(goal["met"], bool)
-    assert set(report["goals"]) == {"psnr_above_black_db", "centroid_error_px", "classifier_accuracy", "codebook_usage"}
+    # The smoke run has a stage 2: its goals join these (tests/test_sampling.py checks them).
+    assert {"psnr_above_black_db", "centroid_error_px", "classifier_accuracy", "codebook_usage"} <= set(report["goals"])
 
 
 def test_numbers_are_finite_except_the_black_centroid(evaluated):

@@ -14,16 +14,9 @@ from job.monitoring.lifecycle import StopRequest, Watchdog
 from job.monitoring.logs import REDACTED, redact
 from job.monitoring.progress import Heartbeat, Progress, render_progress
 from job.storage import Layout, RunStore
+from tests.helpers import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

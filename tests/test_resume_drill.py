@@ -1,5 +1,6 @@
-"""The promise of SPEC §7: a run SIGKILLed at random moments and started again, any number of
-times, ends with a final checkpoint whose weights are byte-identical to the uninterrupted run's.
+"""The promise of SPEC §7 and §15: a run SIGKILLed at random moments, in either stage, and started
+again any number of times, ends with final checkpoints whose .safetensors files are byte-identical
+to the uninterrupted run's, for the tokenizer and for the stage-2 transformer.
 
 One drill, three ways a user runs the job: a local run folder; an s3:// run folder with a new,
 empty cache at every start (a new container); and entrypoint.sh, as the image starts it under
@@ -18,13 +19,23 @@ import subprocess
 import pytest
 
 from job.cli import EXIT_BAD_DATA, EXIT_USAGE
-from tests.helpers import (
-    ENTRYPOINT, SMOKE, SMOKE_STEPS, TRAINING, JobProcess, final_model, job_command, job_env, run_job, sha256,
-)
+from job.config import steps_per_epoch
+from tests.helpers import ENTRYPOINT, SMOKE, SMOKE_STEPS, TRAINING, JobProcess, job_command, job_env, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 KILLS = 4
-FINAL = f"step-{SMOKE_STEPS:08d}"
+# The final checkpoint of each stage, and the files compared byte for byte.
+FINALS = [
+    f"checkpoints/step-{SMOKE_STEPS:08d}",
+    f"stage2/checkpoints/step-{SMOKE.stage2.epochs * steps_per_epoch(SMOKE, SMOKE.stage2.batch_size):08d}",
+]
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def final_files(read) -> dict[str, str]:
+    """sha256 of every .safetensors file of both stages' final checkpoints, by path."""
+    return {f"{folder}/{name}": hashlib.sha256(read(f"{folder}/{name}")).hexdigest()
+            for folder in FINALS for name in TENSOR_FILES}
 
 
 class LocalRun:
@@ -34,8 +45,8 @@ class LocalRun:
     def start(self, attempt: int) -> JobProcess:
         return JobProcess.job("train", "--preset", "smoke", "--run-uri", str(self.run))
 
-    def final_weights(self) -> bytes:
-        return final_model(self.run).read_bytes()
+    def read(self, rel: str) -> bytes:
+        return (self.run / rel).read_bytes()
 
     def attempts(self) -> int:
         return json.loads((self.run / "progress.json").read_text())["attempt"]
@@ -56,9 +67,8 @@ class BucketRun:
         cache = self.tmp_path / f"cache-{attempt}"
         return JobProcess.job("train", "--preset", "smoke", "--run-uri", self.s3.uri(), "--cache-dir", str(cache))
 
-    def final_weights(self) -> bytes:
-        latest = json.loads(self.s3.get("run/checkpoints/latest.json"))
-        return self.s3.get(f"run/checkpoints/{latest['checkpoint']}/model.safetensors")
+    def read(self, rel: str) -> bytes:
+        return self.s3.get(f"run/{rel}")
 
     def attempts(self) -> int:
         return json.loads(self.s3.get("run/progress.json"))["attempt"]
@@ -104,12 +114,11 @@ def test_sigkill_at_random_moments_resumes_to_identical_weights(where, tmp_path,
     assert codes[-1] == 0, f"kill seed {seed}: no start succeeded"
     assert kills == KILLS, f"kill seed {seed}: the run finished after {kills} kills"
 
-    baseline = final_model(smoke_baseline)
-    assert baseline.parent.name == FINAL
-    assert hashlib.sha256(run.final_weights()).hexdigest() == sha256(baseline), f"kill seed {seed}"
+    expected = final_files(lambda rel: (smoke_baseline / rel).read_bytes())
+    assert final_files(run.read) == expected, f"kill seed {seed}"
     assert run.attempts() >= KILLS + 1
     status = run_job("status", run.uri, "--json")
     assert status.returncode == 0, status.stdout + status.stderr
     report = json.loads(status.stdout)
     assert report["status"] == "completed" and report["health"] == "completed"
-    assert report["epoch"] == SMOKE.train.epochs and report["newest_checkpoint"]["name"] == FINAL
+    assert report["stage"] == 2 and report["newest_checkpoint"]["folder"] == FINALS[1]

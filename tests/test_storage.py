@@ -11,17 +11,9 @@ import pytest
 from job.storage import Layout, LocalFolder, RunStore
 from job.storage.folders import delete_remote_tree
 from job.storage.uploader import Lane, Op, Uploader
-from tests.helpers import poll_until
+from tests.helpers import FakeClock, poll_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class RecordingFolder(LocalFolder):

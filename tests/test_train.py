@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from job.config import build_config, split_sizes
-from tests.helpers import final_model, log_events, run_job, sha256
+from job.config import split_sizes
+from tests.helpers import SMOKE, SMOKE_STEPS, final_model, log_events, run_job, sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -18,8 +19,7 @@ PROGRESS_FIELDS = {
     "status", "mode", "epoch", "epochs", "step", "total_steps", "loss", "samples_per_second",
     "eta_seconds", "started_at", "updated_at", "heartbeat_at", "attempt", "last_checkpoint",
 }
-SMOKE = build_config("smoke")
-SMOKE_STEPS = SMOKE.train.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.train.batch_size)
+STAGE2_STEPS = SMOKE.stage2.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.stage2.batch_size)
 
 
 def committed_checkpoints(run: Path) -> list[str]:
@@ -30,8 +30,10 @@ def test_run_folder_layout_after_a_smoke_run(smoke_baseline):
     run = smoke_baseline
     progress = json.loads((run / "progress.json").read_text())
     assert PROGRESS_FIELDS <= set(progress)
-    assert progress["status"] == "completed" and progress["step"] == progress["total_steps"] == SMOKE_STEPS
-    assert progress["attempt"] == 1 and progress["last_checkpoint"] == f"step-{SMOKE_STEPS:08d}"
+    # train runs the tokenizer, then stage 2: progress ends on the last stage
+    assert progress["status"] == "completed" and progress["step"] == progress["total_steps"] == STAGE2_STEPS
+    assert progress["stage"] == progress["stages"] == 2 and progress["stage_name"] == "transformer"
+    assert progress["attempt"] == 1 and progress["last_checkpoint"] == f"step-{STAGE2_STEPS:08d}"
     assert "completed" in (run / "PROGRESS.txt").read_text()
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == SMOKE.train.epochs
 
@@ -48,6 +50,23 @@ def test_run_folder_layout_after_a_smoke_run(smoke_baseline):
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest == {"checkpoint": f"step-{SMOKE_STEPS:08d}", "step": SMOKE_STEPS}
     assert (run / "data" / "manifest.json").exists()
+    for plot in ("loss.png", "reconstruction.png", "stage2-loss.png", "stage2-predictions.png"):
+        assert (run / "plots" / plot).read_bytes().startswith(b"\x89PNG"), plot
+
+
+def test_stage2_has_its_own_checkpoints_and_names_the_tokenizer_it_learned_from(smoke_baseline):
+    stage2 = smoke_baseline / "stage2"
+    latest = json.loads((stage2 / "checkpoints" / "latest.json").read_text())
+    assert latest == {"checkpoint": f"step-{STAGE2_STEPS:08d}", "step": STAGE2_STEPS}
+    metrics = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(1, SMOKE.stage2.epochs + 1))
+    assert all({"train_loss", "val_loss", "val_accuracy"} <= set(m) and m["samples_complete"] for m in metrics)
+    state = json.loads((stage2 / "checkpoints" / latest["checkpoint"] / "state.json").read_text())
+    tokenizer = state["tokenizer"]
+    stage1 = json.loads((smoke_baseline / "checkpoints" / f"step-{SMOKE_STEPS:08d}" / "state.json").read_text())
+    assert tokenizer["checkpoint"] == stage1["best"]["checkpoint"]  # the best tokenizer by val loss
+    weights = smoke_baseline / "checkpoints" / tokenizer["checkpoint"] / "model.safetensors"
+    assert tokenizer["sha256"] == sha256(weights)
 
 
 def test_checkpoint_manifest_lists_every_file_with_its_hash(smoke_baseline):
@@ -133,19 +152,67 @@ def test_a_resume_that_changes_the_math_is_refused(smoke_baseline, tmp_path):
     assert sha256(final_model(run)) == before
 
 
-def test_raising_epochs_continues_the_run(smoke_baseline, tmp_path):
+def test_raising_stage2_epochs_continues_stage2(smoke_baseline, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_baseline, run)
+    epochs = SMOKE.stage2.epochs + 1
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", f"stage2.epochs={epochs}")
+    assert result.returncode == 0, result.stderr
+    resumed = [e for e in log_events(result.stdout) if e["event"] == "train.resumed"]
+    assert [(e["stage"], e["step"]) for e in resumed] == [(1, SMOKE_STEPS), (2, STAGE2_STEPS)]
+    metrics = [json.loads(line)["epoch"] for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, epochs + 1))
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "completed" and progress["step"] == STAGE2_STEPS // SMOKE.stage2.epochs * epochs
+
+
+def test_raising_tokenizer_epochs_continues_the_tokenizer_when_stage2_has_not_started(tmp_path):
+    run = tmp_path / "run"
+    assert run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", "stage2.epochs=0").returncode == 0
     epochs = SMOKE.train.epochs + 1
-    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", f"train.epochs={epochs}")
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", f"train.epochs={epochs}",
+                     "--set", "stage2.epochs=0")
     assert result.returncode == 0, result.stderr
     resumed = [e for e in log_events(result.stdout) if e["event"] == "train.resumed"]
     assert resumed and resumed[0]["step"] == SMOKE_STEPS
     metrics = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics == list(range(1, epochs + 1))
     progress = json.loads((run / "progress.json").read_text())
-    steps_per_epoch = SMOKE_STEPS // SMOKE.train.epochs
-    assert progress["status"] == "completed" and progress["step"] == steps_per_epoch * epochs
+    assert progress["status"] == "completed" and progress["step"] == SMOKE_STEPS // SMOKE.train.epochs * epochs
+    assert not (run / "stage2").exists()
+
+
+def test_raising_tokenizer_epochs_after_stage2_started_is_refused_before_any_work(smoke_baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    before = sha256(final_model(run))
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", f"train.epochs={SMOKE.train.epochs + 1}")
+    assert result.returncode == 2
+    assert "learned from the tokenizer of a 4-epoch run" in result.stderr and "stage2/checkpoints" in result.stderr
+    assert "train.progress" not in result.stdout
+    assert sha256(final_model(run)) == before
+
+
+def test_stage2_refuses_to_resume_over_another_tokenizer(smoke_baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_baseline, run)
+    latest = json.loads((run / "stage2" / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    folder = run / "stage2" / "checkpoints" / latest
+    state = json.loads((folder / "state.json").read_text())
+    state["tokenizer"]["sha256"] = "0" * 64  # learned from other weights than the run's tokenizer
+    rewrite_state(folder, state)
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    assert result.returncode == 2
+    assert "refusing to resume stage 2" in result.stderr and "0" * 64 in result.stderr
+
+
+def rewrite_state(folder: Path, state: dict) -> None:
+    """state.json replaced, and the manifest made to match: a sound checkpoint with other content."""
+    data = json.dumps(state).encode()
+    (folder / "state.json").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_heartbeat_and_checkpoints_by_minutes(tmp_path):

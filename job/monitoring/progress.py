@@ -80,6 +80,7 @@ def render_progress(p: dict[str, Any]) -> str:
     pct = 100.0 * p.get("step", 0) / p["total_steps"] if p.get("total_steps") else 0.0
     lines = [
         f"status:          {p.get('status')} ({p.get('mode')}, attempt {p.get('attempt')})",
+        *([f"stage:           {p['stage']}/{p.get('stages', '?')} ({p.get('stage_name', '-')})"] if p.get("stage") else []),
         f"epoch:           {p.get('epoch')}/{p.get('epochs')}",
         f"step:            {p.get('step')}/{p.get('total_steps')} ({pct:.1f}%)",
         f"loss:            {loss}",

@@ -16,6 +16,8 @@ class StageLayout:
     metrics: str
     loss_plot: str
     picture_plot: str
+    label: str  # how reports name its checkpoints: label + name
+
 
     @property
     def latest(self) -> str:
@@ -47,9 +49,9 @@ class Layout:
     predictions = "predictions"
     checkpoint_manifest_file = MANIFEST_FILE
 
-    tokenizer = StageLayout("checkpoints", "metrics.jsonl", "plots/loss.png", "plots/reconstruction.png")
+    tokenizer = StageLayout("checkpoints", "metrics.jsonl", "plots/loss.png", "plots/reconstruction.png", "")
     transformer = StageLayout(
-        "stage2/checkpoints", "stage2/metrics.jsonl", "plots/stage2-loss.png", "plots/stage2-samples.png"
+        "stage2/checkpoints", "stage2/metrics.jsonl", "plots/stage2-loss.png", "plots/stage2-predictions.png", "stage2/"
     )
     # The tokenizer's, by their SPEC §4 names.
     checkpoints = tokenizer.checkpoints

@@ -33,7 +33,9 @@ from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.plot_worker import BackgroundPlots
 from job.storage import Layout, RunStore, StorageError
-from job.training.stage2 import TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer
+from job.training.stage2 import (
+    TokenizerMismatch, TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer,
+)
 from job.training.stages import StagePlan, stage_plans
 from job.training.startup import agree_on_start, preflight, recorded_attempt, refuse_math_changes
 from job.training.state import TrainState, epoch_order
@@ -64,6 +66,8 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
             mirror_unsent(store, plan.layout)  # what a previous attempt committed locally but could not upload
     # The first stage's checkpoint is found, and a change of math refused, before any data work.
     attempt, resume = find_resume_point(cfg, store, topology, device, plans[0], attempt)
+    if len(plans) > 1 and topology.is_writer:
+        refuse_to_orphan_stage2(store, plans[0], resume.previous, cfg)
     bind_run_context(attempt=attempt)
     store.write_json(Layout.config, cfg.to_dict())
 
@@ -125,6 +129,22 @@ def find_resume_point(
     if previous is not None:
         refuse_math_changes(previous.state["config"], cfg, plan.math_sections)
     return attempt, ResumePoint(inventory, previous)
+
+
+def refuse_to_orphan_stage2(store: RunStore, tokenizer: StagePlan, previous: Checkpoint | None, cfg: Config) -> None:
+    """A tokenizer trained for other epochs than the one stage 2 learned from (train.epochs
+    raised) would leave stage 2's checkpoints orphaned: refuse before any work rather than after.
+    (Redoing lost tokenizer steps is fine: the same steps give the same weights.)"""
+    if previous is None or previous.step >= tokenizer.total_steps(cfg):
+        return
+    stage2 = CheckpointReader(store, Layout.transformer).load_newest_valid()
+    learned_from = stage2.state["config"]["train"]["epochs"] if stage2 else cfg.train.epochs
+    if learned_from != cfg.train.epochs:
+        raise TokenizerMismatch(
+            f"refusing to train the tokenizer for {cfg.train.epochs} epochs: stage 2 ({stage2.name}) learned from "
+            f"the tokenizer of a {learned_from}-epoch run; use a new --run-uri, or delete "
+            f"{Layout.transformer.checkpoints}/ to train stage 2 again on the longer-trained tokenizer"
+        )
 
 
 def stage_progress(cfg: Config, plan: StagePlan, previous: Checkpoint | None) -> dict:

@@ -4,10 +4,9 @@ and batch size, and its own view of which config keys change its math."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from job.config import MATH_SECTIONS, STAGE2_MATH_SECTIONS, Config, split_sizes
+from job.config import MATH_SECTIONS, STAGE2_MATH_SECTIONS, Config, steps_per_epoch
 from job.storage import Layout
 from job.storage.layout import StageLayout
 
@@ -23,8 +22,7 @@ class StagePlan:
     order_stream: tuple[int, ...]  # keeps each stage's batch order its own (see epoch_order)
 
     def steps_per_epoch(self, cfg: Config) -> int:
-        """Optimizer steps per epoch: the last batch of an epoch may be smaller, never dropped."""
-        return math.ceil(split_sizes(cfg.data)[0] / self.batch_size)
+        return steps_per_epoch(cfg, self.batch_size)
 
     def total_steps(self, cfg: Config) -> int:
         return self.steps_per_epoch(cfg) * self.epochs

@@ -3,7 +3,7 @@
 #
 #   entrypoint.sh [MODE] [options]   ->   exec python -m job MODE [options]
 #
-# MODE is generate | train | verify | evaluate | status. Without one (no arguments, or options
+# MODE is generate | train | verify | evaluate | sample | predict | status. Without one (no arguments, or options
 # first, as in `entrypoint.sh --preset smoke`) it is train. The settings the environment gives
 # (JOB_*, AWS_ENDPOINT_URL, ...) are checked here first: a typo ends the container at once with
 # exit 2, which SPEC §3 reserves for "not worth a restart" (the Kubernetes Job fails on it),
@@ -17,7 +17,7 @@
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
-MODES=(generate train verify evaluate status)
+MODES=(generate train verify evaluate sample predict status)
 PRESETS=(smoke small default)
 LOG_LEVELS=(DEBUG INFO WARNING ERROR)
 # S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens; then an optional prefix.

@@ -13,7 +13,7 @@ import pytest
 
 from job.checkpoint import delete_checkpoint
 from job.storage import Layout, RunStore
-from tests.helpers import SMOKE, SMOKE_STEPS, JobProcess, log_events, poll_until, run_job, sha256
+from tests.helpers import SMOKE, SMOKE_STAGE2_STEPS, SMOKE_STEPS, TOKENIZER_ONLY, JobProcess, log_events, poll_until, run_job, sha256
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,11 +47,12 @@ def test_a_run_in_a_bucket_has_the_whole_run_folder(s3, tmp_path, smoke_baseline
     assert result.returncode == 0, result.stderr
     keys = s3.keys("run/")
     for rel in (Layout.progress, Layout.progress_text, Layout.config, Layout.metrics, Layout.latest,
-                Layout.log_file(1), Layout.loss_plot, Layout.reconstruction_plot, Layout.data_manifest):
+                Layout.log_file(1), Layout.loss_plot, Layout.reconstruction_plot, Layout.data_manifest,
+                Layout.transformer.metrics, Layout.transformer.latest, Layout.transformer.loss_plot):
         assert f"run/{rel}" in keys, rel
     assert any(k.startswith("run/data/shard-") for k in keys)
     progress = bucket_progress(s3)
-    assert progress["status"] == "completed" and progress["step"] == SMOKE_STEPS
+    assert progress["status"] == "completed" and (progress["stage"], progress["step"]) == (2, SMOKE_STAGE2_STEPS)
     kept = bucket_checkpoints(s3)
     local_kept = sorted(p.parent.name for p in (tmp_path / "cache" / "checkpoints").glob("*/manifest.json"))
     assert kept == local_kept  # pruning reached the bucket too
@@ -68,12 +69,13 @@ def test_a_run_in_a_bucket_has_the_whole_run_folder(s3, tmp_path, smoke_baseline
 @pytest.mark.slow
 def test_a_new_container_resumes_from_the_bucket_alone(s3, tmp_path):
     assert train_s3(s3, tmp_path / "first").returncode == 0
-    epochs = SMOKE.train.epochs + 1
-    result = train_s3(s3, tmp_path / "empty-cache", "--set", f"train.epochs={epochs}")
+    epochs = SMOKE.stage2.epochs + 1
+    result = train_s3(s3, tmp_path / "empty-cache", "--set", f"stage2.epochs={epochs}")
     assert result.returncode == 0, result.stderr
     events = log_events(result.stdout)
-    resumed = [e for e in events if e["event"] == "train.resumed"]
-    assert resumed and resumed[0]["step"] == SMOKE_STEPS
+    resumed = [(e["stage"], e["step"]) for e in events if e["event"] == "train.resumed"]
+    assert resumed == [(1, SMOKE_STEPS), (2, SMOKE_STAGE2_STEPS)]
+    assert any(e["event"] == "train.epoch" and e["stage"] == 2 for e in events)  # it trained on
     assert any(e["event"] == "data.download" for e in events)  # the shards came from the bucket
     assert not any(e["event"] == "generate.start" for e in events)
     progress = bucket_progress(s3)
@@ -83,7 +85,7 @@ def test_a_new_container_resumes_from_the_bucket_alone(s3, tmp_path):
 
 @pytest.mark.slow
 def test_a_bucket_checkpoint_without_manifest_or_with_a_wrong_hash_is_skipped(s3, tmp_path):
-    assert train_s3(s3, tmp_path / "first", "--set", "checkpoint.keep_last=3").returncode == 0
+    assert train_s3(s3, tmp_path / "first", "--set", "checkpoint.keep_last=3", *TOKENIZER_ONLY).returncode == 0
     kept = bucket_checkpoints(s3)
     newest, second, third = kept[-1], kept[-2], kept[-3]
     s3.client.delete_object(Bucket=s3.name, Key=f"run/checkpoints/{newest}/manifest.json")
@@ -91,7 +93,7 @@ def test_a_bucket_checkpoint_without_manifest_or_with_a_wrong_hash_is_skipped(s3
     weights[len(weights) // 2] ^= 0x40
     s3.put(f"run/checkpoints/{second}/model.safetensors", bytes(weights))
 
-    result = train_s3(s3, tmp_path / "fresh", "--set", "checkpoint.keep_last=3")
+    result = train_s3(s3, tmp_path / "fresh", "--set", "checkpoint.keep_last=3", *TOKENIZER_ONLY)
     assert result.returncode == 0, result.stderr
     events = log_events(result.stdout)
     skipped = {e["checkpoint"]: e["reason"] for e in events if e["event"] == "checkpoint.skipped"}
@@ -177,7 +179,7 @@ def local_step(cache: Path) -> int:
 def test_training_goes_on_while_the_endpoint_is_away_and_the_backlog_drains(s3, tmp_path):
     cache = tmp_path / "cache"
     epochs = 50
-    proc = start_train(s3, cache, "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=40",
+    proc = start_train(s3, cache, "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=40", *TOKENIZER_ONLY,
                        "--set", "storage.flush_seconds=90")
     try:
         poll_until(lambda: bucket_checkpoints(s3), 90, "a first checkpoint in the bucket")
@@ -227,17 +229,17 @@ def test_an_undeliverable_backlog_fails_clearly_and_the_next_attempt_delivers_it
 @pytest.mark.slow
 def test_a_start_while_the_endpoint_is_down_waits_and_resumes_instead_of_starting_over(s3, tmp_path):
     assert train_s3(s3, tmp_path / "first").returncode == 0
-    epochs = SMOKE.train.epochs + 1
+    epochs = SMOKE.stage2.epochs + 1
     s3.endpoint.stop()
     try:
-        proc = start_train(s3, tmp_path / "empty", "--set", f"train.epochs={epochs}", "--set", "storage.connect_seconds=60")
+        proc = start_train(s3, tmp_path / "empty", "--set", f"stage2.epochs={epochs}", "--set", "storage.connect_seconds=60")
         proc.wait_for('"storage.unreachable"', timeout=60, times=2)  # retried, not given up
     finally:
         s3.endpoint.start()
     assert proc.wait(timeout=180) == 0, proc.output[-3000:]
     events = proc.events()
     assert not any(e["event"] == "train.fresh_start" for e in events)
-    assert [e["step"] for e in events if e["event"] == "train.resumed"] == [SMOKE_STEPS]
+    assert [e["step"] for e in events if e["event"] == "train.resumed"] == [SMOKE_STEPS, SMOKE_STAGE2_STEPS]
 
 
 @pytest.mark.slow

@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 
 from job.config import build_config, split_sizes
-from tests.helpers import ROOT, job_env, log_events, run_job
+from tests.helpers import HANG_AT_STEP, ROOT, job_env, log_events, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 SMOKE = build_config("smoke")
 N_TRAIN = split_sizes(SMOKE.data)[0]
 
 
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "job", *args]
+def torchrun(nproc: int, *args: str, hang_at_step: int = 0) -> list[str]:
+    """torchrun of `python -m job ARGS`, or of the job with a step that never ends."""
+    job = [str(HANG_AT_STEP), str(hang_at_step)] if hang_at_step else ["-m", "job"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *job, *args]
 
 
 def train_args(s3, cache: Path, *extra: str) -> list[str]:
@@ -99,14 +100,14 @@ def test_resume_with_another_world_size_trains_each_sample_once(s3, tmp_path, fi
     steps_per_epoch = -(-N_TRAIN // SMOKE.train.batch_size)
     every = SMOKE.checkpoint.every_steps
     checkpoint_step = (steps_per_epoch // every + 1) * every  # the first step checkpoint of epoch 2
-    group = Group(torchrun(first, *train_args(s3, tmp_path / "first")), JOB_TEST_HANG_AT_STEP=str(checkpoint_step + 2))
+    group = Group(torchrun(first, *train_args(s3, tmp_path / "first"), hang_at_step=checkpoint_step + 2))
     group.wait_for(lambda _: f"step-{checkpoint_step:08d}" in bucket_checkpoints(s3), 120, "a checkpoint inside epoch 2")
     os.killpg(group.proc.pid, signal.SIGKILL)
     group.finish(30)
 
     code, events = run_group(second, *train_args(s3, tmp_path / "second"))
     assert code == 0
-    resumed = [e for e in events if e["event"] == "train.resumed"]
+    resumed = [e for e in events if e["event"] == "train.resumed" and e["stage"] == 1]
     assert len(resumed) == second and len({e["checkpoint"] for e in resumed}) == 1  # every rank, same checkpoint
     assert resumed[0]["checkpoint"] == f"step-{checkpoint_step:08d}"
     assert 0 < resumed[0]["sample_in_epoch"] < N_TRAIN

@@ -17,7 +17,7 @@ import pytest
 
 from job.config import build_config, split_sizes
 from tests.helpers import (
-    FAKE_SECRET, ROOT, JobProcess, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256,
+    FAKE_SECRET, HANG_AT_STEP, ROOT, JobProcess, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256,
     worker_processes,
 )
 
@@ -72,31 +72,11 @@ def test_a_sigkilled_job_leaves_no_plot_worker_behind(tmp_path):
     assert_workers_end(PLOT_WORKER, workers_before)
 
 
-# The job as `python -m job` runs it, with one training step that never ends: the hang is put in
-# by the test, so that the production code carries no hook for it.
-HANG_AT_STEP = """
-import sys, threading
-from job.cli import main
-from job.training.task import TokenizerTask
-
-step, real_step = [0], TokenizerTask.train_step
-
-def train_step(self, indices):
-    step[0] += 1
-    if step[0] == int(sys.argv[1]):
-        threading.Event().wait()
-    return real_step(self, indices)
-
-TokenizerTask.train_step = train_step
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def test_the_watchdog_ends_a_hung_step_with_exit_75_and_every_stack(tmp_path):
     run = tmp_path / "run"
     limit_seconds = 3
     proc = JobProcess([
-        sys.executable, "-c", HANG_AT_STEP, "7", "train", "--preset", "smoke", "--run-uri", str(run),
+        sys.executable, str(HANG_AT_STEP), "7", "train", "--preset", "smoke", "--run-uri", str(run),
         "--set", f"monitor.watchdog_minutes={limit_seconds / 60}",
     ])
     proc.wait_for('"train.progress"', timeout=60)

@@ -19,15 +19,14 @@ import subprocess
 import pytest
 
 from job.cli import EXIT_BAD_DATA, EXIT_USAGE
-from job.config import steps_per_epoch
-from tests.helpers import ENTRYPOINT, SMOKE, SMOKE_STEPS, TRAINING, JobProcess, job_command, job_env, run_job
+from tests.helpers import ENTRYPOINT, SMOKE_STAGE2_STEPS, SMOKE_STEPS, TRAINING, JobProcess, job_command, job_env, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 KILLS = 4
 # The final checkpoint of each stage, and the files compared byte for byte.
 FINALS = [
     f"checkpoints/step-{SMOKE_STEPS:08d}",
-    f"stage2/checkpoints/step-{SMOKE.stage2.epochs * steps_per_epoch(SMOKE, SMOKE.stage2.batch_size):08d}",
+    f"stage2/checkpoints/step-{SMOKE_STAGE2_STEPS:08d}",
 ]
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 

@@ -103,14 +103,27 @@ def status_process(*args: str, env: dict[str, str] | None = None, timeout: float
 
 
 def test_completed_real_run_exits_0_and_names_its_newest_checkpoint(smoke_baseline):
-    newest = json.loads((smoke_baseline / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    # The run ended in stage 2: status shows that stage and its newest checkpoint.
+    newest = json.loads((smoke_baseline / "stage2" / "checkpoints" / "latest.json").read_text())["checkpoint"]
     result = status_process(str(smoke_baseline))
     print(f"status of a local smoke run: {result.seconds:.2f} s")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "completed" in result.stdout
+    assert "completed" in result.stdout and "stage:           2/2 (transformer)" in result.stdout
     assert f"{newest}, the newest committed one" in result.stdout
     assert "committed, sizes match" in result.stdout
     assert "loss trend" in result.stdout
+
+
+def test_a_run_in_stage_2_shows_the_stage_and_its_checkpoints_and_losses(tmp_path, capsys):
+    stage1 = crafted_run("running", val_losses=(0.3, 0.2, 0.1))
+    stage2 = crafted_run("running", val_losses=(4.0, 3.5), stage=2, stages=2, stage_name="transformer")
+    files = {**stage1, "progress.json": stage2["progress.json"]}
+    files |= {f"stage2/{rel}": data for rel, data in stage2.items() if rel.startswith(("checkpoints/", "metrics"))}
+    code, out = status(capsys, str(write_run(tmp_path, files)))
+    assert code == 0, out
+    assert "stage:           2/2 (transformer)" in out
+    assert "step-00000020, the newest committed one" in out  # stage 2's, not stage 1's step-00000030
+    assert "3.50000" in out and "0.10000" not in out  # stage 2's loss trend
 
 
 def test_running_with_a_fresh_heartbeat_is_healthy(tmp_path, capsys):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from job.config import split_sizes
-from tests.helpers import SMOKE, SMOKE_STEPS, final_model, log_events, run_job, sha256
+from tests.helpers import SMOKE, SMOKE_STAGE2_STEPS as STAGE2_STEPS, SMOKE_STEPS, final_model, log_events, run_job, sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -19,7 +18,6 @@ PROGRESS_FIELDS = {
     "status", "mode", "epoch", "epochs", "step", "total_steps", "loss", "samples_per_second",
     "eta_seconds", "started_at", "updated_at", "heartbeat_at", "attempt", "last_checkpoint",
 }
-STAGE2_STEPS = SMOKE.stage2.epochs * -(-split_sizes(SMOKE.data)[0] // SMOKE.stage2.batch_size)
 
 
 def committed_checkpoints(run: Path) -> list[str]:

@@ -79,10 +79,12 @@ def test_a_sound_run_passes_every_named_check(run):
     assert report["passed"] is True and not failed_checks(report)
     names = [check["name"] for check in report["checks"]]
     assert {name.split()[0] for name in names} == CHECK_KINDS
-    assert report["checkpoints"] == committed(run)
-    for checkpoint in committed(run):
+    stage2 = [f"stage2/{name}" for name in committed(run / "stage2")]
+    assert stage2 and report["checkpoints"] == committed(run) + stage2  # both stages, oldest first
+    for checkpoint in committed(run) + stage2:
         assert {f"{kind} {checkpoint}" for kind in PER_CHECKPOINT} <= set(names)
-    assert "metrics_history metrics.jsonl" in names and report["created_at"]
+    assert {"metrics_history metrics.jsonl", "metrics_history stage2/metrics.jsonl", "latest stage2"} <= set(names)
+    assert report["created_at"]
     done = [e for e in log_events(result.stdout) if e["event"] == "verify.done"]
     assert done and done[0]["passed"] is True and done[0]["failed"] == 0
     table = [line for line in result.stdout.splitlines() if not line.startswith("{")]
@@ -117,7 +119,13 @@ def leave_weights_unchanged(run: Path) -> dict[str, str]:
     older, newer = committed(run)[-2:]
     weights = (checkpoint_folder(run, older) / "model.safetensors").read_bytes()
     rewrite_checkpoint_file(run, newer, "model.safetensors", weights)
-    return {f"weights_changed {newer}": f"equals {older}"}
+    # Stage 2 learned from the newest tokenizer: its weights are no longer those, and it says so.
+    stage2 = committed(run / "stage2")
+    return {
+        f"weights_changed {newer}": f"equals {older}",
+        **{f"forward stage2/{name}": "differ from the sha256" for name in stage2},
+        f"weights_changed stage2/{stage2[0]}": "differ from the sha256",
+    }
 
 
 def edit_metrics(run: Path, change: Callable[[list[dict]], list[dict]]) -> None:

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from job.checkpoint import RNGState
 from job.checkpointer import CheckpointManager
 from job.config import build_config
-from job.storage import RunStore
+from job.storage import Layout, RunStore
 from job.training.state import TrainState
 from job.training.task import build_optimizer, initial_tokenizer
 
@@ -59,7 +59,10 @@ def measure(name: str, cfg, repeats: int) -> dict:
     # results, and read back for the commit's own duration (its "checkpoint.saved" seconds).
     with tempfile.TemporaryDirectory() as tmp, capture_logs() as logs:
         cadence = dataclasses.replace(cfg.checkpoint, keep_last=2)
-        manager = CheckpointManager(RunStore(tmp), cadence, parts, extra={"config": cfg.to_dict()})
+        manager = CheckpointManager(
+            RunStore(tmp), stage=Layout.tokenizer, cadence=cadence, parts=parts, extra={"config": cfg.to_dict()},
+            inventory={},  # an empty run folder
+        )
         try:
             for step in range(1, repeats + 1):
                 started = time.perf_counter()

@@ -8,8 +8,9 @@ Same model, data, batches and number of steps in both, in this one process:
   then per epoch the job's batch order (epoch_order) through VideoDataset.get, forward,
   compute_loss, backward, clip, AdamW step, scheduler step, and the same validation pass at each
   epoch end (validation is training work, not safety). Nothing else.
-- full: job.training.loop.train(cfg, store) on an s3:// run folder served by a moto S3 server on
-  127.0.0.1 (its own process, as a real bucket is elsewhere), checkpoints every --every-steps
+- full: job.training.loop.train(cfg, store), the tokenizer stage alone (stage2.epochs=0), on an
+  s3:// run folder served by a moto S3 server on 127.0.0.1 (its own process, as a real bucket
+  is elsewhere), checkpoints every --every-steps
   steps (plus the preset's per-epoch ones and the final one), heartbeat every 1 s,
   progress.json every 1 s, JSON logs (to a file instead of stdout), plots (drawn by the plot
   worker process each run starts), metrics, background uploads (live files paced by
@@ -261,6 +262,7 @@ def bench_preset(
 ) -> None:
     overrides = [
         f"train.epochs={epochs}",
+        "stage2.epochs=0",  # the tokenizer stage alone, which is what the bare loop trains
         f"checkpoint.every_steps={every_steps}",
         "monitor.heartbeat_seconds=1",
         "monitor.progress_every_seconds=1",
@@ -371,7 +373,7 @@ def main() -> None:
         job_logging_to(work / "job-log.jsonl")
         # Warm-up, not measured: one short job pays the process's one-time costs (matplotlib's font
         # cache, the S3 client's first connection, lazy imports), which a long run pays once.
-        warm = build_config("smoke", None, ["train.epochs=1", "checkpoint.every_steps=10"])
+        warm = build_config("smoke", None, ["train.epochs=1", "stage2.epochs=0", "checkpoint.every_steps=10"])
         generate_dataset(warm.data, work / "data-warmup")
         full_job(warm, work / "data-warmup", work, s3, s3.create_bucket("bench-warmup"))
         for preset in args.presets:

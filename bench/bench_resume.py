@@ -211,7 +211,10 @@ def default_checkpoint(folder: Path) -> None:
         p.grad = torch.zeros_like(p)
     parts["optimizer"].step()  # creates the moments, as any trained run has them
     store = RunStore(str(folder))
-    manager = CheckpointManager(store, cfg.checkpoint, parts, extra={"config": cfg.to_dict()})
+    manager = CheckpointManager(
+        store, stage=Layout.tokenizer, cadence=cfg.checkpoint, parts=parts, extra={"config": cfg.to_dict()},
+        inventory=CheckpointReader(store, Layout.tokenizer).inventory(),
+    )
     try:
         manager.save("bench")  # step 0, from the fresh TrainState
         manager.wait()

@@ -12,15 +12,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${1:-runs/gpu-default}
 shift || true
-python=${PYTHON:-.venv/bin/python}
+python=${PYTHON:-.venv/bin/python}  # the venv `make venv` builds, with the job installed (pip install -e .)
+mkdir -p "$(dirname "$run")"  # for $run.train.log, written before the job creates $run
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 started=$(date +%s)
 status=0
-timeout --signal=TERM --kill-after=30 "${TRAIN_LIMIT:-480}" \
+# --preserve-status: the job's own exit code (143 once it has saved after SIGTERM), not
+# timeout's 124, which would also hide a failure on the way out.
+timeout --preserve-status --signal=TERM --kill-after=30 "${TRAIN_LIMIT:-480}" \
   "$python" -m job train --preset default --run-uri "$run" "$@" > "$run.train.log" || status=$?
 echo "train: exit $status after $(($(date +%s) - started)) s (143: stopped at the time limit after saving)"
-[[ $status == 0 || $status == 143 || $status == 124 ]] || exit "$status"
+[[ $status == 0 || $status == 143 ]] || exit "$status"
 
 "$python" -m job verify --preset default --run-uri "$run" "$@" | grep -v '^{' | tail -3
 started=$(date +%s)

@@ -198,8 +198,8 @@ def test_json_has_the_raw_progress_fields_and_the_derived_ones(tmp_path, capsys)
     assert report["health"] == "healthy" and report["stale"] is False
     assert 2 <= report["heartbeat_age_seconds"] < 30
     assert report["newest_checkpoint"] | {"verify": None} == {
-        "name": "step-00000030", "step": 30, "epoch": 3, "created_at": report["newest_checkpoint"]["created_at"],
-        "committed": True, "sizes_match": True, "verify": None,
+        "name": "step-00000030", "folder": "checkpoints/step-00000030", "step": 30, "epoch": 3,
+        "created_at": report["newest_checkpoint"]["created_at"], "committed": True, "sizes_match": True, "verify": None,
     }
     assert report["latest"] == {"checkpoint": "step-00000030", "step": 30}
     assert [r["val_loss"] for r in report["loss_trend"]["recent"]] == [0.3, 0.2, 0.1]

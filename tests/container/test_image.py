@@ -190,13 +190,17 @@ def test_docker_kill_then_a_new_container_read_only_with_an_empty_tmpfs_cache_re
     locked = ("--read-only", f"--tmpfs=/cache:rw,uid={UID},gid={UID},mode=0750",
               f"--tmpfs=/work:rw,uid={UID},gid={UID},mode=0750", "--tmpfs=/tmp:rw,mode=1777",
               "--cap-drop=ALL", "--security-opt=no-new-privileges")
-    first = containers.start("train", options=locked)
+    # --restart on-failure too: `docker kill` is a manual stop, which Docker does not restart.
+    first = containers.start("train", options=(*locked, "--restart=on-failure"))
     wait_for(lambda: checkpoint_in_bucket(s3) or state(first)["Status"] != "running", 180,
              "a checkpoint in the bucket")
     assert state(first)["Status"] == "running", logs(first)[-3000:]
     docker("kill", first)
     assert wait_exit(first, 60) == 137
-    assert state(first)["Restarting"] is False
+    time.sleep(3)
+    after = state(first)
+    assert after["Status"] == "exited" and not after["Restarting"], after
+    assert docker("inspect", "-f", "{{.RestartCount}}", first).stdout.strip() == "0"
     latest_before = json.loads(s3.get("run/checkpoints/latest.json"))
 
     result = containers.run("train", options=locked)

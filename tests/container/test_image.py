@@ -263,6 +263,17 @@ def test_restart_on_failure_after_a_sigkill_of_the_job_from_the_host_resumes_and
     assert final_sha(s3) == uninterrupted, "the restarted run's model differs from the uninterrupted run's"
 
 
+def test_the_test_image_has_the_cpu_torch_and_the_font_list_and_no_test_tools():
+    result = docker("run", "--rm", f"--label={LABEL}", "--entrypoint", "python", IMAGE, "-c",
+                    "import importlib.util as u, torch, glob; print(torch.__version__);"
+                    "print(u.find_spec('pytest') is None, u.find_spec('moto') is None);"
+                    "print(glob.glob('/opt/matplotlib/fontlist-*.json'))")
+    version, no_tools, fontlists = result.stdout.splitlines()
+    assert version == "2.13.0+cpu", "the drill's image should have the CPU wheel, not PyPI's CUDA torch"
+    assert no_tools == "True True"
+    assert fontlists.startswith("['/opt/matplotlib/fontlist-v")
+
+
 def test_compose_file_is_accepted_by_docker_compose_v1(tmp_path):
     compose = shutil.which("docker-compose")
     if not compose:

@@ -46,3 +46,9 @@ clean:
 lint: venv
 	$(BIN)/hadolint Dockerfile
 	shellcheck entrypoint.sh
+
+# The image drill (issue 14): builds the image for real (Debian base made with debootstrap, the
+# CPU torch wheel) and runs its containers against a local S3; needs root. docs/deploy.md.
+.PHONY: image-test
+image-test: venv
+	tests/container/drill.sh

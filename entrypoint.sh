@@ -120,6 +120,19 @@ health_check() {
   exit 1
 }
 
+# Matplotlib's font list, built into the image (MPL_FONT_CACHE, see the Dockerfile), copied into
+# MPLCONFIGDIR, which must be writable (/tmp, a tmpfs under a read-only root filesystem): without
+# it every new container rebuilds the list and prints a non-JSON line. Best effort.
+seed_font_cache() {
+  [[ -n ${MPL_FONT_CACHE:-} && -n ${MPLCONFIGDIR:-} && -d $MPL_FONT_CACHE ]] || return 0
+  mkdir -p "$MPLCONFIGDIR" 2>/dev/null || return 0
+  local file
+  for file in "$MPL_FONT_CACHE"/fontlist-*.json; do
+    [[ -f $file && ! -e $MPLCONFIGDIR/${file##*/} ]] || continue
+    cp "$file" "$MPLCONFIGDIR/" 2>/dev/null || true
+  done
+}
+
 mode=train
 if (($#)) && [[ $1 != -* ]]; then
   mode=$1
@@ -130,6 +143,7 @@ if [[ $mode == healthcheck ]]; then
 fi
 one_of "$mode" "${MODES[@]}" || die "unknown mode '$mode'; expected one of: ${MODES[*]} (default: train)"
 check_settings "$@"
+seed_font_cache
 # Scaling out (SPEC §13): with JOB_NPROC_PER_NODE, train runs under torchrun, one process per
 # GPU (or CPU process with gloo). Multi-node options come as torchrun's own PET_* variables
 # (PET_NNODES, PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID): see infra/k8s/multinode-job.yaml.

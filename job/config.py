@@ -50,6 +50,11 @@ class ModelConfig:
     diversity_gamma: float = 1.0
     foreground_threshold: float = 0.05  # a pixel brighter than this belongs to the object
     foreground_balance: float = 0.5  # share of the reconstruction loss given to object pixels
+    # The next three default to what runs made before they existed used, so that such a run's
+    # config.json still rebuilds its model; every preset sets what docs/quality.md measured best.
+    recon_loss: str = "mse"  # mse or l1: the per-pixel error that reconstruction_loss balances
+    output: str = "sigmoid"  # clamp (straight-through, black is exactly 0) or sigmoid
+    upsample: str = "repeat"  # subpixel (depth-to-space, features of its own per frame) or repeat
 
 
 @dataclass
@@ -296,6 +301,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: {size} is not divisible by the model's downsampling factor {factor}")
     if not 1 <= m.codebook_bits <= 18:
         raise ConfigError(f"model.codebook_bits: must be in 1..18, got {m.codebook_bits}")
+    for key, value, allowed in (
+        ("model.recon_loss", m.recon_loss, ("mse", "l1")),
+        ("model.output", m.output, ("clamp", "sigmoid")),
+        ("model.upsample", m.upsample, ("subpixel", "repeat")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
     if not 0 < m.foreground_balance < 1:
         raise ConfigError(f"model.foreground_balance: must be in (0, 1), got {m.foreground_balance}")
     if not 0 < m.foreground_threshold < 1:

@@ -179,7 +179,10 @@ class Decoder(nn.Module):
                     Upsample(widths[stage + 1], widths[stage], _is_temporal(stage, model), model.upsample)
                 )
             layers.extend(ResBlock(widths[stage], widths[stage]) for _ in range(model.res_blocks))
-        layers.append(_output_head(widths[0], 1))
+        head = _output_head(widths[0], 1)
+        with torch.no_grad():  # a shift, not a draw: the other weights stay what the seed makes them
+            head[-1].bias.add_(model.output_bias_init)
+        layers.append(head)
         self.layers = nn.Sequential(*layers)
         self.output = model.output
 

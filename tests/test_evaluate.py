@@ -127,8 +127,8 @@ def test_baselines_match_an_independent_computation(evaluated):
 
 
 def test_model_finds_the_object_better_than_black(evaluated):
-    # The smoke model trains 4 tiny epochs: its haze loses to all-black on plain PSNR (about 12 dB
-    # against 21), so only what it must already do is asserted: brighten the object's pixels.
+    # The smoke model trains 4 tiny epochs; tests/test_quality.py holds it to margins over the
+    # baselines. Here only the report's own consistency with a model that draws something.
     _, report, _ = evaluated
     model, black = report["metrics"]["model"], report["metrics"]["baseline_black"]
     assert model["foreground_psnr_db"] > black["foreground_psnr_db"]

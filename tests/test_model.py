@@ -61,7 +61,8 @@ def test_latent_shape_follows_the_config() -> None:
     assert model.codebook_size == 2**10
     assert model.latent_shape() == (16 // 4, 64 // 4, 64 // 4)
     smoke, _ = make_model("smoke")
-    assert smoke.latent_shape() == (2, 8, 8)
+    assert smoke.latent_shape() == (4, 8, 8)  # temporal_downsample 0: one latent frame per frame
+    assert build_config("small").model.temporal_downsample == 0  # no two frames share a latent: no ghosts
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -151,7 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         **QUALITY_OUTPUT,
         "optim.lr": 2e-3,
         "optim.warmup_steps": 50,
-        "train.epochs": 15,
+        "train.epochs": 10,
         "train.batch_size": 16,
         "checkpoint.every_epochs": 2,
         "checkpoint.every_minutes": 2.0,

@@ -52,6 +52,11 @@ MAX_CENTROID_ERROR_PX = 0.5
 MAX_CENTROID_MISS_RATE = 0.01
 MIN_CLASSIFIER_ACCURACY = 0.98
 MIN_CODEBOOK_USAGE = 0.5
+# The order goals() lists them in; report.json sorts its keys, so a reread report needs it.
+GOAL_NAMES = (
+    "psnr_above_black_db", "ssim", "foreground_psnr_above_black_db", "centroid_error_px", "classifier_accuracy",
+    "codebook_usage",
+)
 
 
 class NothingToEvaluate(ConfigError):
@@ -286,6 +291,12 @@ def _gain(model: dict[str, Any], baseline: dict[str, Any], key: str) -> float | 
     return model[key] - baseline[key]
 
 
+def ordered_goals(report_goals: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The goals in GOAL_NAMES order, then any others (a report from other code) by name."""
+    rank = {name: i for i, name in enumerate(GOAL_NAMES)}
+    return sorted(report_goals.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
 def goal(value: float | None, target: float, comparison: str) -> dict[str, Any]:
     if value is None:
         met = False
@@ -329,7 +340,7 @@ def confusion_table(classifier: dict[str, Any]) -> list[str]:
 
 def goals_table(report_goals: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| goal | value | target | met |", "|---|---|---|---|"]
-    for name, g in report_goals.items():
+    for name, g in ordered_goals(report_goals):
         target = f"{g['comparison']} {g['target']:g}"
         if "max_miss_rate" in g:
             target += f", miss rate <= {g['max_miss_rate']:.0%} (now {formatted(g['miss_rate'], '{:.1%}')})"
@@ -423,7 +434,7 @@ def summary_text(report: dict[str, Any], uri: str) -> str:
     for key, title, pattern in SUMMARY_ROWS:
         metric_rows.append([title, *(formatted(m[kind][key], pattern) for kind in KINDS)])
     goal_rows = [["goal", "value", "target", "met"]]
-    for name, g in report["goals"].items():
+    for name, g in ordered_goals(report["goals"]):
         goal_rows.append([name, formatted(g["value"], "{:.3f}"), f"{g['comparison']} {g['target']:g}",
                           "yes" if g["met"] else "NO"])
     classifier, codebook = report["classifier"], report["codebook"]

@@ -17,12 +17,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 # The main job end to end on the embedded default: train (resumes if run again), prove the
-# checkpoints, measure the model against baselines, then say where the run stands.
+# checkpoints, measure the model against baselines, say where the run stands, and end with the
+# evaluation's table (model beside the all-black and mean-frame baselines, and the goals).
 demo: venv
 	$(BIN)/python -m job train --preset small --run-uri $(DEMO_RUN)
 	$(BIN)/python -m job verify --preset small --run-uri $(DEMO_RUN)
 	$(BIN)/python -m job evaluate --preset small --run-uri $(DEMO_RUN)
 	$(BIN)/python -m job status $(DEMO_RUN)
+	$(BIN)/python -c 'import sys; from job.evaluate import print_summary; print_summary(sys.argv[1])' $(DEMO_RUN)
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -85,24 +85,46 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """A 3x3x3 conv, then nearest-neighbour repetition: doubles H and W, and T when ``temporal``.
+    """Doubles H and W, and T when ``temporal``, in one of two ways (``model.upsample``):
 
-    The conv runs before the repetition, at the lower resolution, where it is 4-8x cheaper; the
-    full-resolution convs of the next residual block then smooth the repeated values. (A
-    depth-to-space upsampler whose sub-positions share one feature vector.) Repetition, not a
-    transposed conv, avoids checkerboard artefacts; it is an expand + reshape, whose backward is
-    a plain sum, so it stays deterministic on every device.
+    - ``repeat``: a 3x3x3 conv at the lower resolution, then nearest-neighbour repetition. Every
+      sub-position of a latent voxel gets the same feature vector, so where two frames share one
+      latent (temporal downsampling) both frames are drawn from one vector: the decoder shows the
+      object of one frame as a ghost in the other.
+    - ``subpixel``: a 3x3x3 conv to ``out_channels`` per sub-position, then depth-to-space (a
+      "pixel shuffle" in 3D): every output frame and pixel gets features of its own. The conv is
+      initialised as ICNR (Aitken et al. 2017): all sub-positions start with identical weights, so
+      a fresh layer computes exactly what ``repeat`` does and cannot start with checkerboards.
+
+    Both run their conv at the lower resolution, where it is 4-8x cheaper, and both end in an
+    expand/permute + reshape, whose backward is a plain gather or sum: deterministic on every device.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temporal: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, temporal: bool, mode: str = "repeat") -> None:
         super().__init__()
         self.factors = _scale_factors(temporal)
-        self.conv = _conv3(in_channels, out_channels)
+        self.mode = mode
+        self.out_channels = out_channels
+        if mode == "subpixel":
+            positions = math.prod(self.factors)
+            self.conv = _conv3(in_channels, out_channels * positions)
+            with torch.no_grad():  # ICNR: one kernel per output channel, shared by its sub-positions
+                self.conv.weight.copy_(self.conv.weight[:out_channels].repeat_interleave(positions, dim=0))
+                self.conv.bias.copy_(self.conv.bias[:out_channels].repeat_interleave(positions, dim=0))
+        elif mode == "repeat":
+            self.conv = _conv3(in_channels, out_channels)
+        else:
+            raise ValueError(f"unknown upsample mode {mode!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
-        b, c, t, h, w = x.shape
+        b, _, t, h, w = x.shape
         ft, fh, fw = self.factors
+        c = self.out_channels
+        if self.mode == "subpixel":
+            # Channel c * (ft*fh*fw) + sub-position -> that sub-position of channel c.
+            shuffled = x.reshape(b, c, ft, fh, fw, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+            return shuffled.reshape(b, c, t * ft, h * fh, w * fw)
         repeated = x[:, :, :, None, :, None, :, None].expand(b, c, t, ft, h, fh, w, fw)
         return repeated.reshape(b, c, t * ft, h * fh, w * fw)
 
@@ -153,13 +175,36 @@ class Decoder(nn.Module):
         for stage in reversed(range(len(widths))):
             if stage < len(widths) - 1:
                 # Undoes the encoder's downsampling between this stage and the next one.
-                layers.append(Upsample(widths[stage + 1], widths[stage], temporal=_is_temporal(stage, model)))
+                layers.append(
+                    Upsample(widths[stage + 1], widths[stage], _is_temporal(stage, model), model.upsample)
+                )
             layers.extend(ResBlock(widths[stage], widths[stage]) for _ in range(model.res_blocks))
-        layers.append(_output_head(widths[0], 1))
+        head = _output_head(widths[0], 1)
+        with torch.no_grad():  # a shift, not a draw: the other weights stay what the seed makes them
+            head[-1].bias.add_(model.output_bias_init)
+        layers.append(head)
         self.layers = nn.Sequential(*layers)
+        self.output = model.output
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.layers(latent))
+        return output_activation(self.layers(latent), self.output)
+
+
+def output_activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The decoder's last step, mapping its output to [0, 1] (``model.output``).
+
+    - ``sigmoid``: smooth, but it reaches 0 only at -infinity: a black background ends as a faint
+      haze whose SSIM luminance term is far from 1 (0.02 instead of 0 scores about 0.2).
+    - ``clamp``: clamp to [0, 1] with a straight-through gradient (the gradient of the identity).
+      Black is exactly 0 for any output <= 0, so the background can be right, not nearly right;
+      and a pixel clamped to 0 that should be bright still gets the gradient that raises it (a
+      plain clamp would give it none).
+    """
+    if kind == "sigmoid":
+        return torch.sigmoid(x)
+    if kind == "clamp":
+        return x + (x.clamp(0.0, 1.0) - x).detach()
+    raise ValueError(f"unknown output activation {kind!r}")
 
 
 @contextlib.contextmanager
@@ -244,7 +289,7 @@ class VideoTokenizer(nn.Module):
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, model: ModelConfig) -> torch.Tensor:
-    """Foreground-balanced squared error, averaged over the batch.
+    """Foreground-balanced error (``model.recon_loss``: squared or absolute), averaged over the batch.
 
     Frames are >95% black, so a plain MSE is won by an all-black output. Here the object pixels
     (target > foreground_threshold) of each sample get a fixed share ``foreground_balance`` of
@@ -252,14 +297,15 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, model: ModelC
     as much as a haze over the whole background. A sample without object pixels (or without
     background) gives its whole loss to the part it has.
     """
-    squared_error = (recon.float() - target.float()).pow(2).flatten(1)
-    is_object = (target > model.foreground_threshold).flatten(1).to(squared_error.dtype)
+    difference = recon.float() - target.float()
+    error = (difference.abs() if model.recon_loss == "l1" else difference.pow(2)).flatten(1)
+    is_object = (target > model.foreground_threshold).flatten(1).to(error.dtype)
     is_background = 1.0 - is_object
-    object_mse, has_object = _masked_mean(squared_error, is_object)
-    background_mse, has_background = _masked_mean(squared_error, is_background)
+    object_error, has_object = _masked_mean(error, is_object)
+    background_error, has_background = _masked_mean(error, is_background)
     object_weight = model.foreground_balance * has_object
     background_weight = (1.0 - model.foreground_balance) * has_background
-    weighted = object_weight * object_mse + background_weight * background_mse
+    weighted = object_weight * object_error + background_weight * background_error
     per_sample = weighted / (object_weight + background_weight)
     return per_sample.mean()
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from job.config import ModelConfig, build_config
-from job.model import VideoTokenizer, codebook_stats, compute_loss, reconstruction_loss
+from job.config import ConfigError, ModelConfig, build_config, config_from_dict
+from job.model import (
+    Upsample, VideoTokenizer, codebook_stats, compute_loss, output_activation, reconstruction_loss,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,7 +61,8 @@ def test_latent_shape_follows_the_config() -> None:
     assert model.codebook_size == 2**10
     assert model.latent_shape() == (16 // 4, 64 // 4, 64 // 4)
     smoke, _ = make_model("smoke")
-    assert smoke.latent_shape() == (2, 8, 8)
+    assert smoke.latent_shape() == (4, 8, 8)  # temporal_downsample 0: one latent frame per frame
+    assert build_config("small").model.temporal_downsample == 0  # no two frames share a latent: no ghosts
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -185,3 +188,65 @@ def test_codebook_stats_on_crafted_codes() -> None:
     half = codebook_stats(torch.arange(size // 2), size)
     assert half["usage"] == pytest.approx(0.5)
     assert half["perplexity"] == pytest.approx(size / 2)
+
+
+# --- output, upsampling and loss choices (issue #12) ----------------------------------------
+
+
+def test_clamp_output_is_exactly_black_and_passes_gradients_straight_through() -> None:
+    x = torch.tensor([-2.0, -0.1, 0.0, 0.3, 1.0, 1.7], requires_grad=True)
+    y = output_activation(x, "clamp")
+    assert y.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.3, 1.0, 1.0])
+    target = torch.tensor([0.0, 0.5, 0.0, 0.3, 1.0, 1.0])
+    F.mse_loss(y, target, reduction="sum").backward()
+    # Only the pixel that is dark but should be bright has an error, and it gets its gradient
+    # although its pre-activation is below 0 (a plain clamp would give it none).
+    assert x.grad.tolist() == pytest.approx([0.0, -1.0, 0.0, 0.0, 0.0, 0.0])
+    assert output_activation(torch.tensor([-30.0]), "sigmoid").item() > 0  # sigmoid never reaches black
+
+
+@pytest.mark.parametrize("temporal", [True, False])
+def test_subpixel_upsampling_starts_as_repetition_and_can_draw_each_frame_differently(temporal: bool) -> None:
+    torch.manual_seed(0)
+    subpixel = Upsample(4, 3, temporal, "subpixel")
+    repeat = Upsample(4, 3, temporal, "repeat")
+    positions = 8 if temporal else 4
+    with torch.no_grad():  # ICNR: the subpixel conv's sub-positions share the repeat conv's kernel
+        repeat.conv.weight.copy_(subpixel.conv.weight[::positions])
+        repeat.conv.bias.copy_(subpixel.conv.bias[::positions])
+    x = torch.randn(2, 4, 2, 3, 3)
+    expected_shape = (2, 3, 4 if temporal else 2, 6, 6)
+    assert subpixel(x).shape == repeat(x).shape == expected_shape
+    torch.testing.assert_close(subpixel(x), repeat(x))
+    # Once trained apart, the two frames (or pixels) of one latent voxel differ: no forced ghost.
+    with torch.no_grad():
+        subpixel.conv.weight[1::positions] += 1.0
+    out = subpixel(x)
+    first, second = (out[:, :, 0::2], out[:, :, 1::2]) if temporal else (out[..., 0::2, :], out[..., 1::2, :])
+    assert not torch.allclose(first, second)
+
+
+def test_l1_reconstruction_loss_balances_absolute_errors() -> None:
+    model_cfg = ModelConfig(foreground_balance=0.25, recon_loss="l1")
+    target = torch.zeros(1, 1, 1, 2, 5)
+    target[..., 0, 0] = 1.0  # 1 object pixel, 9 background pixels
+    recon = torch.full_like(target, 0.2)
+    expected = 0.25 * 0.8 + 0.75 * 0.2
+    assert reconstruction_loss(recon, target, model_cfg).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("model.output", "tanh"), ("model.upsample", "transposed"), ("model.recon_loss", "huber")]
+)
+def test_unknown_model_choices_are_refused_naming_the_key(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}: expected one of"):
+        build_config("small", overrides=[f"{key}={value}"])
+
+
+def test_runs_from_before_the_choices_existed_rebuild_their_model() -> None:
+    # A config.json without the new keys means the model those runs trained: sigmoid, repetition, MSE.
+    cfg = build_config("small").to_dict()
+    for key in ("output", "upsample", "recon_loss"):
+        del cfg["model"][key]
+    old = config_from_dict(cfg).model
+    assert (old.output, old.upsample, old.recon_loss) == ("sigmoid", "repeat", "mse")

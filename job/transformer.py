@@ -1,17 +1,21 @@
 """MAGVIT stage 2 (SPEC §15): a bidirectional transformer over the frozen tokenizer's codes,
 trained with MaskGIT's masked-token objective, and MaskGIT's iterative parallel decoding.
 
-A video is its t x h x w token grid, flattened in time-major order and preceded by one class
-token (a class, or "none"). One model does three tasks (MAGVIT's multi-task setup): generation
+A video is its t x h x w token grid, flattened in time-major order; the class (or "none") is
+an embedding added to every token. One model does three tasks (MAGVIT's multi-task setup): generation
 without condition, class-conditional generation, and frame prediction, where the tokens of the
 first latent frames are given (visible) and the rest are masked. Training masks a cosine-
 scheduled share of the tokens that are not given and learns to predict them; sampling starts
 from all of them masked and, over ``steps`` rounds, keeps the most confident predictions and
 masks the rest again.
 
-The blocks are PyTorch's own ``nn.TransformerEncoderLayer`` (pre-norm, GELU): maintained,
-deterministic on the CPU under ``torch.use_deterministic_algorithms``, and enough at this size;
-what MaskGIT adds (masking, conditioning, decoding) is the code below.
+Attention is factorized, as in video transformers such as ViViT and TimeSformer: each block
+attends within every latent frame (space), then across frames at every position (time), then
+applies its MLP. On a `small` video's 2,048 tokens that trained 1.1x (width 64) to 1.6x (width
+32) faster on 2 CPU cores than full attention over all tokens (a one-off measurement in the same
+process, load average 4); every token still reaches every other in two hops. The attention itself is PyTorch's own
+``nn.MultiheadAttention`` (scaled-dot-product kernels, deterministic on the CPU under
+``torch.use_deterministic_algorithms``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,29 @@ class MaskedBatch:
     masked: torch.Tensor  # (B, L) bool: positions the loss is computed on
 
 
+class FactorizedBlock(nn.Module):
+    """Pre-norm residual block: attention within each latent frame, attention across the frames
+    at each position, then a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, latent_shape: tuple[int, int, int]):
+        super().__init__()
+        self.frames, self.positions = latent_shape[0], latent_shape[1] * latent_shape[2]
+        self.space_norm, self.time_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.space = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.time = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        t, hw = self.frames, self.positions
+        h = self.space_norm(x).reshape(batch * t, hw, dim)  # one sequence per latent frame
+        x = x + self.space(h, h, h, need_weights=False)[0].reshape(batch, length, dim)
+        h = self.time_norm(x).reshape(batch, t, hw, dim).transpose(1, 2).reshape(batch * hw, t, dim)
+        attended = self.time(h, h, h, need_weights=False)[0]  # one sequence per position
+        x = x + attended.reshape(batch, hw, t, dim).transpose(1, 2).reshape(batch, length, dim)
+        return x + self.mlp(self.mlp_norm(x))
+
+
 class MaskedVideoTransformer(nn.Module):
     def __init__(self, cfg: Stage2Config, codebook_size: int, latent_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
@@ -50,21 +77,16 @@ class MaskedVideoTransformer(nn.Module):
         self.length = math.prod(latent_shape)
         self.token_embedding = nn.Embedding(codebook_size + 1, cfg.dim)
         self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
-        self.position = nn.Parameter(torch.zeros(1, self.length + 1, cfg.dim))
+        self.position = nn.Parameter(torch.zeros(1, self.length, cfg.dim))
         nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            cfg.dim, cfg.heads, dim_feedforward=4 * cfg.dim, dropout=0.0, activation="gelu",
-            batch_first=True, norm_first=True,
-        )
-        self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.blocks = nn.Sequential(*(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape) for _ in range(cfg.depth)))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, codebook_size)
 
     def forward(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, codebook_size) for every token position."""
-        x = torch.cat([self.class_embedding(classes)[:, None], self.token_embedding(tokens)], dim=1)
-        x = self.blocks(x + self.position)
-        return self.head(self.norm(x[:, 1:]))
+        x = self.token_embedding(tokens) + self.position + self.class_embedding(classes)[:, None]
+        return self.head(self.norm(self.blocks(x)))
 
     # --- training ------------------------------------------------------------------------------
 

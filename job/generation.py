@@ -55,8 +55,15 @@ def load_stage2(cfg: Config, store: RunStore, device: torch.device) -> Stage2Mod
     if tokenizer_checkpoint.manifest["files"][MODEL_FILE]["sha256"] != ref.get("sha256"):
         raise NoTrainedStage2(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, but those weights have changed")
     run_cfg = evaluation_config(checkpoint, cfg)
-    tokenizer = trained_tokenizer(tokenizer_checkpoint.model, run_cfg.model, run_cfg.data, device)
-    transformer = trained_transformer(checkpoint.model, run_cfg, tokenizer, device)
+    try:
+        tokenizer = trained_tokenizer(tokenizer_checkpoint.model, run_cfg.model, run_cfg.data, device)
+        transformer = trained_transformer(checkpoint.model, run_cfg, tokenizer, device)
+    except RuntimeError as exc:  # load_state_dict: weights of an architecture this code no longer builds
+        first = str(exc).splitlines()[0]
+        raise NoTrainedStage2(
+            f"stage-2 {checkpoint.name} (or its tokenizer {tokenizer_checkpoint.name}) does not fit the models this "
+            f"version of the job builds ({first}): it was trained by another version; train it again in a new --run-uri"
+        ) from exc
     if checkpoint.state.get("reason") != "final":
         log.warning("generation.stage2_unfinished", checkpoint=checkpoint.name, step=checkpoint.step)
     return Stage2Model(run_cfg, checkpoint, tokenizer_checkpoint, transformer, tokenizer, device)

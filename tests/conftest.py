@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(items):
 def smoke_baseline(tmp_path_factory) -> Path:
     """One uninterrupted smoke run, shared by the tests that compare against it."""
     run = tmp_path_factory.mktemp("baseline") / "run"
-    result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
+    # Both stages; a loaded 2-core machine takes minutes where a quiet one takes seconds.
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), timeout=600)
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
     return run
 

@@ -194,7 +194,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint.every_minutes": 2.0,
         "monitor.heartbeat_seconds": 10.0,
         # 2,048 tokens per video (8 x 16 x 16): the width that fits the CPU demo's minutes.
-        "stage2.epochs": 4,
+        "stage2.epochs": 12,
         "stage2.batch_size": 16,
         "stage2.dim": 32,
         "stage2.depth": 2,

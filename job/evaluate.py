@@ -26,6 +26,7 @@ from job.checkpoint import Checkpoint, CheckpointError, CheckpointReader
 from job.config import MATH_SECTIONS, Config, ConfigError, config_from_dict, diff_keys, set_value
 from job.data import VideoDataset, prepare_dataset
 from job.device import pick_device
+from job.goals import BLACK, MODEL, goals, ordered_goals
 from job.metrics import (
     PSNR_CAP_DB, FrameScores, code_bits, confusion_matrix, fit_linear_probe, score_frames, ssim_window, summarise,
 )
@@ -40,25 +41,9 @@ REPORT_JSON = f"{Layout.eval}/report.json"
 REPORT_MD = f"{Layout.eval}/report.md"
 EXAMPLES_PER_CLASS = 3
 # What each set of frames is scored as; the baselines go through the same metric code as the model.
-MODEL, BLACK, MEAN_FRAME = "model", "baseline_black", "baseline_mean_frame"
+MEAN_FRAME = "baseline_mean_frame"
 KINDS = (MODEL, BLACK, MEAN_FRAME)
 KIND_TITLES = {MODEL: "model", BLACK: "all-black", MEAN_FRAME: "mean-frame"}
-# The goals of issue #12 (see goals()). The centroid goal also needs the object to be found:
-# missing it must not pass for precision.
-MIN_PSNR_GAIN_DB = 10.0  # over all-black
-MIN_SSIM = 0.95  # and above all-black's
-MIN_FOREGROUND_PSNR_GAIN_DB = 15.0  # over all-black
-MAX_CENTROID_ERROR_PX = 0.5
-MAX_CENTROID_MISS_RATE = 0.01
-MIN_CLASSIFIER_ACCURACY = 0.98
-MIN_CODEBOOK_USAGE = 0.5
-# The order goals() lists them in; report.json sorts its keys, so a reread report needs it.
-GOAL_NAMES = (
-    "psnr_above_black_db", "ssim", "foreground_psnr_above_black_db", "centroid_error_px", "classifier_accuracy",
-    "codebook_usage",
-)
-
-
 class NothingToEvaluate(ConfigError):
     """The run folder holds no checkpoint that passes verification (exit 2: wrong run URI)."""
 
@@ -259,53 +244,6 @@ def write_example_images(
         images[name] = f"{Layout.eval}/{name}.png"
         store.write_bytes(images[name], png)
     return images
-
-
-def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's goals (#12), each with its value, its target and whether it is met.
-
-    Each one is stated against the all-black baseline where a fixed number would mislead: on
-    frames that are >95% black, black alone scores a high PSNR and SSIM.
-    """
-    model, black = report["metrics"][MODEL], report["metrics"][BLACK]
-    ssim = goal(model["ssim"], MIN_SSIM, ">=")
-    ssim["baseline_black"] = black["ssim"]
-    ssim["met"] = ssim["met"] and black["ssim"] is not None and model["ssim"] > black["ssim"]
-    centroid = goal(model["centroid_error_px"], MAX_CENTROID_ERROR_PX, "<=")
-    miss_rate = model["centroid_miss_rate"]
-    centroid["miss_rate"] = miss_rate
-    centroid["max_miss_rate"] = MAX_CENTROID_MISS_RATE
-    centroid["met"] = centroid["met"] and miss_rate is not None and miss_rate <= MAX_CENTROID_MISS_RATE
-    return {
-        "psnr_above_black_db": goal(_gain(model, black, "psnr_db"), MIN_PSNR_GAIN_DB, ">="),
-        "ssim": ssim,
-        "foreground_psnr_above_black_db": goal(
-            _gain(model, black, "foreground_psnr_db"), MIN_FOREGROUND_PSNR_GAIN_DB, ">="
-        ),
-        "centroid_error_px": centroid,
-        "classifier_accuracy": goal(report["classifier"]["accuracy"], MIN_CLASSIFIER_ACCURACY, ">="),
-        "codebook_usage": goal(report["codebook"]["usage"], MIN_CODEBOOK_USAGE, ">="),
-    }
-
-
-def _gain(model: dict[str, Any], baseline: dict[str, Any], key: str) -> float | None:
-    if model[key] is None or baseline[key] is None:
-        return None
-    return model[key] - baseline[key]
-
-
-def ordered_goals(report_goals: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """The goals in GOAL_NAMES order, then any others (a report from other code) by name."""
-    rank = {name: i for i, name in enumerate(GOAL_NAMES)}
-    return sorted(report_goals.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
-
-
-def goal(value: float | None, target: float, comparison: str) -> dict[str, Any]:
-    if value is None:
-        met = False
-    else:
-        met = value >= target if comparison == ">=" else value <= target
-    return {"value": value, "target": target, "comparison": comparison, "met": met}
 
 
 # --- presentation -------------------------------------------------------------------------------

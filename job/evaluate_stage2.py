@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from job.config import Config
 from job.data import VISIBLE_PIXEL, VideoDataset
-from job.evaluate import MAX_CENTROID_MISS_RATE, TestPass, TrainPass, formatted, goal
+from job.evaluate import TestPass, TrainPass, formatted
+from job.goals import MAX_CENTROID_MISS_RATE, goal
 from job.metrics import FrameScores, centroids, code_bits, fit_linear_probe, score_frames, summarise
 from job.storage import RunStore
 

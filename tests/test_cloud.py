@@ -185,7 +185,10 @@ def test_training_goes_on_while_the_endpoint_is_away_and_the_backlog_drains(s3, 
         poll_until(lambda: bucket_checkpoints(s3), 90, "a first checkpoint in the bucket")
         s3.endpoint.stop()
         down_at_step = local_step(cache)
-        proc.wait_for('"upload.retry"', timeout=60, times=3)  # the store is away, and known to be
+        # The store is away and known to be: some upload has been retried at least twice (with
+        # backoff), and meanwhile training went on by 20 steps.
+        poll_until(lambda: any(e["attempt"] >= 2 for e in proc.events("upload.retry")) or proc.poll() is not None,
+                   120, "a second retry of an upload")
         poll_until(lambda: local_step(cache) > down_at_step + 20 or proc.poll() is not None, 120,
                    "training to go on while the store is away")
         assert proc.poll() is None, "training stopped while the store was away"

@@ -66,6 +66,13 @@ class FactorizedBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def masked_token_loss(logits: torch.Tensor, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the masked positions (MaskGIT's objective), and the share of them
+    predicted right. ``batch`` must be on the logits' device."""
+    picked, truth = logits[batch.masked].float(), batch.targets[batch.masked]
+    return F.cross_entropy(picked, truth), (picked.argmax(-1) == truth).float().mean()
+
+
 class MaskedVideoTransformer(nn.Module):
     def __init__(self, cfg: Stage2Config, codebook_size: int, latent_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
@@ -117,15 +124,6 @@ class MaskedVideoTransformer(nn.Module):
         ranks = scores.argsort(dim=1).argsort(dim=1)
         masked = ranks < counts[:, None]
         return MaskedBatch(targets.masked_fill(masked, self.mask_id), classes, targets, masked)
-
-    def loss(self, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy on the masked positions, and the share of them predicted right."""
-        logits = self(batch.tokens, batch.classes)
-        picked = logits[batch.masked]
-        truth = batch.targets[batch.masked]
-        loss = F.cross_entropy(picked.float(), truth)
-        accuracy = (picked.argmax(-1) == truth).float().mean()
-        return loss, accuracy
 
     def predict_frames(self) -> int:
         """Latent frames given in the prediction task: the configured number, or half."""

@@ -40,6 +40,7 @@ from job.model import VideoTokenizer, trained_tokenizer
 from job.monitoring.progress import utc_now
 from job.storage import Layout, RunStore
 from job.training.stage2 import build_transformer, trained_transformer
+from job.transformer import masked_token_loss
 from job.training.stages import StagePlan, stage_plans
 from job.training.task import initial_tokenizer
 
@@ -217,7 +218,7 @@ class RunVerifier:
             raise CheckFailed(f"logits of shape {tuple(logits.shape)}, expected {expected}")
         if not torch.isfinite(logits).all():
             raise CheckFailed("the logits hold NaN or infinite values")
-        accuracy = float((logits[batch.masked].argmax(-1) == batch.targets[batch.masked]).float().mean())
+        accuracy = float(masked_token_loss(logits, batch)[1])
         return (f"{len(videos)} validation videos -> codes by tokenizer {checkpoint.state['tokenizer']['checkpoint']} "
                 f"-> finite logits {expected}; masked-token accuracy {accuracy:.3f}")
 

@@ -22,7 +22,7 @@ from job.data import VideoDataset
 from job.device import autocast
 from job.model import VideoTokenizer, trained_tokenizer
 from job.training.task import build_optimizer
-from job.transformer import MaskedVideoTransformer
+from job.transformer import MaskedBatch, MaskedVideoTransformer, masked_token_loss
 
 log = structlog.get_logger("job.stage2")
 
@@ -123,12 +123,8 @@ class TransformerTask:
         return float(loss.detach())
 
     def _loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, classes = batch.tokens.to(self.device), batch.classes.to(self.device)
-        logits = model(tokens, classes)
-        masked, targets = batch.masked.to(self.device), batch.targets.to(self.device)
-        picked, truth = logits[masked].float(), targets[masked]
-        loss = torch.nn.functional.cross_entropy(picked, truth)
-        return loss, (picked.argmax(-1) == truth).float().mean()
+        batch = MaskedBatch(*(t.to(self.device) for t in (batch.tokens, batch.classes, batch.targets, batch.masked)))
+        return masked_token_loss(model(batch.tokens, batch.classes), batch)
 
     @torch.no_grad()
     def validate(self, indices: np.ndarray, touch) -> dict[str, float]:

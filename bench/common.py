@@ -92,7 +92,10 @@ class S3Server:
     another machine, so its CPU time should not be charged to the job's process), with the
     standard AWS environment variables pointing at it for this process and its children."""
 
-    def __init__(self) -> None:
+    def __init__(self, request_log: Path | None = None) -> None:
+        """``request_log``: a file the server appends "METHOD path" to for every request it
+        answers, so that a bench counts what a client really sent (``requests()``)."""
+        self.request_log = request_log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -109,10 +112,13 @@ class S3Server:
         serve = (
             "import sys, moto.server as m\n"
             "m.MotoRequestHandler.protocol_version = 'HTTP/1.1'\n"
-            "m.main(sys.argv[1:])\n"
+            "if sys.argv[1]:\n"
+            "    requests = open(sys.argv[1], 'a', buffering=1)\n"
+            "    m.MotoRequestHandler.log_request = lambda self, code='-', size='-': requests.write(f'{self.command} {self.path}\\n')\n"
+            "m.main(sys.argv[2:])\n"
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", serve, "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-c", serve, str(self.request_log or ""), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
@@ -139,6 +145,11 @@ class S3Server:
     def cpu_seconds(self) -> float:
         """CPU time the server process has used so far (user + system)."""
         return cpu_ticks(Path(f"/proc/{self.proc.pid}/stat")) / os.sysconf("SC_CLK_TCK")
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request answered so far (needs ``request_log``)."""
+        lines = self.request_log.read_text().splitlines() if self.request_log and self.request_log.exists() else []
+        return [tuple(line.split(" ", 1)) for line in lines if " " in line]
 
     def client(self):
         import boto3

@@ -1,0 +1,304 @@
+"""What a checkpoint costs the job against Lightning, side by side: one JSON line per cadence.
+
+    python bench/bench_vs_lightning.py [--cadences stress small large] [--repeats N]
+
+Needs requirements-bench.txt (Lightning 2.6.6); the job itself never imports Lightning.
+
+In this one process, on this project's model, data, batch order, AdamW, warmup-cosine schedule
+and gradient clipping, three variants train the same steps:
+
+- bare: the job's arithmetic alone (bench_overhead.bare_loop: forward, loss, backward, clip,
+  AdamW, schedule, and the same validation at each epoch end), no checkpoints;
+- job: job.training.loop.train() on an s3:// run folder (bench_overhead.full_job), the tokenizer
+  stage alone, a checkpoint every N steps (no epoch-end ones, as Lightning's callback below),
+  and its final one;
+- lightning: ``Trainer.fit`` of a LightningModule around the same model and optimizer, with
+  ``gradient_clip_val``, the schedule stepped every step, and
+  ``ModelCheckpoint(dirpath="s3://...", every_n_train_steps=N, save_top_k=keep_last)``, which
+  writes through fsspec/s3fs as Lightning does for any remote dirpath.
+
+One moto S3 server in its own process serves both and logs every request it answers, so that
+requests are counted where they arrive. Variants alternate (ABBA: bare, job, lightning, then
+the reverse); medians of the repeats, each repeat given as well (the spread).
+
+Reported per variant: the training phase's ratio over bare (the job: Trainer.run; Lightning:
+on_train_start to on_train_end), per checkpoint the training thread's blocking (the call that
+takes the checkpoint: CheckpointManager.save, which waits for the previous commit if still
+running, and ModelCheckpoint.on_train_batch_end, which saves and prunes), the wall time and the
+process's CPU time (all threads) beyond bare, and the requests the server answered.
+
+Cadences: "stress" (smoke, 156 steps, every 10), "small" (small, 60 steps, every 10) and "large"
+(the default model's width on small data, 8 steps of 4 videos, every 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from bench_overhead import TIMERS, WARMUP_STEPS, bare_loop, full_job, same_weights
+from common import S3Server, emit, job_logging_to, median, note, spread
+from job.checkpointer import CheckpointManager
+from job.config import build_config, steps_per_epoch
+from job.data import VideoDataset, generate_dataset
+from job.model import compute_loss
+from job.training.state import epoch_order
+from job.training.task import build_optimizer, initial_tokenizer
+
+# The default preset's model (job/config.py ModelConfig) on small's 8 x 32 x 32 frames, one
+# latent frame per frame as on every CPU preset.
+DEFAULT_WIDTH = ["model.channels=64", "model.channel_mults=[1,2,2]", "model.codebook_bits=10"]
+CADENCES = {
+    "stress": {"preset": "smoke", "overrides": ["train.epochs=6"], "every": 10, "repeats": 5},
+    "small": {"preset": "small", "overrides": ["train.epochs=1"], "every": 10, "repeats": 3},
+    "large": {
+        "preset": "small", "every": 3, "repeats": 2,
+        "overrides": [*DEFAULT_WIDTH, "train.epochs=1", "train.batch_size=4", "data.num_samples=40", "train.val_batches=1"],
+    },
+}
+# Targets of issue 17: the job's ratio over bare (and not above Lightning's) by cadence; at the
+# large model, the job's blocking per checkpoint against Lightning's.
+RATIO_TARGET = {"stress": 1.08, "small": 1.02}
+BLOCKING_SHARE_TARGET = {"large": 0.10}
+
+TIMERS.wrap(CheckpointManager, "save", "checkpoint_save")
+
+
+class EpochBatches(torch.utils.data.IterableDataset):
+    """The job's batches in the job's order (epoch_order of the seed and epoch), one epoch per
+    iteration, for a DataLoader with batch_size=None."""
+
+    def __init__(self, cfg, dataset: VideoDataset, indices, shuffle: bool):
+        self.cfg, self.dataset, self.indices, self.shuffle = cfg, dataset, indices, shuffle
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.cfg.train.batch_size)
+
+    def __iter__(self):
+        size = self.cfg.train.batch_size
+        order = epoch_order(self.cfg.seed, self.epoch, len(self.indices)) if self.shuffle else np.arange(len(self.indices))
+        self.epoch += 1
+        for start in range(0, len(order), size):
+            yield self.dataset.get(self.indices[order[start : start + size]])[0]
+
+
+class Tokenizer(pl.LightningModule):
+    """The job's tokenizer, loss, AdamW and schedule as a LightningModule."""
+
+    def __init__(self, cfg, total_steps: int):
+        super().__init__()
+        self.cfg, self.total_steps = cfg, total_steps
+        self.model = initial_tokenizer(cfg)
+
+    def training_step(self, videos, batch_idx):
+        loss, _ = compute_loss(self.model(videos), videos, self.cfg.model)
+        return loss
+
+    def validation_step(self, videos, batch_idx):
+        self.model(videos)
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model, self.cfg, self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PhaseTimer(Callback):
+    """Wall and process CPU time from the first step to the end of training."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds, self.cpu = time.perf_counter() - self.started, time.process_time() - self.cpu_started
+
+
+class TimedCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint, with the time its per-batch hook (where it saves and prunes, on the
+    training thread) takes when it saves."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocking: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        started, saved = time.perf_counter(), self._last_global_step_saved
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if self._last_global_step_saved != saved:
+            self.blocking.append(time.perf_counter() - started)
+
+
+def lightning_run(cfg, dataset: VideoDataset, total_steps: int, every: int, uri: str) -> dict:
+    train_indices, val_indices = dataset.split("train"), dataset.split("val")
+    if cfg.train.val_batches:
+        val_indices = val_indices[: cfg.train.val_batches * cfg.train.batch_size]
+    module = Tokenizer(cfg, total_steps)
+    checkpoint = TimedCheckpoint(
+        dirpath=uri, every_n_train_steps=every, save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
+    )
+    timer = PhaseTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=cfg.train.epochs, gradient_clip_val=cfg.optim.grad_clip,
+        callbacks=[timer, checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tempfile.gettempdir(),
+    )
+    loader = torch.utils.data.DataLoader  # batch_size=None: the dataset yields whole batches
+    trainer.fit(
+        module,
+        loader(EpochBatches(cfg, dataset, train_indices, shuffle=True), batch_size=None),
+        loader(EpochBatches(cfg, dataset, val_indices, shuffle=False), batch_size=None),
+    )
+    return {
+        "loop": timer.seconds, "cpu": timer.cpu, "blocking": checkpoint.blocking, "checkpoints": len(checkpoint.blocking),
+        "model": module.model, "steps": trainer.global_step,
+    }
+
+
+def job_run(cfg, data_template: Path, work: Path, s3: S3Server, bucket: str) -> dict:
+    run = full_job(cfg, data_template, work, s3, bucket)
+    run["checkpoints"] = TIMERS.calls.get("checkpoint_save", 0)
+    run["blocking_total"] = TIMERS.seconds.get("checkpoint_save", 0.0)
+    return run
+
+
+def same_model(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def request_summary(requests: list[tuple[str, str]], checkpoints: int, checkpoint_marker: str) -> dict:
+    """Requests per checkpoint: all of a run's, and those on checkpoint paths, by method."""
+    on_checkpoints = [(m, p) for m, p in requests if checkpoint_marker in p]
+    return {
+        "per_checkpoint": round(len(requests) / checkpoints, 2),
+        "checkpoint_paths_per_checkpoint": round(len(on_checkpoints) / checkpoints, 2),
+        "by_method": dict(Counter(m for m, _ in requests)),
+        "total": len(requests),
+    }
+
+
+def bench_cadence(name: str, plan: dict, repeats: int, threads: int, s3: S3Server, work: Path) -> None:
+    every = plan["every"]
+    overrides = [
+        *plan["overrides"], "stage2.epochs=0", f"checkpoint.every_steps={every}", "checkpoint.every_epochs=0",
+        "checkpoint.every_minutes=0", "monitor.heartbeat_seconds=1", "monitor.progress_every_seconds=1",
+    ]
+    cfg = build_config(plan["preset"], None, overrides)
+    torch.set_num_threads(cfg.train.threads or threads)  # what a fresh `python -m job` process would use
+    total_steps = steps_per_epoch(cfg) * cfg.train.epochs
+    data_template = work / f"data-{name}"
+    generate_dataset(cfg.data, data_template)
+    dataset = VideoDataset(data_template, cfg.data)
+    bucket = s3.create_bucket(f"bench-lightning-{name}-{uuid.uuid4().hex[:6]}")
+    bare_loop(cfg, dataset, torch.device("cpu"), total_steps, max_steps=WARMUP_STEPS)  # oneDNN primitives for these shapes
+
+    variants = ["bare", "job", "lightning"]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    requests: dict[str, list[dict]] = {"job": [], "lightning": []}
+    same = {}
+    for k in range(repeats):
+        for which in variants if k % 2 == 0 else variants[::-1]:  # ABBA: drift in the machine's load hits all
+            note(f"{name}: repeat {k + 1}/{repeats}, {which} ({total_steps} steps, checkpoint every {every})")
+            sent = len(s3.requests())
+            if which == "bare":
+                runs["bare"].append(bare_loop(cfg, dataset, torch.device("cpu"), total_steps))
+                continue
+            if which == "job":
+                run = job_run(cfg, data_template, work, s3, bucket)
+                marker = "/checkpoints/"
+            else:
+                run = lightning_run(cfg, dataset, total_steps, every, f"s3://{bucket}/lightning-{uuid.uuid4().hex[:8]}")
+                marker = "/lightning-"
+            runs[which].append(run)
+            requests[which].append(request_summary(s3.requests()[sent:], run["checkpoints"], marker))
+        if not same:
+            bare_model = runs["bare"][0]["model"]
+            same = {"job": same_weights(bare_model, runs["job"][0]["final_model"]),
+                    "lightning": same_model(bare_model, runs["lightning"][0]["model"])}
+        for run in (runs["bare"][-1], runs["lightning"][-1]):
+            run.pop("model", None)
+
+    bare_loop_s, bare_cpu = median([r["loop"] for r in runs["bare"]]), median([r["cpu"] for r in runs["bare"]])
+    result: dict[str, dict] = {}
+    for which in ("job", "lightning"):
+        rs = runs[which]
+        checkpoints = rs[0]["checkpoints"]
+        if which == "job":
+            blocking = [r["blocking_total"] / r["checkpoints"] for r in rs]
+        else:
+            blocking = [sum(r["blocking"]) / r["checkpoints"] for r in rs]
+        loops, cpus = [r["loop"] for r in rs], [r["cpu"] for r in rs]
+        result[which] = {
+            "ratio": round(median(loops) / bare_loop_s, 3),
+            "pair_ratios": spread([x / b["loop"] for x, b in zip(loops, runs["bare"])], 3),
+            "checkpoints": checkpoints,
+            "blocking_ms_per_checkpoint": round(1000 * median(blocking), 2),
+            "blocking_ms_spread": spread([1000 * b for b in blocking], 2),
+            "wall_ms_per_checkpoint": round(1000 * (median(loops) - bare_loop_s) / checkpoints, 1),
+            "cpu_ms_per_checkpoint": round(1000 * (median(cpus) - bare_cpu) / checkpoints, 1),
+            "loop_seconds": spread(loops, 3),
+            "requests": requests[which][len(requests[which]) // 2],
+            "same_final_weights_as_bare": same[which],
+        }
+    job, light = result["job"], result["lightning"]
+    targets = {}
+    if name in RATIO_TARGET:
+        targets["ratio_at_most"] = RATIO_TARGET[name]
+        targets["met"] = job["ratio"] <= RATIO_TARGET[name] and job["ratio"] <= light["ratio"]
+    if name in BLOCKING_SHARE_TARGET:
+        share = job["blocking_ms_per_checkpoint"] / light["blocking_ms_per_checkpoint"]
+        targets.update(blocking_share_of_lightning=round(share, 4), share_at_most=BLOCKING_SHARE_TARGET[name],
+                       met=share <= BLOCKING_SHARE_TARGET[name])
+    emit({
+        "bench": "vs_lightning",
+        "cadence": name,
+        "preset": plan["preset"],
+        "overrides": plan["overrides"],
+        "what": "training phase over a bare loop of the same steps: the job (train() on s3://) and Lightning "
+        "(Trainer.fit, ModelCheckpoint to s3:// through fsspec), one moto server, ABBA repeats",
+        "steps": total_steps,
+        "every_steps": every,
+        "bare_seconds": spread([r["loop"] for r in runs["bare"]], 3),
+        "bare_cpu_seconds": round(bare_cpu, 3),
+        "job": job,
+        "lightning": light,
+        "job_over_lightning": round(job["ratio"] / light["ratio"], 3),
+        "targets": targets,
+        "repeats": repeats,
+        "lightning_version": pl.__version__,
+        "s3": "moto server on 127.0.0.1, separate process; requests counted at the server",
+    }, torch_threads=torch.get_num_threads())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cadences", nargs="+", default=list(CADENCES), choices=list(CADENCES))
+    parser.add_argument("--repeats", type=int, help="repeats of each variant (default: per cadence)")
+    args = parser.parse_args()
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="bench-lightning-") as tmp, S3Server(Path(tmp) / "requests.log") as s3:
+        work = Path(tmp)
+        job_logging_to(work / "job-log.jsonl")
+        # Warm-up, not measured: one short run of each pays the process's one-time costs (lazy
+        # imports, matplotlib's font cache, each S3 client's first connection).
+        warm = build_config("smoke", None, ["train.epochs=1", "stage2.epochs=0", "checkpoint.every_steps=10"])
+        generate_dataset(warm.data, work / "data-warmup")
+        bucket = s3.create_bucket("bench-warmup")
+        full_job(warm, work / "data-warmup", work, s3, bucket)
+        lightning_run(warm, VideoDataset(work / "data-warmup", warm.data), steps_per_epoch(warm), 10, f"s3://{bucket}/lightning")
+        for name in args.cadences:
+            bench_cadence(name, CADENCES[name], args.repeats or CADENCES[name]["repeats"], threads, s3, work)
+
+
+if __name__ == "__main__":
+    main()

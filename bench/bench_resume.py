@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from common import ROOT, S3Server, emit, job_env, job_logging_to, median, note, spread
-from job.checkpoint import Checkpoint, CheckpointReader, RNGState
+from job.checkpoint import MODEL_FILE, STATE_FILE, Checkpoint, CheckpointReader, RNGState, decode_state
 from job.checkpointer import CheckpointManager
 from job.config import build_config, steps_per_epoch
 from job.data import prepare_dataset
@@ -172,10 +172,10 @@ def checkpoint_split(uri: str, cache: Path, cfg, total_steps: int, dataset: bool
         stateful, parts["build_model"] = timed(lambda: built(cfg, total_steps))
 
         def load() -> None:
+            optimizer, rng, state = decode_state(blobs[STATE_FILE])
             checkpoint = Checkpoint(
-                name=name, manifest=manifest, model=load_tensors(blobs["model.safetensors"]),
-                optimizer=load_tensors(blobs["optimizer.safetensors"]), rng=load_tensors(blobs["rng.safetensors"]),
-                state=json.loads(blobs["state.json"]),
+                name=name, manifest=manifest, model=load_tensors(blobs[MODEL_FILE]), optimizer=optimizer, rng=rng,
+                state=state,
             )
             checkpoint.restore(stateful)
 

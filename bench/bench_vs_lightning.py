@@ -249,6 +249,9 @@ def bench_cadence(name: str, plan: dict, repeats: int, threads: int, s3: S3Serve
             "requests": requests[which][len(requests[which]) // 2],
             "same_final_weights_as_bare": same[which],
         }
+    # where the job's CPU went, by thread, over its median run (train() from setup to end)
+    mid = sorted(range(repeats), key=lambda i: runs["job"][i]["loop"])[(repeats - 1) // 2]
+    result["job"]["cpu_seconds_by_thread"] = runs["job"][mid]["threads"]
     job, light = result["job"], result["lightning"]
     targets = {}
     if name in RATIO_TARGET:

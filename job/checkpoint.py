@@ -4,16 +4,18 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding the state of a r
 parts (``PARTS``):
 
 - ``model.safetensors``: the weights alone; the same weights give the same bytes,
-- ``optimizer.safetensors``: the optimizer's tensors,
-- ``rng.safetensors``: the random generators' states,
-- ``state.json``: everything else (the train state, the optimizer's and the schedule's
-  numbers, the config),
+- ``state.safetensors``: everything else in one file, so that a checkpoint is two objects to
+  write, hash and upload: the optimizer's tensors (``optimizer.*``), the random generators'
+  states (``rng.*``), and as JSON in the file's metadata (``state``) the train state, the
+  optimizer's and the schedule's numbers and the config,
 - ``manifest.json``: written last, the sha256 and size of every file above plus step, epoch
   and created_at. A checkpoint counts only if its manifest names plain files of its own folder
   and every one of them matches; readers trust nothing else.
 
-Nothing here unpickles: tensors go through safetensors, the rest through JSON. Writing (when,
-which ones to keep, in which order) is ``job.checkpointer``'s.
+Nothing here unpickles: tensors go through safetensors, the rest through JSON. Checkpoints of
+format 1 (optimizer, rng and state as three files) are not read: they are
+refused as unreadable, naming their format. Writing (when, which ones to keep, in which order)
+is ``job.checkpointer``'s.
 """
 
 from __future__ import annotations
@@ -36,15 +38,14 @@ from job.storage.layout import StageLayout
 from job.training.state import TrainState
 
 MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-STATE_FILE = "state.json"
+STATE_FILE = "state.safetensors"
 MANIFEST_FILE = Layout.checkpoint_manifest_file
-DATA_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
-FORMAT_VERSION = 1
+DATA_FILES = (MODEL_FILE, STATE_FILE)
+FORMAT_VERSION = 2
+STATE_METADATA_KEY = "state"  # the entry of state.safetensors' metadata that holds the JSON state
 # The stateful parts a checkpoint holds, by name; each has state_dict() / load_state_dict().
 PARTS = ("model", "optimizer", "scheduler", "rng", "train")
-# What resuming reads from state.json besides the train state.
+# What resuming reads from the JSON state besides the train state.
 REQUIRED_STATE = frozenset({"config", "optimizer", "scheduler", *TrainState.keys()})
 
 log = structlog.get_logger("job.checkpoint")
@@ -125,17 +126,32 @@ class Snapshot:
 
     def encode(self) -> dict[str, bytes]:
         """The files of a checkpoint, as bytes (no manifest yet)."""
-        return {
-            MODEL_FILE: save_tensors(self.model),
-            OPTIMIZER_FILE: save_tensors(self.optimizer),
-            RNG_FILE: save_tensors(self.rng),
-            STATE_FILE: self.state_json,
-        }
+        return {MODEL_FILE: save_tensors(self.model), STATE_FILE: encode_state(self.optimizer, self.rng, self.state_json)}
+
+
+def encode_state(optimizer: dict[str, torch.Tensor], rng: dict[str, torch.Tensor], state_json: bytes) -> bytes:
+    """state.safetensors: the optimizer's and the generators' tensors, the JSON state as metadata."""
+    tensors = {**{f"optimizer.{k}": v for k, v in optimizer.items()}, **{f"rng.{k}": v for k, v in rng.items()}}
+    return save_tensors(tensors, metadata={STATE_METADATA_KEY: state_json.decode()})
+
+
+def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+    """(optimizer tensors, rng tensors, JSON state) of a state.safetensors. safetensors' Python
+    API reads metadata only from a path, so it is taken from the header as the format defines
+    it: 8 bytes of little-endian header length, then the header's JSON."""
+    tensors = load_tensors(data)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    state = json.loads(header["__metadata__"][STATE_METADATA_KEY])
+    parts: dict[str, dict[str, torch.Tensor]] = {"optimizer": {}, "rng": {}}
+    for key, tensor in tensors.items():
+        part, name = key.split(".", 1)
+        parts[part][name] = tensor
+    return parts["optimizer"], parts["rng"], state
 
 
 def take_snapshot(parts: dict[str, Stateful], extra: dict[str, Any]) -> Snapshot:
     """The part of a checkpoint the training thread waits for: copies, nothing else. ``extra``
-    (the config, the reason) goes into state.json beside the parts' numbers."""
+    (the config, the reason) goes into the JSON state beside the parts' numbers."""
     optimizer_tensors, optimizer_json = _split_optimizer_state(parts["optimizer"].state_dict())
     state = {
         **parts["train"].state_dict(),
@@ -206,6 +222,10 @@ class CheckpointReader:
         foreign = [f for f in manifest["files"] if not is_plain_file_name(f)]
         if foreign:
             raise ManifestMismatch(f"{name}: the manifest names {foreign[0]!r}, not a plain file of its folder")
+        if manifest.get("format") != FORMAT_VERSION:
+            raise UnreadableCheckpoint(
+                f"{name}: checkpoint format {manifest.get('format')!r}, this job reads format {FORMAT_VERSION} only"
+            )
         missing = set(DATA_FILES) - set(manifest["files"])
         if missing:
             raise ManifestMismatch(f"{name}: manifest lacks {', '.join(sorted(missing))}")
@@ -220,19 +240,16 @@ class CheckpointReader:
                 raise ManifestMismatch(f"{name}/{filename}: sha256 does not match the manifest")
             blobs[filename] = data
         try:
+            optimizer, rng, state = decode_state(blobs[STATE_FILE])
             checkpoint = Checkpoint(
-                name=name,
-                manifest=manifest,
-                model=load_tensors(blobs[MODEL_FILE]),
-                optimizer=load_tensors(blobs[OPTIMIZER_FILE]),
-                rng=load_tensors(blobs[RNG_FILE]),
-                state=json.loads(blobs[STATE_FILE]),
+                name=name, manifest=manifest, model=load_tensors(blobs[MODEL_FILE]), optimizer=optimizer, rng=rng,
+                state=state,
             )
-        except (ValueError, RuntimeError, SafetensorError) as exc:  # hashes matched, but the content is not ours
-            raise UnreadableCheckpoint(f"{name}: unreadable content: {exc}") from exc
+        except (ValueError, RuntimeError, SafetensorError, KeyError, TypeError) as exc:  # hashes matched, but the content is not ours
+            raise UnreadableCheckpoint(f"{name}: unreadable content: {exc!r}") from exc
         missing_state = REQUIRED_STATE - set(checkpoint.state) if isinstance(checkpoint.state, dict) else REQUIRED_STATE
         if missing_state:
-            raise UnreadableCheckpoint(f"{name}: state.json lacks {', '.join(sorted(missing_state))}")
+            raise UnreadableCheckpoint(f"{name}: the JSON state lacks {', '.join(sorted(missing_state))}")
         return checkpoint
 
     def load_newest_valid(self, names: list[str] | None = None) -> Checkpoint | None:

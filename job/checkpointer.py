@@ -41,7 +41,7 @@ class CheckpointManager:
         clock: Callable[[], float] = time.monotonic,
     ):
         """``parts``: model, optimizer, scheduler, rng and train (a TrainState); ``extra``: what
-        else state.json records (the config); ``inventory``: each checkpoint folder and whether
+        else the JSON state records (the config); ``inventory``: each checkpoint folder and whether
         it is committed (``CheckpointReader.inventory``), listed when the run URI has just
         answered, then kept current here, so that the training thread never waits on a store
         that may be away. ``on_commit(name)`` runs on the writer thread once a

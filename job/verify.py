@@ -7,7 +7,7 @@ For each checkpoint folder, oldest first:
   nothing else (a planted pickle is never loaded by the job, but it does not belong there);
 - ``forward``: the model rebuilt from the checkpoint's own config encodes and decodes a
   validation batch to integer codes in range and a finite video of the input's shape;
-- ``cadence``: folder name, manifest and state.json agree on step and epoch, the position fits
+- ``cadence``: folder name, manifest and state.safetensors agree on step and epoch, the position fits
   the epoch arithmetic, the recorded reason fits the checkpoint settings, and steps increase;
 - ``weights_changed``: the weights differ from the previous checkpoint's (the oldest one's
   from the initial weights);
@@ -226,7 +226,7 @@ class RunVerifier:
         """The stage-1 weights a stage-2 checkpoint learned from, verified and matched by sha256."""
         ref = checkpoint.state.get("tokenizer")
         if not isinstance(ref, dict):
-            raise CheckFailed("state.json does not name the tokenizer this checkpoint learned from")
+            raise CheckFailed("state.safetensors does not name the tokenizer this checkpoint learned from")
         name = str(ref.get("checkpoint"))
         if name not in self.tokenizers:
             source = CheckpointReader(self.store, Layout.tokenizer).load(name)
@@ -301,10 +301,10 @@ def cadence(checkpoint: Checkpoint, previous: Checkpoint | None, stage: int = 1)
     plan = stage_plans(cfg)[stage - 1]
     problems = []
     if checkpoint.name != Layout.checkpoint_name(step):
-        problems.append(f"the folder's name does not match state.json's step {step}")
+        problems.append(f"the folder's name does not match state.safetensors's step {step}")
     if (manifest.get("step"), manifest.get("epoch")) != (step, epoch):
         problems.append(f"manifest says step {manifest.get('step')} epoch {manifest.get('epoch')}, "
-                        f"state.json step {step} epoch {epoch}")
+                        f"state.safetensors step {step} epoch {epoch}")
     if previous is not None and step <= previous.state["step"]:
         problems.append(f"step {step} goes backwards: {previous.name} holds step {previous.state['step']}")
     if previous is not None and epoch < previous.state["epoch"]:
@@ -373,10 +373,10 @@ def saved_history(checkpoint: Checkpoint) -> str:
     state = checkpoint.state
     metrics = state.get("metrics")
     if not isinstance(metrics, list):
-        raise CheckFailed("state.json has no metrics list")
+        raise CheckFailed("state.safetensors has no metrics list")
     problem = history_problem(metrics, state["epoch"])
     if problem:
-        raise CheckFailed(f"state.json metrics: {problem}")
+        raise CheckFailed(f"state.safetensors metrics: {problem}")
     return f"epochs 1..{state['epoch']}, each once and in order" if state["epoch"] else "no epoch finished yet"
 
 

@@ -152,6 +152,27 @@ def final_model(run: Path) -> Path:
     return run / "checkpoints" / latest["checkpoint"] / "model.safetensors"
 
 
+def checkpoint_state(folder: Path) -> dict:
+    """The JSON state a checkpoint folder holds (in state.safetensors' metadata)."""
+    from job.checkpoint import STATE_FILE, decode_state
+
+    return decode_state((folder / STATE_FILE).read_bytes())[2]
+
+
+def rewrite_state(folder: Path, state: dict, **manifest_fields: int) -> None:
+    """Replace a checkpoint's JSON state (its tensors kept) and make the manifest match, with
+    ``manifest_fields`` set too: a checkpoint whose hashes hold, with other content."""
+    from job.checkpoint import STATE_FILE, decode_state, encode_state
+
+    optimizer, rng, _ = decode_state((folder / STATE_FILE).read_bytes())
+    data = encode_state(optimizer, rng, json.dumps(state).encode())
+    (folder / STATE_FILE).write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][STATE_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest.update(manifest_fields)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def log_events(output: str) -> list[dict]:
     """The JSON log records in a process's stdout."""
     events = []

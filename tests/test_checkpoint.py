@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from job.checkpoint import (
-    MANIFEST_FILE, MODEL_FILE, CheckpointError, CheckpointReader, ManifestMismatch, RNGState, take_snapshot,
+    MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, CheckpointReader, ManifestMismatch, RNGState,
+    UnreadableCheckpoint, take_snapshot,
 )
 from job.checkpointer import FINAL, CheckpointManager
 from job.config import build_config, set_value
@@ -86,8 +87,9 @@ def test_commit_order_files_then_manifest_then_latest(tmp_path):
     store = RecordingStore(str(tmp_path))
     name = save_at(manager(store, fresh_parts()), 7)
     assert name == "step-00000007"
-    assert store.writes[-2:] == [Layout.checkpoint_file(name, MANIFEST_FILE), Layout.latest]
-    assert len(store.writes) == 6
+    assert store.writes == [
+        *(Layout.checkpoint_file(name, f) for f in (MODEL_FILE, STATE_FILE, MANIFEST_FILE)), Layout.latest,
+    ]
     assert json.loads((tmp_path / Layout.latest).read_text()) == {"checkpoint": name, "step": 7}
 
 
@@ -131,6 +133,17 @@ def test_damaged_or_unmanifested_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="manifest"):
         reader.load("step-00000002")
     assert reader.load_newest_valid().name == "step-00000001"
+
+
+def test_a_checkpoint_of_the_three_file_format_is_refused_naming_its_format(tmp_path):
+    """Format 1 kept optimizer, rng and state in three files; its manifest says so, and this job
+    does not read it (a resume starts from the newest checkpoint it can read)."""
+    store = RunStore(str(tmp_path))
+    name = save_at(manager(store, fresh_parts()), 1)
+    manifest_path = tmp_path / Layout.checkpoint_manifest(name)
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "format": 1}))
+    with pytest.raises(UnreadableCheckpoint, match="checkpoint format 1, this job reads format 2 only"):
+        CheckpointReader(store).load(name)
 
 
 @pytest.mark.parametrize("name", ["../../x", "..", "/etc/passwd", "sub/model.safetensors", ""])

@@ -120,8 +120,7 @@ def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
     store.close()
     name = "step-00000003"
     assert sent[-2:] == [f"checkpoints/{name}/manifest.json", "checkpoints/latest.json"]
-    assert sorted(sent[:-2]) == sorted(f"checkpoints/{name}/{f}" for f in
-                                       ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"))
+    assert sorted(sent[:-2]) == [f"checkpoints/{name}/{f}" for f in ("model.safetensors", "state.safetensors")]
 
 
 def test_live_files_rewritten_many_times_are_sent_once_per_pause_and_checkpoints_are_not_held(s3, tmp_path):
@@ -147,7 +146,7 @@ def test_live_files_rewritten_many_times_are_sent_once_per_pause_and_checkpoints
 def test_deleting_a_checkpoint_in_the_bucket_removes_its_manifest_first_then_the_rest_at_once(s3, tmp_path):
     store = RunStore(s3.uri("prune"), tmp_path / "cache")
     name = Layout.checkpoint_name(7)
-    files = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "manifest.json"]
+    files = ["model.safetensors", "state.safetensors", "manifest.json"]
     for filename in files:
         store.write_bytes(Layout.checkpoint_file(name, filename), filename.encode())
     store.flush(20)

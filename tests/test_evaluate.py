@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, job_env, log_events, run_job
+from tests.helpers import ROOT, checkpoint_state, job_env, log_events, rewrite_state, run_job
 from job.checkpoint import CheckpointReader
 from job.config import config_from_dict
 from job.data import VideoDataset
@@ -204,13 +203,9 @@ def test_no_valid_checkpoint_exits_2(tmp_path):
 def record_best(run: Path, checkpoint: str, best: str) -> None:
     """Make ``checkpoint`` record ``best`` as the run's best, keeping its manifest consistent."""
     folder = run / "checkpoints" / checkpoint
-    state = json.loads((folder / "state.json").read_text())
+    state = checkpoint_state(folder)
     state["best"] = {"checkpoint": best, "val_loss": 0.0}
-    data = json.dumps(state).encode()
-    (folder / "state.json").write_bytes(data)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_state(folder, state)
 
 
 @pytest.fixture

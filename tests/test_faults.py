@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from job.checkpoint import DATA_FILES, FORMAT_VERSION
 from job.config import build_config, split_sizes
 from tests.helpers import (
     FAKE_SECRET, HANG_AT_STEP, ROOT, JobProcess, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256,
@@ -137,11 +138,11 @@ def test_a_planted_pickle_checkpoint_is_never_executed(tmp_path, smoke_baseline)
     planted = run / "checkpoints" / "step-99999999"
     planted.mkdir()
     files = {}
-    for filename in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+    for filename in DATA_FILES:
         torch.save({"payload": PlantedPickle()}, planted / filename)
         data = (planted / filename).read_bytes()
         files[filename] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (planted / "manifest.json").write_text(json.dumps({"format": 1, "step": 99999999, "epoch": 99, "files": files}))
+    (planted / "manifest.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": 99999999, "epoch": 99, "files": files}))
     (run / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step-99999999", "step": 99999999}))
     assert not marker.exists()
 

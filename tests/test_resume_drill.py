@@ -18,6 +18,7 @@ import subprocess
 
 import pytest
 
+from job.checkpoint import MODEL_FILE, STATE_FILE, decode_state, encode_state
 from job.cli import EXIT_BAD_DATA, EXIT_USAGE
 from tests.helpers import ENTRYPOINT, SMOKE_STAGE2_STEPS, SMOKE_STEPS, TRAINING, JobProcess, job_command, job_env, run_job
 
@@ -28,13 +29,17 @@ FINALS = [
     f"checkpoints/step-{SMOKE_STEPS:08d}",
     f"stage2/checkpoints/step-{SMOKE_STAGE2_STEPS:08d}",
 ]
-TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 def final_files(read) -> dict[str, str]:
-    """sha256 of every .safetensors file of both stages' final checkpoints, by path."""
-    return {f"{folder}/{name}": hashlib.sha256(read(f"{folder}/{name}")).hexdigest()
-            for folder in FINALS for name in TENSOR_FILES}
+    """sha256 of both stages' final weights files, and of their optimizer and random states (the
+    tensors of state.safetensors: its JSON metadata counts attempts and times epochs), by path."""
+    hashes = {}
+    for folder in FINALS:
+        hashes[f"{folder}/{MODEL_FILE}"] = hashlib.sha256(read(f"{folder}/{MODEL_FILE}")).hexdigest()
+        optimizer, rng, _ = decode_state(read(f"{folder}/{STATE_FILE}"))
+        hashes[f"{folder}/{STATE_FILE}"] = hashlib.sha256(encode_state(optimizer, rng, b"{}")).hexdigest()
+    return hashes
 
 
 class LocalRun:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -10,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SMOKE, SMOKE_STAGE2_STEPS as STAGE2_STEPS, SMOKE_STEPS, final_model, log_events, run_job, sha256
+from tests.helpers import (
+    SMOKE, SMOKE_STAGE2_STEPS as STAGE2_STEPS, SMOKE_STEPS, checkpoint_state, final_model, log_events, rewrite_state, run_job,
+    sha256,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -59,9 +61,9 @@ def test_stage2_has_its_own_checkpoints_and_names_the_tokenizer_it_learned_from(
     metrics = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(1, SMOKE.stage2.epochs + 1))
     assert all({"train_loss", "val_loss", "val_accuracy"} <= set(m) and m["samples_complete"] for m in metrics)
-    state = json.loads((stage2 / "checkpoints" / latest["checkpoint"] / "state.json").read_text())
+    state = checkpoint_state(stage2 / "checkpoints" / latest["checkpoint"])
     tokenizer = state["tokenizer"]
-    stage1 = json.loads((smoke_baseline / "checkpoints" / f"step-{SMOKE_STEPS:08d}" / "state.json").read_text())
+    stage1 = checkpoint_state(smoke_baseline / "checkpoints" / f"step-{SMOKE_STEPS:08d}")
     assert tokenizer["checkpoint"] == stage1["best"]["checkpoint"]  # the best tokenizer by val loss
     weights = smoke_baseline / "checkpoints" / tokenizer["checkpoint"] / "model.safetensors"
     assert tokenizer["sha256"] == sha256(weights)
@@ -72,7 +74,7 @@ def test_checkpoint_manifest_lists_every_file_with_its_hash(smoke_baseline):
         folder = smoke_baseline / "checkpoints" / name
         manifest = json.loads((folder / "manifest.json").read_text())
         files = {p.name for p in folder.iterdir()} - {"manifest.json"}
-        assert set(manifest["files"]) == files >= {"model.safetensors", "optimizer.safetensors", "state.json"}
+        assert set(manifest["files"]) == files == {"model.safetensors", "state.safetensors"}
         for filename, entry in manifest["files"].items():
             assert sha256(folder / filename) == entry["sha256"]
             assert (folder / filename).stat().st_size == entry["size"]
@@ -86,7 +88,7 @@ def test_checkpoint_manifest_lists_every_file_with_its_hash(smoke_baseline):
 
 def test_keeps_last_k_and_the_best(smoke_baseline):
     kept = committed_checkpoints(smoke_baseline)
-    state = json.loads((smoke_baseline / "checkpoints" / kept[-1] / "state.json").read_text())
+    state = checkpoint_state(smoke_baseline / "checkpoints" / kept[-1])
     best = state["best"]["checkpoint"]
     every = [f"step-{s:08d}" for s in range(SMOKE.checkpoint.every_steps, SMOKE_STEPS + 1, SMOKE.checkpoint.every_steps)]
     expected_last = sorted(set(kept) - {best})[-SMOKE.checkpoint.keep_last :]
@@ -196,21 +198,12 @@ def test_stage2_refuses_to_resume_over_another_tokenizer(smoke_baseline, tmp_pat
     shutil.copytree(smoke_baseline, run)
     latest = json.loads((run / "stage2" / "checkpoints" / "latest.json").read_text())["checkpoint"]
     folder = run / "stage2" / "checkpoints" / latest
-    state = json.loads((folder / "state.json").read_text())
+    state = checkpoint_state(folder)
     state["tokenizer"]["sha256"] = "0" * 64  # learned from other weights than the run's tokenizer
     rewrite_state(folder, state)
     result = run_job("train", "--preset", "smoke", "--run-uri", str(run))
     assert result.returncode == 2
     assert "refusing to resume stage 2" in result.stderr and "0" * 64 in result.stderr
-
-
-def rewrite_state(folder: Path, state: dict) -> None:
-    """state.json replaced, and the manifest made to match: a sound checkpoint with other content."""
-    data = json.dumps(state).encode()
-    (folder / "state.json").write_bytes(data)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_heartbeat_and_checkpoints_by_minutes(tmp_path):

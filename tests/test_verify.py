@@ -18,7 +18,7 @@ import pytest
 from job.config import build_config
 from job.storage import RunStore
 from job.verify import run_verify
-from tests.helpers import ROOT, job_command, job_env, log_events, run_job
+from tests.helpers import ROOT, checkpoint_state, job_command, job_env, log_events, rewrite_state, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -58,10 +58,9 @@ def rewrite_checkpoint_file(run: Path, name: str, filename: str, data: bytes, **
 
 
 def edit_state(run: Path, name: str, edit: Callable[[dict], None], **manifest_fields: int) -> None:
-    state = json.loads((checkpoint_folder(run, name) / "state.json").read_text())
+    state = checkpoint_state(checkpoint_folder(run, name))
     edit(state)
-    data = json.dumps(state, indent=1, sort_keys=True).encode()
-    rewrite_checkpoint_file(run, name, "state.json", data, **manifest_fields)
+    rewrite_state(checkpoint_folder(run, name), state, **manifest_fields)
 
 
 @pytest.fixture
@@ -108,7 +107,7 @@ def drop_older_manifest(run: Path) -> dict[str, str]:
 
 
 def make_a_step_go_backwards(run: Path) -> dict[str, str]:
-    """The older checkpoint claims a step after the newer one's, in state.json and manifest alike."""
+    """The older checkpoint claims a step after the newer one's, in its state and manifest alike."""
     older, newer = committed(run)[-2:]
     later_step = int(newer.removeprefix("step-")) + 6
     edit_state(run, older, lambda state: state.update(step=later_step), step=later_step)

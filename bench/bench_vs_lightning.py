@@ -46,7 +46,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from bench_overhead import TIMERS, WARMUP_STEPS, bare_loop, full_job, same_weights
-from common import S3Server, emit, job_logging_to, median, note, spread
+from common import S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
 from job.checkpointer import CheckpointManager
 from job.config import build_config, steps_per_epoch
 from job.data import VideoDataset, generate_dataset
@@ -137,7 +137,7 @@ class TimedCheckpoint(ModelCheckpoint):
             self.blocking.append(time.perf_counter() - started)
 
 
-def lightning_run(cfg, dataset: VideoDataset, total_steps: int, every: int, uri: str) -> dict:
+def lightning_run(cfg, dataset: VideoDataset, total_steps: int, every: int, uri: str, s3: S3Server) -> dict:
     train_indices, val_indices = dataset.split("train"), dataset.split("val")
     if cfg.train.val_batches:
         val_indices = val_indices[: cfg.train.val_batches * cfg.train.batch_size]
@@ -152,14 +152,16 @@ def lightning_run(cfg, dataset: VideoDataset, total_steps: int, every: int, uri:
         num_sanity_val_steps=0, default_root_dir=tempfile.gettempdir(),
     )
     loader = torch.utils.data.DataLoader  # batch_size=None: the dataset yields whole batches
-    trainer.fit(
-        module,
-        loader(EpochBatches(cfg, dataset, train_indices, shuffle=True), batch_size=None),
-        loader(EpochBatches(cfg, dataset, val_indices, shuffle=False), batch_size=None),
-    )
+    server_cpu = s3.cpu_seconds()
+    with ThreadCPU() as threads:
+        trainer.fit(
+            module,
+            loader(EpochBatches(cfg, dataset, train_indices, shuffle=True), batch_size=None),
+            loader(EpochBatches(cfg, dataset, val_indices, shuffle=False), batch_size=None),
+        )
     return {
         "loop": timer.seconds, "cpu": timer.cpu, "blocking": checkpoint.blocking, "checkpoints": len(checkpoint.blocking),
-        "model": module.model, "steps": trainer.global_step,
+        "model": module.model, "threads": threads.seconds, "server_cpu": s3.cpu_seconds() - server_cpu,
     }
 
 
@@ -168,6 +170,11 @@ def job_run(cfg, data_template: Path, work: Path, s3: S3Server, bucket: str) -> 
     run["checkpoints"] = TIMERS.calls.get("checkpoint_save", 0)
     run["blocking_total"] = TIMERS.seconds.get("checkpoint_save", 0.0)
     return run
+
+
+def per_checkpoint_by_thread(runs: list[dict]) -> dict[str, float]:
+    names = {name for r in runs for name in r["threads"]} - {"bench-sampler"}
+    return {name: round(1000 * median([r["threads"].get(name, 0.0) / r["checkpoints"] for r in runs]), 1) for name in sorted(names)}
 
 
 def same_model(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -216,7 +223,7 @@ def bench_cadence(name: str, plan: dict, repeats: int, threads: int, s3: S3Serve
                 run = job_run(cfg, data_template, work, s3, bucket)
                 marker = "/checkpoints/"
             else:
-                run = lightning_run(cfg, dataset, total_steps, every, f"s3://{bucket}/lightning-{uuid.uuid4().hex[:8]}")
+                run = lightning_run(cfg, dataset, total_steps, every, f"s3://{bucket}/lightning-{uuid.uuid4().hex[:8]}", s3)
                 marker = "/lightning-"
             runs[which].append(run)
             requests[which].append(request_summary(s3.requests()[sent:], run["checkpoints"], marker))
@@ -248,10 +255,14 @@ def bench_cadence(name: str, plan: dict, repeats: int, threads: int, s3: S3Serve
             "loop_seconds": spread(loops, 3),
             "requests": requests[which][len(requests[which]) // 2],
             "same_final_weights_as_bare": same[which],
+            # Less disturbed by the load than wall time: CPU time by thread, per checkpoint, over the
+            # whole call (the job: train() with setup, its plot worker among the ended child
+            # processes; Lightning: fit()); medians of the repeats. The store's own CPU per checkpoint
+            # is apart: a real bucket is on another machine.
+            "cpu_ms_per_checkpoint_by_thread": per_checkpoint_by_thread(rs),
+            "server_cpu_ms_per_checkpoint": round(1000 * median([r["server_cpu"] / r["checkpoints"] for r in rs]), 1),
+            "ratio_of_fastest": round(min(loops) / min(r["loop"] for r in runs["bare"]), 3),
         }
-    # where the job's CPU went, by thread, over its median run (train() from setup to end)
-    mid = sorted(range(repeats), key=lambda i: runs["job"][i]["loop"])[(repeats - 1) // 2]
-    result["job"]["cpu_seconds_by_thread"] = runs["job"][mid]["threads"]
     job, light = result["job"], result["lightning"]
     targets = {}
     if name in RATIO_TARGET:
@@ -298,7 +309,7 @@ def main() -> None:
         generate_dataset(warm.data, work / "data-warmup")
         bucket = s3.create_bucket("bench-warmup")
         full_job(warm, work / "data-warmup", work, s3, bucket)
-        lightning_run(warm, VideoDataset(work / "data-warmup", warm.data), steps_per_epoch(warm), 10, f"s3://{bucket}/lightning")
+        lightning_run(warm, VideoDataset(work / "data-warmup", warm.data), steps_per_epoch(warm), 10, f"s3://{bucket}/lightning", s3)
         for name in args.cadences:
             bench_cadence(name, CADENCES[name], args.repeats or CADENCES[name]["repeats"], threads, s3, work)
 

@@ -185,10 +185,12 @@ def is_plain_file_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
-def delete_checkpoint(store: RunStore, name: str, stage: StageLayout = Layout.tokenizer) -> None:
+def delete_checkpoint(store: RunStore, name: str, stage: StageLayout = Layout.tokenizer, written_here: bool = False) -> None:
     """Remove a checkpoint, here and at the run URI: its manifest first, so that a half-deleted
-    folder never counts as committed."""
-    store.delete_tree(stage.checkpoint_dir(name), first=(MANIFEST_FILE,))
+    folder never counts as committed. ``written_here``: this process committed it, so it holds
+    exactly the data files and the manifest, and the run URI need not be listed."""
+    known = (*DATA_FILES, MANIFEST_FILE) if written_here else None
+    store.delete_tree(stage.checkpoint_dir(name), first=(MANIFEST_FILE,), known=known)
 
 
 class CheckpointReader:

@@ -50,6 +50,7 @@ class CheckpointManager:
         self.on_commit, self.clock = on_commit, clock
         self.last_save = clock()
         self._folders = dict(inventory)
+        self._written: set[str] = set()  # committed by this manager: their files are known
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
 
@@ -109,6 +110,7 @@ class CheckpointManager:
         self.store.write_json(self.stage.checkpoint_manifest(name), manifest)
         self.store.write_json(self.stage.latest, {"checkpoint": name, "step": step})
         self._folders[name] = True
+        self._written.add(name)
         pruned = self._prune(name, best)
         log.info(
             "checkpoint.saved", checkpoint=name, stage=self.stage.checkpoints, reason=reason, step=step, epoch=epoch,
@@ -124,8 +126,9 @@ class CheckpointManager:
         keep = set(committed[-self.cadence.keep_last :]) | {newest} | ({best} if best else set())
         doomed = [n for n in sorted(self._folders) if n < newest and n not in keep]
         for name in doomed:
-            delete_checkpoint(self.store, name, self.stage)
+            delete_checkpoint(self.store, name, self.stage, written_here=name in self._written)
             del self._folders[name]
+            self._written.discard(name)
         return doomed
 
 

@@ -102,25 +102,49 @@ def test_a_bucket_checkpoint_without_manifest_or_with_a_wrong_hash_is_skipped(s3
     assert_verified_in_bucket(s3, newest)  # redone and committed again
 
 
-def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
-    store = RunStore(s3.uri("order"), tmp_path / "cache")
-    sent: list[str] = []
-    real_write = store.remote.write_bytes
-    store.remote.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
+def smoke_manager(store: RunStore, step: int):
     from job.checkpoint import RNGState
-    from job.checkpointer import FINAL, CheckpointManager
+    from job.checkpointer import CheckpointManager
     from job.training.state import TrainState
     from job.training.task import build_optimizer, initial_tokenizer
 
     model = initial_tokenizer(SMOKE)
     optimizer, scheduler = build_optimizer(model, SMOKE, total_steps=10)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState(step=3)}
-    CheckpointManager(store, Layout.tokenizer, SMOKE.checkpoint, parts, extra={"config": SMOKE.to_dict()}, inventory={}).save(FINAL)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState(step=step)}
+    return CheckpointManager(store, Layout.tokenizer, SMOKE.checkpoint, parts, extra={"config": SMOKE.to_dict()}, inventory={})
+
+
+def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
+    from job.checkpointer import FINAL
+
+    store = RunStore(s3.uri("order"), tmp_path / "cache")
+    sent: list[str] = []
+    real_write = store.remote.write_bytes
+    store.remote.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
+    smoke_manager(store, step=3).save(FINAL)
     store.flush(30)
     store.close()
     name = "step-00000003"
     assert sent[-2:] == [f"checkpoints/{name}/manifest.json", "checkpoints/latest.json"]
     assert sorted(sent[:-2]) == [f"checkpoints/{name}/{f}" for f in ("model.safetensors", "state.safetensors")]
+
+
+def test_checkpoints_this_attempt_committed_are_pruned_from_the_bucket_without_a_trace(s3, tmp_path):
+    """They are deleted by name, not by listing the bucket: nothing of them may stay behind."""
+    store = RunStore(s3.uri("prune-own"), tmp_path / "cache")
+    checkpoints = smoke_manager(store, step=0)
+    for step in range(1, 5):
+        checkpoints.state.step = step
+        checkpoints.save("steps")
+    checkpoints.wait()
+    store.flush(30)
+    store.close()
+    kept = [Layout.checkpoint_name(s) for s in (3, 4)]  # keep_last = 2
+    assert SMOKE.checkpoint.keep_last == 2
+    assert s3.keys("prune-own/checkpoints/") == sorted(
+        [f"prune-own/{Layout.latest}"]
+        + [f"prune-own/{Layout.checkpoint_file(n, f)}" for n in kept for f in ("manifest.json", "model.safetensors", "state.safetensors")]
+    )
 
 
 def test_live_files_rewritten_many_times_are_sent_once_per_pause_and_checkpoints_are_not_held(s3, tmp_path):

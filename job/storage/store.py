@@ -68,14 +68,16 @@ class RunStore:
         if self.uploader:
             self.uploader.submit(Op("put", rel))
 
-    def delete_tree(self, rel: str, first: tuple[str, ...] = ()) -> None:
+    def delete_tree(self, rel: str, first: tuple[str, ...] = (), known: tuple[str, ...] | None = None) -> None:
         """Delete folder ``rel`` here and at the run URI; the files named in ``first`` go before
-        the rest (a checkpoint's manifest, so that a half-deleted one never counts)."""
+        the rest (a checkpoint's manifest, so that a half-deleted one never counts). ``known``:
+        every file name the folder holds, when this process wrote them all (the run URI is then
+        not listed)."""
         if self.read_only:
             return
         self.local.delete_tree(rel, first)
         if self.uploader:
-            self.uploader.submit(Op("delete_tree", rel, first))
+            self.uploader.submit(Op("delete_tree", rel, first, known))
 
     def local_path(self, rel: str) -> Path:
         """Where ``rel`` lives in the local working copy (parents created)."""

@@ -25,6 +25,7 @@ class Op:
     kind: str  # "put" | "delete_tree"
     rel: str
     first: tuple[str, ...] = ()  # delete_tree: the file names deleted before the rest
+    known: tuple[str, ...] | None = None  # delete_tree: every file name of the folder, when known (no listing)
 
 
 class Lane:
@@ -136,7 +137,7 @@ class Lane:
             if data is not None:  # gone locally: a later delete will follow it
                 self.remote.write_bytes(op.rel, data)
         elif op.kind == "delete_tree":
-            delete_remote_tree(self.remote, op.rel, op.first)
+            delete_remote_tree(self.remote, op.rel, op.first, op.known)
 
     def _log_retry(self, state: RetryCallState) -> None:
         op = state.args[0]

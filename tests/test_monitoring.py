@@ -77,6 +77,15 @@ def test_a_heartbeat_refreshes_progress_and_survives_a_failing_upload(progress):
     assert "status:" in (progress.store.root / Layout.progress_text).read_text()
 
 
+def test_a_committed_checkpoint_is_written_with_the_next_heartbeat_not_on_its_own(progress):
+    progress.update(step=10)
+    progress.remember(last_checkpoint="step-00000010")
+    assert read_progress(progress)["last_checkpoint"] is None
+    Heartbeat(progress, interval=30).tick()
+    assert read_progress(progress)["last_checkpoint"] == "step-00000010"
+    assert "last checkpoint: step-00000010" in (progress.store.root / Layout.progress_text).read_text()
+
+
 def test_a_stop_signal_is_a_request_and_the_handler_is_put_back(progress):
     previous = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop:

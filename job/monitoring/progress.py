@@ -57,6 +57,13 @@ class Progress:
             self.fields["updated_at"] = utc_now()
             self._write()
 
+    def remember(self, **fields: Any) -> None:
+        """Merge ``fields`` without rewriting the files: the next update or heartbeat writes them.
+        For news that may wait a progress interval (a checkpoint committed every few steps would
+        otherwise add two file writes and uploads to each commit)."""
+        with self._lock:
+            self.fields.update(fields)
+
     def beat(self) -> None:
         with self._lock:
             self.fields["heartbeat_at"] = utc_now()

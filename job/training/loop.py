@@ -199,8 +199,9 @@ class Attempt:
             return
 
         def committed(name: str) -> None:  # on the checkpoint writer's thread
-            self.progress.update(last_checkpoint=name)
-            self.publish_log()
+            # progress.json and the log reach the run URI with the next progress write or
+            # heartbeat, which publishes the log too: nothing more to write or send per commit.
+            self.progress.remember(last_checkpoint=name)
 
         checkpoints = CheckpointManager(
             self.store, plan.layout, cfg.checkpoint, parts, extra={"config": cfg.to_dict(), **task.identity},

@@ -29,9 +29,16 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# Bench-only requirements (Lightning, for bench/bench_vs_lightning.py): pinned, and they change
+# none of the pins of requirements*.txt, so they go into the same venv.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
 # Every bench/bench_*.py prints JSON lines; they go to stdout and are appended to bench/results.jsonl.
 # A script that fails is recorded as {"bench": ..., "error": ...} and fails the target at the end.
-bench: venv
+bench: venv $(BENCH_STAMP)
 	@failed=0; for script in bench/bench_*.py; do \
 		echo "== $$script" >&2; \
 		if ! $(BIN)/python $$script > bench/.last.jsonl; then \

@@ -42,6 +42,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import lightning.pytorch as pl
 import numpy as np
@@ -205,8 +206,12 @@ def same_model(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def request_summary(requests: list[tuple[str, str]], checkpoints: int, checkpoint_marker: str) -> dict:
-    """Requests per checkpoint: all of a run's, and those on checkpoint paths, by method."""
-    on_checkpoints = [(m, p) for m, p in requests if checkpoint_marker in p]
+    """Requests per checkpoint: all of a run's, and those for checkpoints: on a checkpoint path,
+    listing one (the prefix is in the query) or deleting keys in bulk (only pruning does)."""
+    on_checkpoints = [
+        (m, p) for m, p in requests
+        if checkpoint_marker in unquote(p) or (m == "POST" and "delete" in urlsplit(p).query)
+    ]
     return {
         "per_checkpoint": round(len(requests) / checkpoints, 2),
         "checkpoint_paths_per_checkpoint": round(len(on_checkpoints) / checkpoints, 2),
@@ -243,10 +248,10 @@ def bench_cadence(name: str, plan: dict, repeats: int, threads: int, s3: S3Serve
                 continue
             if which == "job":
                 run = job_run(cfg, data_template, work, s3, bucket)
-                marker = "/checkpoints/"
+                marker = "checkpoints/"
             else:
-                run = lightning_run(cfg, dataset, total_steps, every, f"s3://{bucket}/lightning-{uuid.uuid4().hex[:8]}", s3)
-                marker = "/lightning-"
+                run = lightning_run(cfg, dataset, total_steps, every, f"s3://{bucket}/lightning-run-{uuid.uuid4().hex[:8]}", s3)
+                marker = "lightning-run-"
             runs[which].append(run)
             requests[which].append(request_summary(s3.requests()[sent:], run["checkpoints"], marker))
         if not same:

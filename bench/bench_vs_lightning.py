@@ -66,7 +66,8 @@ CADENCES = {
     "small": {"preset": "small", "overrides": ["train.epochs=1"], "every": 10, "repeats": 3},
     "large": {
         "preset": "small", "every": 3, "repeats": 2,
-        "overrides": [*DEFAULT_WIDTH, "train.epochs=1", "train.batch_size=1", "data.num_samples=10", "train.val_batches=1"],
+        "overrides": [*DEFAULT_WIDTH, "train.epochs=1", "train.batch_size=1", "data.num_samples=10", "train.val_batches=1",
+                      "stage2.batch_size=1"],
     },
 }
 # Targets of issue 17: the job's ratio over bare (and not above Lightning's) by cadence; at the

@@ -83,6 +83,17 @@ def test_same_weights_give_the_same_bytes():
     assert take_snapshot(b, {}).encode()[MODEL_FILE] != first
 
 
+def test_a_snapshot_leaves_torch_threads_as_training_set_them():
+    """The copy runs on one thread (see _host_copy); training's setting comes back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        take_snapshot(fresh_parts(), {})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_commit_order_files_then_manifest_then_latest(tmp_path):
     store = RecordingStore(str(tmp_path))
     name = save_at(manager(store, fresh_parts()), 7)

@@ -31,6 +31,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from job.fsutil import json_bytes
+from job.monitoring.lifecycle import stop_point
 from job.storage import Layout, RunStore
 from job.storage.layout import StageLayout
 from job.training.state import TrainState
@@ -211,6 +212,7 @@ class CheckpointReader:
             raise ManifestMismatch(f"{name}: manifest lacks {', '.join(sorted(missing))}")
         blobs = {}
         for filename, expected in manifest["files"].items():
+            stop_point(f"reading checkpoint {name}")
             data = self.store.read_bytes(self.stage.checkpoint_file(name, filename))
             if data is None:
                 raise ManifestMismatch(f"{name}/{filename}: missing")

@@ -154,14 +154,16 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
 
 
 def run_mode(mode: str, body: Callable[[], int]) -> int:
-    """Run a mode and turn its failure into the exit code SPEC §3 promises."""
+    """Run a mode and turn its failure into the exit code SPEC §3 promises. SIGTERM and SIGINT
+    are requests to stop at the next safe point from here on (``StopRequest``)."""
     from job.config import ConfigError
     from job.data import DataError
-    from job.training.loop import Preempted
+    from job.monitoring.lifecycle import Stopped, StopRequest
 
     try:
-        return body()
-    except Preempted as exc:
+        with StopRequest():
+            return body()
+    except Stopped as exc:  # the training loop's Preempted too
         return fail(EXIT_PREEMPTED, "preempted", exc)
     except ConfigError as exc:
         return fail(EXIT_USAGE, "refused", exc)

@@ -31,6 +31,7 @@ from job.metrics import (
     PSNR_CAP_DB, FrameScores, code_bits, confusion_matrix, fit_linear_probe, score_frames, ssim_window, summarise,
 )
 from job.model import VideoTokenizer, codebook_stats, trained_tokenizer
+from job.monitoring.lifecycle import stop_point
 from job.monitoring.progress import utc_now
 from job.plots import reconstruction_grid_png
 from job.storage import Layout, RunStore
@@ -133,6 +134,7 @@ def evaluation_config(checkpoint: Checkpoint, cfg: Config) -> Config:
 
 def batches(dataset: VideoDataset, indices: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(indices), batch_size):
+        stop_point("evaluating")  # the report is written only at the end
         yield dataset.get(indices[start : start + batch_size])
 
 

@@ -8,6 +8,7 @@ import pytest
 from job.cli import EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, main, run_mode
 from job.config import ConfigError
 from job.data import DataError
+from job.monitoring.lifecycle import Stopped
 from job.storage import StorageError
 from job.training.loop import Preempted
 from job.training.startup import ResumeRefused
@@ -26,6 +27,7 @@ def raising(exc: BaseException):
     "exc, code",
     [
         (Preempted("stopped by SIGTERM at step 7"), EXIT_PREEMPTED),
+        (Stopped("stopped by SIGTERM while generating the dataset"), EXIT_PREEMPTED),
         (ConfigError("train.epochs: must be > 0"), EXIT_USAGE),
         (ResumeRefused("refusing to resume: different model.channels"), EXIT_USAGE),
         (DataError("sample 3: label 9 outside 0..3"), EXIT_BAD_DATA),

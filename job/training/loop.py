@@ -28,7 +28,7 @@ from job.config import Config
 from job.data import prepare_dataset_in_turn
 from job.device import pick_device
 from job.distributed import Topology
-from job.monitoring.lifecycle import StopRequest, Watchdog
+from job.monitoring.lifecycle import StopRequest, Stopped, Watchdog, stop_requests
 from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.plot_worker import BackgroundPlots
@@ -44,8 +44,8 @@ from job.training.task import Task, TokenizerTask
 log = structlog.get_logger("job.train")
 
 
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint has been saved (exit 143)."""
+class Preempted(Stopped):
+    """SIGTERM or SIGINT arrived during training; a checkpoint has been saved (exit 143)."""
 
 
 def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None:
@@ -76,7 +76,7 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
     try:
-        with StopRequest() as stop, heartbeat:
+        with stop_requests() as stop, heartbeat:
             dataset = prepare_dataset_in_turn(cfg, store, topology)
             watchdog = Watchdog(
                 progress, cfg.monitor.watchdog_minutes * 60,
@@ -94,7 +94,7 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
                 plots.close(timeout=cfg.storage.signal_flush_seconds)  # the final plots
             finally:
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
-    except Preempted:
+    except Stopped:  # in training (Preempted, saved) or in a phase before it (nothing half-written)
         progress.update(status="preempted")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise

@@ -158,6 +158,7 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
     are requests to stop at the next safe point from here on (``StopRequest``)."""
     from job.config import ConfigError
     from job.data import DataError
+    from job.fsutil import DiskFull
     from job.monitoring.lifecycle import Stopped, StopRequest
 
     try:
@@ -169,6 +170,8 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
         return fail(EXIT_USAGE, "refused", exc)
     except DataError as exc:
         return fail(EXIT_BAD_DATA, "bad input data", exc)
+    except DiskFull as exc:  # the message names the path and the space; a traceback adds nothing
+        return fail(EXIT_FAILED, "disk full", exc)
     except KeyboardInterrupt as exc:
         return fail(EXIT_FAILED, "interrupted", exc)
     except Exception as exc:

@@ -3,11 +3,14 @@ one line on stderr, and argument errors answer before any work."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from job.cli import EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, main, run_mode
 from job.config import ConfigError
 from job.data import DataError
+from job.fsutil import DiskFull
 from job.monitoring.lifecycle import Stopped
 from job.storage import StorageError
 from job.training.loop import Preempted
@@ -32,6 +35,7 @@ def raising(exc: BaseException):
         (ResumeRefused("refusing to resume: different model.channels"), EXIT_USAGE),
         (DataError("sample 3: label 9 outside 0..3"), EXIT_BAD_DATA),
         (StorageError("run URI s3://b/r is not reachable after 300 s"), EXIT_FAILED),
+        (DiskFull(errno.ENOSPC, "no space left on device writing /r/progress.json: 0 bytes free there"), EXIT_FAILED),
         (KeyboardInterrupt(), EXIT_FAILED),
         (RuntimeError("anything else"), EXIT_FAILED),
     ],

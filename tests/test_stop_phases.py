@@ -58,21 +58,14 @@ def test_generate_stops_at_a_shard_boundary_and_the_next_run_keeps_the_shards(tm
     assert VideoDataset(data, cfg.data, verify=True).num_samples == 60000
 
 
-def test_train_stops_while_generating_its_data_marks_the_run_preempted_and_restarts(tmp_path):
+def test_train_stops_while_generating_its_data_and_marks_the_run_preempted(tmp_path):
     run = tmp_path / "run"
-    args = ("train", "--preset", "smoke", "--run-uri", str(run), *LONG_DATA, *TOKENIZER_ONLY)
-    proc = JobProcess.job(*args)
+    proc = JobProcess.job("train", "--preset", "smoke", "--run-uri", str(run), *LONG_DATA, *TOKENIZER_ONLY)
     assert stop_during(proc, '"generate.progress"') < STOP_WITHIN_SECONDS
     assert not proc.events("train.fresh_start") and not (run / "checkpoints").exists()
     assert not (run / "data" / "manifest.json").exists()
     progress = json.loads((run / "progress.json").read_text())
     assert progress["status"] == "preempted" and progress["step"] == 0
-
-    # The restart finishes the data and trains; a second stop then saves a checkpoint as usual.
-    again = JobProcess.job(*args)
-    stop_during(again, '"train.progress"')
-    assert again.events("checkpoint.saved")[-1]["reason"] == "signal"
-    assert json.loads((run / "progress.json").read_text())["attempt"] == 2
 
 
 def upload_tree(s3, local: Path, prefix: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from job.fsutil import DiskFull
 from job.monitoring.logs import redact_environment_secrets
 from job.storage import Layout, RunStore
 
@@ -147,6 +148,8 @@ class Heartbeat(PeriodicThread):
             state = self.progress.snapshot()
             self._log.info("heartbeat", step=state["step"], status=state["status"])
             self.on_beat()
+        except DiskFull as exc:  # the message says it all; the run ends at its next write anyway
+            self._log.error("heartbeat.failed", error=str(exc))
         except Exception:  # a failed beat must not kill the thread: the next one may succeed
             self._log.exception("heartbeat.failed")
 

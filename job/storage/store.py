@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 from tenacity import Retrying, wait_exponential_jitter
 
-from job.fsutil import json_bytes
+from job.fsutil import DiskFull, json_bytes
 from job.storage.folders import LocalFolder, RemoteFolder, StorageError, default_cache_dir, is_remote
 from job.storage.uploader import Uploader, Op, describe
 
@@ -54,7 +54,14 @@ class RunStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.read_only:
             return
-        self.local.write_bytes(rel, data)
+        try:
+            self.local.write_bytes(rel, data)
+        except DiskFull:
+            if self.uploader and self.uploader.lane(rel) is self.uploader.live:
+                # A live file (progress, a log, a plot) still reaches the run URI, from memory:
+                # the bucket must say why the run ended even when this disk cannot.
+                self.uploader.submit(Op("put", rel, data=data))
+            raise
         self.publish(rel)
 
     def write_text(self, rel: str, text: str) -> None:

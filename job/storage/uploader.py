@@ -25,6 +25,7 @@ class Op:
     kind: str  # "put" | "delete_tree"
     rel: str
     first: tuple[str, ...] = ()  # delete_tree: the file names deleted before the rest
+    data: bytes | None = None  # put: these bytes rather than the local file's (which could not be written)
 
 
 class Lane:
@@ -132,7 +133,7 @@ class Lane:
 
     def _apply(self, op: Op) -> None:
         if op.kind == "put":
-            data = self.local.read_bytes(op.rel)
+            data = op.data if op.data is not None else self.local.read_bytes(op.rel)
             if data is not None:  # gone locally: a later delete will follow it
                 self.remote.write_bytes(op.rel, data)
         elif op.kind == "delete_tree":

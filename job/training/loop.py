@@ -28,6 +28,7 @@ from job.config import Config
 from job.data import prepare_dataset_in_turn
 from job.device import pick_device
 from job.distributed import Topology
+from job.fsutil import DiskFull
 from job.monitoring.lifecycle import StopRequest, Stopped, Watchdog, stop_requests
 from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
@@ -95,11 +96,11 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
             finally:
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
     except Stopped:  # in training (Preempted, saved) or in a phase before it (nothing half-written)
-        progress.update(status="preempted")
+        record_end(progress, status="preempted")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
     except Exception as exc:
-        progress.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        record_end(progress, status="failed", error=f"{type(exc).__name__}: {exc}")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
     finally:
@@ -346,6 +347,16 @@ def write_metrics(store: RunStore, rel: str, metrics: list[dict]) -> None:
     """A stage's metrics.jsonl is rewritten whole from the history, so that epochs redone after a
     resume appear once."""
     store.write_text(rel, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+
+
+def record_end(progress: Progress, **fields) -> None:
+    """The run's last word in progress.json. On a full disk the local write fails again, yet the
+    run URI still gets it (``RunStore.write_bytes`` sends live files from memory); the error the
+    exit reports is the one that ended the run, not this echo of it."""
+    try:
+        progress.update(**fields)
+    except DiskFull:
+        pass
 
 
 def flush_quietly(store: RunStore, publish_log, timeout: float) -> None:

@@ -143,27 +143,22 @@ class RunLogFile(logging.FileHandler):
             super().flush()
 
     def handleError(self, record: logging.LogRecord | None) -> None:
-        exc = sys.exc_info()[1]
         if self.failed:
             return
         self.failed = True  # first, so that the record below does not come back here
+        exc = sys.exc_info()[1]
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:
             needed = len(self.format(record).encode()) if record is not None else None
             exc = disk_full(Path(self.baseFilename), needed)
         try:  # what is still buffered for the file cannot be written either
             self.stream.close()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             pass
-        self.stream = None
+        self.stream = None  # so that close() at exit has nothing left to flush
         structlog.get_logger("job.logs").error(
             "log_file.failed", path=self.baseFilename, error=str(exc),
             consequence="the log goes on on stdout only",
         )
-
-    def close(self) -> None:
-        if self.failed:
-            self.stream = None  # already closed in handleError
-        super().close()
 
 
 class RunLog:

@@ -15,6 +15,7 @@ run that was never interrupted (on the same CPU machine).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -353,10 +354,8 @@ def record_end(progress: Progress, **fields) -> None:
     """The run's last word in progress.json. On a full disk the local write fails again, yet the
     run URI still gets it (``RunStore.write_bytes`` sends live files from memory); the error the
     exit reports is the one that ended the run, not this echo of it."""
-    try:
+    with contextlib.suppress(DiskFull):
         progress.update(**fields)
-    except DiskFull:
-        pass
 
 
 def flush_quietly(store: RunStore, publish_log, timeout: float) -> None:

@@ -81,7 +81,8 @@ def test_train_stops_while_downloading_its_data_and_the_bucket_says_preempted(s3
     generate_dataset(build_config("smoke", overrides=many_files[1::2]).data, local)
     upload_tree(s3, local, "run/data")
     cache = tmp_path / "cache"
-    args = ("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *many_files, *TOKENIZER_ONLY)
+    args = ("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *many_files,
+            *TOKENIZER_ONLY)
 
     proc = JobProcess.job(*args)
     assert stop_during(proc, '"data.download"') < STOP_WITHIN_SECONDS

@@ -163,6 +163,20 @@ def test_an_upload_lane_of_a_writer_that_lost_its_lease_sends_nothing(tmp_path):
     assert not remote.exists(Layout.tokenizer.latest)
 
 
+def test_status_shows_who_holds_the_run_and_whether_it_still_does(tmp_path):
+    from job.status import read_run, report_json
+
+    folder = LocalFolder(tmp_path / "run")
+    folder.write_bytes(Layout.progress, json.dumps({"status": "running", "attempt": 3}).encode())
+    lease = Lease(folder, TTL)
+    lease.attempt = 3
+    lease.acquire(wait_seconds=0)
+    writer = report_json(read_run(str(folder.root)))["writer"]
+    assert (writer["attempt"], writer["pid"], writer["state"]) == (3, lease.machine.pid, "holding")
+    lease.release()
+    assert report_json(read_run(str(folder.root)))["writer"]["state"] == "released"
+
+
 # --- train processes on one run ------------------------------------------------------------------
 
 LONG = ("--preset", "smoke", *TOKENIZER_ONLY, "--set", "train.epochs=30")  # runs until killed

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -129,6 +130,7 @@ class Lease:
         self._etag: str | None = None
         self._sent_at = -math.inf  # monotonic time the last successful write was sent
         self._lost: str | None = "not taken yet"
+        self._writing = threading.Lock()  # the keeper's renewals and the main thread's note/release
 
     # --- taking ----------------------------------------------------------------------------
 
@@ -189,15 +191,16 @@ class Lease:
     def renew(self) -> None:
         """Extend the lease; raises LeaseLost when someone else's write replaced it. A renewal after
         a lapse succeeds only if nobody wrote the lease meanwhile (its etag is still ours)."""
-        self.check_held()
-        lapsed = self.lapsed_for()
-        try:
-            self._write(self._etag)
-        except WriteConflict:
-            if not self._adopt_own_write():
-                self._lost = f"taken over by {_who(self._current())}"
-                raise LeaseLost(self._lost) from None
-            self._write(self._etag)
+        with self._writing:
+            self.check_held()
+            lapsed = self.lapsed_for()
+            try:
+                self._write(self._etag)
+            except WriteConflict:
+                if not self._adopt_own_write():
+                    self._lost = f"taken over by {_who(self._current())}"
+                    raise LeaseLost(self._lost) from None
+                self._write(self._etag)
         if lapsed is not None:
             log.warning("lease.renewed_after_lapse", lapsed_seconds=round(lapsed, 1))
 
@@ -230,14 +233,15 @@ class Lease:
     def release(self) -> None:
         """Mark the lease released, so that the next start takes it at once. Best effort: a
         lease that cannot be released expires."""
-        if self._lost is not None:
-            return
-        try:
-            self._write(self._etag, released=True)
-            log.info("lease.released", holder=self.holder)
-        except Exception as exc:
-            log.warning("lease.release_failed", error=f"{type(exc).__name__}: {exc}")
-        self._lost = "released"
+        with self._writing:
+            if self._lost is not None:
+                return
+            try:
+                self._write(self._etag, released=True)
+                log.info("lease.released", holder=self.holder)
+            except Exception as exc:
+                log.warning("lease.release_failed", error=f"{type(exc).__name__}: {exc}")
+            self._lost = "released"
 
     def _current(self) -> dict[str, Any] | None:
         try:

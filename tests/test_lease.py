@@ -177,6 +177,26 @@ def test_status_shows_who_holds_the_run_and_whether_it_still_does(tmp_path):
     assert report_json(read_run(str(folder.root)))["writer"]["state"] == "released"
 
 
+def test_a_cache_left_by_a_writer_that_lost_the_run_never_turns_the_bucket_back(s3, tmp_path):
+    """Its checkpoints older than the bucket's latest are what the new writer pruned there."""
+    from job.checkpointer import mirror_unsent
+
+    stage = Layout.tokenizer
+    s3.put(f"run/{stage.latest}", json.dumps({"checkpoint": "step-00000010", "step": 10}).encode())
+    store = RunStore(s3.uri(), cache_dir=tmp_path / "cache")
+    for name in ("step-00000005", "step-00000015"):  # older and newer than the bucket's latest
+        store.local.write_bytes(stage.checkpoint_file(name, "model.safetensors"), name.encode())
+        store.local.write_bytes(stage.checkpoint_manifest(name), json.dumps({"files": {"model.safetensors": {}}}).encode())
+    store.local.write_bytes(stage.latest, json.dumps({"checkpoint": "step-00000015", "step": 15}).encode())
+    mirror_unsent(store, stage)
+    store.flush(30)
+    store.close()
+    assert [k for k in s3.keys("run/checkpoints/") if "step-" in k] == [
+        "run/checkpoints/step-00000015/manifest.json", "run/checkpoints/step-00000015/model.safetensors",
+    ]
+    assert json.loads(s3.get(f"run/{stage.latest}"))["checkpoint"] == "step-00000015"
+
+
 # --- train processes on one run ------------------------------------------------------------------
 
 LONG = ("--preset", "smoke", *TOKENIZER_ONLY, "--set", "train.epochs=30")  # runs until killed

@@ -224,6 +224,7 @@ class BucketRun:
         return JobProcess.job("train", *LONG, "--run-uri", self.uri, "--cache-dir", cache, *extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_second_train_is_refused_and_writes_nothing_then_a_kill_9_restart_resumes_at_once(where, tmp_path, request):
     run = LocalRun(tmp_path) if where == "local" else BucketRun(tmp_path, request.getfixturevalue("s3"))
@@ -261,6 +262,7 @@ def log_version(s3) -> str | None:
     return next((obj["ETag"] for obj in listing.get("Contents", [])), None)
 
 
+@pytest.mark.slow
 def test_a_paused_writer_whose_lease_was_taken_over_exits_75_without_another_write(s3, tmp_path):
     run = BucketRun(tmp_path, s3)
     old = run.start("old")

@@ -3,9 +3,9 @@ with conditional writes, so that two `train` processes on one run (a restarted c
 the old one still runs) never both commit.
 
 - Taking: create the file only if absent (S3 ``If-None-Match: *``), or replace the one seen
-  (``If-Match: <etag>``) once it is free: released, unreadable, its holder provably dead (same
-  machine and pid namespace, that pid gone), or unchanged for the holder's ``ttl_seconds`` as
-  measured by the taker's own monotonic clock. No two hosts' clocks are ever compared.
+  (``If-Match: <etag>``) once it is free: released, its holder provably dead (same machine and
+  pid namespace, that pid gone), or unchanged (readable or not) for the holder's ``ttl_seconds``
+  as measured by the taker's own monotonic clock. No two hosts' clocks are ever compared.
 - Holding: renewed every quarter of the TTL (``LeaseKeeper``); the holder counts itself valid only
   until three quarters of the TTL after it *sent* its last successful renewal. The taker waits a
   whole TTL after it first *saw* that renewal, so the holder stops committing at least a quarter

@@ -9,6 +9,7 @@ hashing, writing and pruning happen on one writer thread, one checkpoint in flig
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -131,10 +132,17 @@ class CheckpointManager:
 
 def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
     """Queue for upload, in commit order, the checkpoints this machine's working copy holds
-    but the run URI does not (an earlier attempt ended before its backlog drained)."""
+    but the run URI does not (an earlier attempt ended before its backlog drained). Only those
+    newer than the run URI's latest.json: older ones are what a later writer pruned there (this
+    cache's writer lost the run's lease), and must neither return nor turn latest.json back."""
     if store.remote is None:
         return
-    local = [n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-")]
+    newest_there = ""
+    try:
+        newest_there = str(json.loads(store.remote.read_bytes(stage.latest) or b"{}").get("checkpoint") or "")
+    except (ValueError, AttributeError):
+        pass  # an unreadable latest.json: every unsent checkpoint goes, as before it existed
+    local = [n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-") and n > newest_there]
     unsent = [
         n for n in local
         if store.local.exists(stage.checkpoint_manifest(n))

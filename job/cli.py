@@ -14,6 +14,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BAD_DATA = 3
+EXIT_TRY_LATER = 75  # stalled, or another writer holds the run: a restart later resumes it
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 MODES = {
@@ -160,12 +161,17 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
     from job.data import DataError
     from job.fsutil import DiskFull
     from job.monitoring.lifecycle import Stopped, StopRequest
+    from job.storage.lease import LeaseBusy, LeaseError
 
     try:
         with StopRequest():
             return body()
     except Stopped as exc:  # the training loop's Preempted too
         return fail(EXIT_PREEMPTED, "preempted", exc)
+    except LeaseBusy as exc:
+        return fail(EXIT_TRY_LATER, "another writer holds the run", exc)
+    except LeaseError as exc:
+        return fail(EXIT_TRY_LATER, "this process may not write the run", exc)
     except ConfigError as exc:
         return fail(EXIT_USAGE, "refused", exc)
     except DataError as exc:

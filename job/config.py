@@ -137,6 +137,10 @@ class StorageConfig:
     signal_flush_seconds: float = 5.0  # the same after SIGTERM, inside docker stop's 10 s
     retry_max_seconds: float = 30.0  # longest pause between two upload retries
     live_upload_seconds: float = 1.0  # progress, logs and plots go to the run URI at most this often
+    # One writer per run: how long a writer's lease outlives its last renewal (renewed every
+    # quarter of it). A start after a kill -9 on another machine waits this long; a start waits
+    # at most twice this for a live writer before exit 75.
+    lease_seconds: float = 60.0
 
 
 @dataclass
@@ -242,6 +246,7 @@ def validate(config: Config) -> None:
         "monitor.progress_every_seconds": mon.progress_every_seconds,
         "monitor.plot_every_seconds": mon.plot_every_seconds,
         "storage.retry_max_seconds": config.storage.retry_max_seconds,
+        "storage.lease_seconds": config.storage.lease_seconds,
     }
     for key, value in positive.items():
         if not value > 0:

@@ -106,6 +106,7 @@ class RunReport:
     newest_checkpoint: dict[str, Any] | None = None
     latest: Any = None
     loss_trend: dict[str, Any] | None = None
+    writer: dict[str, Any] | None = None  # who holds the run's lease (lease.json), if anyone did
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -148,6 +149,7 @@ def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
         newest_checkpoint=newest_committed_checkpoint(run, stage, checkpoint_names, notes),
         latest=run.read_json(stage.latest, notes),
         loss_trend=loss_trend(run.read_bytes(stage.metrics), notes),
+        writer=writer_summary(run.read_json(Layout.lease, notes), now),
         notes=notes,
     )
     report.progress, report.problem = progress, problem
@@ -155,6 +157,23 @@ def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
         report.heartbeat_age = age_seconds(report.progress.get("heartbeat_at"), now)
         report.health = judge_health(report.status, report.heartbeat_age, report.stale_after)
     return report
+
+
+def writer_summary(lease: Any, now: datetime) -> dict[str, Any] | None:
+    """The lease's holder and whether it still holds the run: ``holding`` until its expires_at
+    (by this machine's clock, so only as exact as the clocks agree), else ``expired``, or
+    ``released`` by a writer that ended."""
+    if not isinstance(lease, dict):
+        return None
+    expires_in = age_seconds(lease.get("expires_at"), now)
+    if lease.get("released_at"):
+        state = "released"
+    elif expires_in is not None and expires_in < 0:
+        state = "holding"
+    else:
+        state = "expired"
+    keys = ("attempt", "host", "pid", "acquired_at", "renewed_at", "expires_at", "released_at")
+    return {**{k: lease.get(k) for k in keys}, "state": state}
 
 
 def parse_progress(data: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -311,6 +330,7 @@ def report_json(report: RunReport) -> dict[str, Any]:
         "newest_checkpoint": report.newest_checkpoint,
         "latest": report.latest,
         "loss_trend": report.loss_trend,
+        "writer": report.writer,
         "notes": report.notes,
     }
 
@@ -329,6 +349,10 @@ def report_text(report: RunReport) -> str:
     if isinstance(report.latest, dict):
         lines.append(_row("latest.json:", str(report.latest.get("checkpoint"))))
     lines += loss_trend_lines(report.loss_trend)
+    if report.writer:
+        w = report.writer
+        lines.append(_row("writer:", f"attempt {w['attempt']} on {w['host']} (pid {w['pid']}), {w['state']} "
+                                     f"(renewed {w['renewed_at']})"))
     lines += [_row("note:", note) for note in report.notes]
     shown = report.health.upper() if report.exit_code else report.health
     lines.append(_row("health:", f"{shown} (exit {report.exit_code})"))

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from job.monitoring.progress import PeriodicThread, Progress
+from job.storage.lease import RENEW_SHARE, Lease, LeaseLost
 
 
 def end_process(code: int) -> None:
@@ -149,3 +150,40 @@ def stop_point(phase: str) -> None:
     ``phase`` completes the sentence "stopped by SIGTERM while ...". """
     if StopRequest.active is not None:
         StopRequest.active.check(phase)
+
+
+class LeaseKeeper(PeriodicThread):
+    """Renews the run's lease every quarter of its TTL (SPEC §10). While no renewal gets through
+    (the store is away) the lease lapses: the store's fence holds every write to the run back
+    and training goes on. When the lease is lost (another writer took it) this thread logs why
+    and ends the process with exit 75: the fence has already stopped every write, and a restart
+    later waits for the run's writer like any other start. A main thread deep in a long phase
+    cannot be asked to raise, so the exit comes from this thread."""
+
+    name = "lease"
+    EXIT_ANOTHER_WRITER = 75
+
+    def __init__(self, lease: Lease, exit: Callable[[int], None] = end_process):
+        """``exit``: the real one in a run; tests pass one that records."""
+        super().__init__(interval=lease.ttl * RENEW_SHARE)
+        self.lease, self.exit = lease, exit
+        self._told_lapse = False
+        self._log = structlog.get_logger("job.lease")
+
+    def tick(self) -> None:
+        try:
+            self.lease.renew()
+            self._told_lapse = False
+        except LeaseLost as exc:
+            if self._stop.is_set():  # the attempt is over and released the lease itself
+                return
+            self._log.error("lease.lost", error=str(exc), exit_code=self.EXIT_ANOTHER_WRITER)
+            self._stop.set()
+            self.exit(self.EXIT_ANOTHER_WRITER)
+        except Exception as exc:  # the store is away: the next renewal may get through
+            lapsed = self.lease.lapsed_for()
+            if lapsed is not None and not self._told_lapse:
+                self._told_lapse = True
+                self._log.warning("lease.lapsed", error=f"{type(exc).__name__}: {exc}", holding="writes to the run")
+            else:
+                self._log.warning("lease.renew_failed", error=f"{type(exc).__name__}: {exc}")

@@ -3,8 +3,11 @@ interface, so that callers never learn which kind they have."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -14,6 +17,10 @@ from job.fsutil import atomic_write_bytes
 
 class StorageError(RuntimeError):
     """The run folder cannot be used (unreachable, not writable, a backlog that cannot be delivered)."""
+
+
+class WriteConflict(RuntimeError):
+    """A conditional write found the file other than the caller expected (someone else wrote it)."""
 
 
 class Folder(Protocol):
@@ -30,6 +37,8 @@ class Folder(Protocol):
     def delete(self, rel: str) -> None: ...
     def delete_many(self, rels: list[str]) -> None: ...
     def check(self) -> None: ...
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None: ...
+    def write_if(self, rel: str, data: bytes, etag: str | None) -> str: ...
 
 
 def delete_remote_tree(folder: Folder, rel: str, first: tuple[str, ...]) -> None:
@@ -101,6 +110,32 @@ class LocalFolder:
         for name in first:
             (folder / name).unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+    # Conditional writes (the lease): a read-compare-replace under an exclusive flock on the run
+    # folder itself, atomic for every process of this machine; the tag is the content's hash.
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        data = self.read_bytes(rel)
+        return None if data is None else (data, content_tag(data))
+
+    def write_if(self, rel: str, data: bytes, etag: str | None) -> str:
+        """Write ``rel`` only if it is absent (``etag`` None) or still holds the content tagged
+        ``etag``; otherwise raise WriteConflict. Returns the new content's tag."""
+        with self._folder_lock():
+            current = self.read_tagged(rel)
+            if (current[1] if current else None) != etag:
+                raise WriteConflict(f"{self.uri}/{rel} changed: expected {etag or 'no file'}")
+            self.write_bytes(rel, data)
+        return content_tag(data)
+
+    @contextmanager
+    def _folder_lock(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the only descriptor releases the lock
 
     def check(self) -> None:
         try:
@@ -191,6 +226,65 @@ class RemoteFolder:
 
     def check(self) -> None:
         _probe(self)
+
+    # Conditional writes (the lease): S3's If-None-Match / If-Match on PutObject, through the raw
+    # client so that the store's own error code decides what a refusal means.
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        bucket, key, _ = self.fs.split_path(self._full(rel))
+
+        async def get() -> tuple[bytes, str] | None:
+            s3 = await self._client(bucket)
+            try:
+                answer = await s3.get_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if _error_code(exc) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            async with answer["Body"] as body:
+                return await body.read(), answer["ETag"]
+
+        return self._sync(get)
+
+    def write_if(self, rel: str, data: bytes, etag: str | None) -> str:
+        """Write ``rel`` only if it is absent (``etag`` None) or still has ``etag``; otherwise
+        raise WriteConflict. Returns the new ETag."""
+        bucket, key, _ = self.fs.split_path(self._full(rel))
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+
+        async def put() -> str:
+            s3 = await self._client(bucket)
+            try:
+                answer = await s3.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            except Exception as exc:
+                # 412: the condition failed; 409: a concurrent conditional write won; 404: an
+                # If-Match on a file that is gone.
+                if _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"):
+                    raise WriteConflict(f"{self.uri}/{rel} changed: {exc}") from exc
+                raise
+            return answer["ETag"]
+
+        return self._sync(put)
+
+    async def _client(self, bucket: str):
+        if not hasattr(self.fs, "get_s3"):
+            raise StorageError(f"{self.uri}: one writer per run needs S3 conditional writes (If-Match, If-None-Match)")
+        await self.fs.set_session()
+        return await self.fs.get_s3(bucket)
+
+    def _sync(self, function):
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, function)
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The store's error code of a botocore ClientError (None for anything else)."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code")) if isinstance(response, dict) else None
+
+
+def content_tag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def _probe(folder: Folder) -> None:

@@ -37,6 +37,7 @@ class Layout:
     """Relative paths inside a run folder. Nothing else spells these names."""
 
     progress = "progress.json"
+    lease = "lease.json"  # who writes the run now (one writer per run)
     progress_text = "PROGRESS.txt"
     config = "config.json"
     logs = "logs"

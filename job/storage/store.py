@@ -12,6 +12,7 @@ from tenacity import Retrying, wait_exponential_jitter
 
 from job.fsutil import DiskFull, json_bytes
 from job.storage.folders import LocalFolder, RemoteFolder, StorageError, default_cache_dir, is_remote
+from job.storage.lease import Lease
 from job.storage.uploader import Uploader, Op, describe
 
 log = structlog.get_logger("job.storage")
@@ -32,15 +33,36 @@ class RunStore:
         uri = str(uri)
         self.uri = uri
         self.read_only = read_only
+        # The writer's lease (set once taken) fences every write: nothing reaches the run URI
+        # unless the lease is live, and nothing is written at all once it is lost.
+        self.lease: Lease | None = None
         self.remote: RemoteFolder | None = None
         self.uploader: Uploader | None = None
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
-            self.uploader = None if read_only else Uploader(self.local, self.remote, retry_max_seconds, live_upload_seconds)
+            self.uploader = None if read_only else Uploader(
+                self.local, self.remote, retry_max_seconds, live_upload_seconds, guard=self.fence_run,
+            )
         else:
             self.local = LocalFolder(uri.removeprefix("file://"))
         self.root = self.local.root
+
+    def fence_run(self) -> None:
+        """Before a write reaches the run URI: raise LeaseError unless this writer's lease is live."""
+        if self.lease is not None:
+            self.lease.check()
+
+    def _fence_write(self) -> None:
+        if self.remote is None:
+            self.fence_run()  # the local folder is the run
+        elif self.lease is not None:
+            self.lease.check_held()  # the working copy may run ahead of a lapsed lease, not a lost one
+
+    @property
+    def run_folder(self) -> LocalFolder | RemoteFolder:
+        """The run URI itself, where the lease lives (not the local working copy)."""
+        return self.remote or self.local
 
     @classmethod
     def for_job(cls, uri: str, cache_dir: str | Path | None, storage: Any, read_only: bool = False) -> RunStore:
@@ -54,6 +76,7 @@ class RunStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.read_only:
             return
+        self._fence_write()
         try:
             self.local.write_bytes(rel, data)
         except DiskFull:
@@ -80,6 +103,7 @@ class RunStore:
         the rest (a checkpoint's manifest, so that a half-deleted one never counts)."""
         if self.read_only:
             return
+        self._fence_write()
         self.local.delete_tree(rel, first)
         if self.uploader:
             self.uploader.submit(Op("delete_tree", rel, first))

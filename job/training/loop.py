@@ -35,11 +35,12 @@ from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.plot_worker import BackgroundPlots
 from job.storage import Layout, RunStore, StorageError
+from job.storage.lease import Lease, LeaseError
 from job.training.stage2 import (
     TokenizerMismatch, TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer,
 )
 from job.training.stages import StagePlan, stage_plans
-from job.training.startup import agree_on_start, preflight, recorded_attempt, refuse_math_changes
+from job.training.startup import agree_on_start, preflight, recorded_attempt, refuse_math_changes, writer_lease
 from job.training.state import TrainState, epoch_order
 from job.training.task import Task, TokenizerTask
 
@@ -59,10 +60,20 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     topology.start(device, timeout_minutes=cfg.monitor.watchdog_minutes)
     if topology.distributed:
         bind_run_context(rank=topology.rank)
+    try:
+        with writer_lease(cfg, store, topology) as lease:
+            train_attempt(cfg, store, topology, device, lease)
+    finally:
+        topology.stop()
+
+
+def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, lease: Lease | None) -> None:
+    """The attempt proper, once this process may write the run (``lease``; None on other ranks)."""
     plans = stage_plans(cfg)
     attempt, publish_log = 0, lambda: None
     if topology.is_writer:
         attempt = recorded_attempt(store) + 1
+        lease.note_attempt(attempt)
         publish_log = RunLog(store, attempt).publish  # before the checkpoint search, so its warnings land there
         for plan in plans:
             mirror_unsent(store, plan.layout)  # what a previous attempt committed locally but could not upload
@@ -100,15 +111,16 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
         record_end(progress, status="preempted")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
+    except LeaseError:
+        raise  # this process may not write the run: not a word more to it
     except Exception as exc:
         record_end(progress, status="failed", error=f"{type(exc).__name__}: {exc}")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
-    finally:
-        topology.stop()
     progress.update(status="completed", eta_seconds=0)
     log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
     publish_log()
+    store.flush(cfg.storage.flush_seconds)  # while the lease is still held
 
 
 @dataclass

@@ -5,6 +5,9 @@ change the math."""
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,7 +15,9 @@ import torch
 from job.checkpoint import Checkpoint, CheckpointReader
 from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys
 from job.distributed import Topology
+from job.monitoring.lifecycle import LeaseKeeper, stop_point
 from job.storage import Layout, RunStore, StorageError
+from job.storage.lease import Lease
 from job.training.task import tokenizer_parameters
 
 
@@ -35,6 +40,30 @@ def preflight(cfg: Config, store: RunStore) -> None:
             f"not enough disk space under {store.root}: {free >> 20} MiB free, "
             f"about {needed >> 20} MiB needed for the dataset and the kept checkpoints"
         )
+
+
+@contextmanager
+def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[Lease | None]:
+    """One writer per run (SPEC §10): the writing rank takes the run's lease before it writes
+    anything, waiting up to two lease times for a live holder (LeaseBusy after that), fences
+    every write of the store with it, renews it while the attempt runs, and releases it at the
+    end, after the caller's last upload."""
+    if not topology.is_writer:
+        yield None
+        return
+    ttl = cfg.storage.lease_seconds
+    def sleep_unless_stopped(seconds: float) -> None:  # SIGTERM ends the wait for another writer
+        time.sleep(seconds)
+        stop_point("waiting for the run's lease")
+
+    lease = Lease(store.run_folder, ttl, sleep=sleep_unless_stopped)
+    lease.acquire(wait_seconds=2 * ttl)
+    store.lease = lease
+    try:
+        with LeaseKeeper(lease):
+            yield lease
+    finally:
+        lease.release()
 
 
 def recorded_attempt(store: RunStore) -> int:

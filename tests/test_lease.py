@@ -231,6 +231,12 @@ def test_a_second_train_is_refused_and_writes_nothing_then_a_kill_9_restart_resu
     first = run.start("first")
     try:
         assert first.wait_for('"train.progress"', timeout=120)
+        # A start waiting for the lease is a long phase like any other: SIGTERM ends it (143).
+        waiting = run.start("waiting")
+        assert waiting.wait_for('"lease.busy"', timeout=90)
+        waiting.send_signal(signal.SIGTERM)
+        assert waiting.wait(timeout=15) == 143
+        assert "while waiting for the run's lease" in waiting.output
         # Its own lease time is short, so that it gives up soon; the holder's (6 s) decides.
         second = run.start("second", "--set", "storage.lease_seconds=0.2")
         assert second.wait(timeout=90) == 75

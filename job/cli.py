@@ -157,6 +157,7 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
     """Run a mode and turn its failure into the exit code SPEC §3 promises."""
     from job.config import ConfigError
     from job.data import DataError
+    from job.storage import StoreRefused
     from job.training.loop import Preempted
 
     try:
@@ -165,6 +166,8 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
         return fail(EXIT_PREEMPTED, "preempted", exc)
     except ConfigError as exc:
         return fail(EXIT_USAGE, "refused", exc)
+    except StoreRefused as exc:  # wrong credentials, access denied, no such bucket: no restart helps
+        return fail(EXIT_USAGE, "store refused", exc)
     except DataError as exc:
         return fail(EXIT_BAD_DATA, "bad input data", exc)
     except KeyboardInterrupt as exc:

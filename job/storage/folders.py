@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -14,6 +16,54 @@ from job.fsutil import atomic_write_bytes
 
 class StorageError(RuntimeError):
     """The run folder cannot be used (unreachable, not writable, a backlog that cannot be delivered)."""
+
+
+class StoreRefused(StorageError):
+    """The store refuses us for good (wrong credentials, access denied, no such bucket): no retry
+    and no restart can change its answer, only a person (SPEC §3: exit 2)."""
+
+
+# The store's answers that no retry changes, by S3 error code, with what a person must fix. A
+# HEAD request's 403 has no body, so its code is the bare status. Everything else (timeouts,
+# resets, 5xx, SlowDown, a missing key) is transient or an answer, and callers retry or use it.
+_ACCESS_DENIED = (
+    "these credentials may not use it: check the bucket policy, or the IAM policy of the "
+    "credentials (infra/iam-policy.json is the least one a run needs)"
+)
+REFUSALS = {
+    "InvalidAccessKeyId": "the store does not know this access key id: check AWS_ACCESS_KEY_ID "
+                          "(or the profile or instance role that supplies the credentials)",
+    "SignatureDoesNotMatch": "the secret key does not belong to the access key id: check AWS_SECRET_ACCESS_KEY",
+    "AccessDenied": _ACCESS_DENIED,
+    "AllAccessDisabled": _ACCESS_DENIED,
+    "403": "the credentials are wrong or may not use it: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+           "then the bucket policy and the IAM policy of the credentials (infra/iam-policy.json)",
+    "NoSuchBucket": "bucket {bucket} does not exist{at}: create it, or correct the bucket in --run-uri "
+                    "(env JOB_RUN_URI) or the endpoint in AWS_ENDPOINT_URL",
+    "NoCredentials": "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+                     "or give the host an instance role)",
+}
+
+
+def refusal(exc: BaseException, uri: str) -> StoreRefused | None:
+    """``exc`` as a StoreRefused naming the cause and its fix, if the store refused us for good;
+    else None. s3fs turns botocore's errors into OSErrors, so the store's own error code is read
+    from the exception chain. The message holds the store's code and words, never a credential."""
+    code = None
+    seen: BaseException | None = exc
+    while seen is not None and code is None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code"))
+        elif type(seen).__name__ == "NoCredentialsError":  # botocore's; imported only by remote folders
+            code = "NoCredentials"
+        seen = seen.__cause__ or seen.__context__
+    if code not in REFUSALS:
+        return None
+    parsed = urlparse(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    fix = REFUSALS[code].format(bucket=parsed.netloc, at=f" at {endpoint}" if endpoint else "")
+    return StoreRefused(f"the store refuses {uri} ({code}): {fix}")
 
 
 class Folder(Protocol):
@@ -122,8 +172,12 @@ class RemoteFolder:
 
         self.uri = uri.rstrip("/")
         options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        self._read_options: dict[str, Any] = {}
         if urlparse(uri).scheme in ("s3", "s3a"):
             options["config_kwargs"] = {"connect_timeout": 3, "read_timeout": 20, "retries": {"max_attempts": 1}}
+            # A read is one GET: s3fs's concurrent read first asks a HEAD for the size (a request
+            # more per file), and a HEAD's error has no body, so a refusal would lose its code.
+            self._read_options["max_concurrency"] = 1
         self.fs, self.base = fsspec.core.url_to_fs(self.uri, **options)
         if hasattr(self.fs, "retries"):
             self.fs.retries = 1
@@ -131,45 +185,72 @@ class RemoteFolder:
     def _full(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
-    def read_bytes(self, rel: str) -> bytes | None:
+    @contextmanager
+    def _asking(self) -> Iterator[None]:
+        """Around every request: a refusal for good becomes StoreRefused; anything else (a
+        transient failure) goes to the caller, who retries."""
         try:
-            return self.fs.cat_file(self._full(rel))
-        except FileNotFoundError:
-            return None
+            yield
+        except StoreRefused:
+            raise
+        except Exception as exc:
+            refused = refusal(exc, self.uri)
+            if refused is None:
+                raise
+            raise refused from None  # the chain would repeat the request, headers and all
+
+    @staticmethod
+    def _missing(exc: FileNotFoundError) -> bool:
+        """A missing key is an answer (True); s3fs also says FileNotFoundError for a missing
+        bucket, which is a refusal: False, so that the caller re-raises it."""
+        return refusal(exc, "") is None
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        with self._asking():
+            try:
+                return self.fs.cat_file(self._full(rel), **self._read_options)
+            except FileNotFoundError as exc:
+                if self._missing(exc):
+                    return None
+                raise
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        self.fs.pipe_file(self._full(rel), data)
+        with self._asking():
+            self.fs.pipe_file(self._full(rel), data)
+
+    def _listing(self, call, rel: str, empty):
+        with self._asking():
+            try:
+                return call(self._full(rel))
+            except FileNotFoundError as exc:
+                if self._missing(exc):
+                    return empty
+                raise
 
     def list_dir(self, rel: str) -> list[str]:
-        try:
-            entries = self.fs.ls(self._full(rel), detail=False)
-        except FileNotFoundError:
-            return []
+        entries = self._listing(lambda path: self.fs.ls(path, detail=False), rel, [])
         prefix = self._full(rel).rstrip("/") + "/"
         return sorted({e[len(prefix):].split("/")[0] for e in entries if e.startswith(prefix)} - {""})
 
     def list_files(self, rel: str) -> list[str]:
-        try:
-            found = self.fs.find(self._full(rel))
-        except FileNotFoundError:
-            return []
+        found = self._listing(self.fs.find, rel, [])
         return sorted(f[len(self.base) + 1 :] for f in found)
 
     def file_sizes(self, rel: str) -> dict[str, int]:
-        try:
-            entries = self.fs.ls(self._full(rel), detail=True)
-        except FileNotFoundError:
-            return {}
+        entries = self._listing(lambda path: self.fs.ls(path, detail=True), rel, [])
         return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in entries if e.get("type") == "file"}
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._full(rel))
+        with self._asking():
+            return self.fs.exists(self._full(rel))
 
     def delete(self, rel: str) -> None:
-        try:
-            self.fs.rm_file(self._full(rel))
-        except FileNotFoundError:
-            pass
+        with self._asking():
+            try:
+                self.fs.rm_file(self._full(rel))
+            except FileNotFoundError as exc:
+                if not self._missing(exc):
+                    raise
 
     def delete_many(self, rels: list[str]) -> None:
         """Delete files, in one request per 1000 on S3 (DeleteObjects), one by one elsewhere."""
@@ -180,7 +261,8 @@ class RemoteFolder:
         bucket = self.fs.split_path(self.base)[0]
         for start in range(0, len(rels), 1000):
             keys = [{"Key": self.fs.split_path(self._full(rel))[1]} for rel in rels[start : start + 1000]]
-            answer = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            with self._asking():
+                answer = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             # A quiet DeleteObjects answers 200 and lists only the keys it could not delete.
             errors = answer.get("Errors") or []
             if errors:

@@ -21,7 +21,7 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, 
 
 from job.monitoring.progress import format_duration, render_progress
 from job.storage import Layout, StoreRefused, open_folder
-from job.storage.layout import StageLayout
+from job.storage.layout import StageLayout, is_plain_file_name
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -251,6 +251,9 @@ def newest_committed_checkpoint(
 def commit_problem(manifest: Any, sizes: dict[str, int]) -> str | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         return f"no readable {Layout.checkpoint_manifest_file} (not committed)"
+    foreign = [name for name in manifest["files"] if not is_plain_file_name(name)]
+    if foreign:  # what every reader refuses (job.checkpoint): the checkpoint is invalid
+        return f"its manifest names {foreign[0]!r}, not a plain file of its folder"
     for filename, entry in sorted(manifest["files"].items()):
         expected = entry.get("size") if isinstance(entry, dict) else None
         if filename not in sizes:

@@ -244,15 +244,22 @@ def damage(files: dict[str, bytes], how: str) -> dict[str, bytes]:
         return {rel: data for rel, data in files.items() if rel != f"{folder}/model.safetensors"}
     if how == "wrong size":
         return files | {f"{folder}/model.safetensors": b"truncated"}
+    if how == "names a file outside":
+        manifest = json.loads(files[f"{folder}/manifest.json"])
+        manifest["files"]["../step-00000020/model.safetensors"] = manifest["files"]["model.safetensors"]
+        return files | {f"{folder}/manifest.json": json.dumps(manifest).encode()}
     return {rel: data for rel, data in files.items() if rel != f"{folder}/manifest.json"}
 
 
-@pytest.mark.parametrize("how", ["missing file", "wrong size", "no manifest"])
-def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys, how):
+@pytest.mark.parametrize(
+    "how, says", [("missing file", "missing"), ("wrong size", "bytes"), ("no manifest", "not committed"),
+                  ("names a file outside", "not a plain file of its folder")],
+)
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys, how, says):
     run = write_run(tmp_path, damage(crafted_run(), how))
     _, report = status_json(capsys, str(run))
     assert report["newest_checkpoint"]["name"] == "step-00000020"
-    assert any("step-00000030" in note for note in report["notes"]), report["notes"]
+    assert any("step-00000030" in note and says in note for note in report["notes"]), report["notes"]
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,9 @@ from job.training.stage2 import (
     TokenizerMismatch, TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer,
 )
 from job.training.stages import StagePlan, stage_plans
-from job.training.startup import agree_on_start, preflight, recorded_attempt, refuse_math_changes
+from job.training.startup import (
+    agree_on_start, preflight, recorded_attempt, refuse_math_changes, refuse_to_start_over,
+)
 from job.training.state import TrainState, epoch_order
 from job.training.task import Task, TokenizerTask
 
@@ -128,6 +130,8 @@ def find_resume_point(
     attempt, previous = agree_on_start(reader, topology, device, attempt, previous)
     if previous is not None:
         refuse_math_changes(previous.state["config"], cfg, plan.math_sections)
+    elif topology.is_writer:
+        refuse_to_start_over(store, plan, inventory)
     return attempt, ResumePoint(inventory, previous)
 
 

@@ -157,6 +157,7 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
     """Run a mode and turn its failure into the exit code SPEC §3 promises."""
     from job.config import ConfigError
     from job.data import DataError
+    from job.checkpointer import Diverged
     from job.storage import StoreRefused
     from job.training.loop import Preempted
 
@@ -170,6 +171,8 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
         return fail(EXIT_USAGE, "store refused", exc)
     except DataError as exc:
         return fail(EXIT_BAD_DATA, "bad input data", exc)
+    except Diverged as exc:  # the message says where and what to change; a traceback adds nothing
+        return fail(EXIT_FAILED, "diverged", exc)
     except KeyboardInterrupt as exc:
         return fail(EXIT_FAILED, "interrupted", exc)
     except Exception as exc:

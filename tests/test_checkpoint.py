@@ -13,7 +13,7 @@ import torch
 from job.checkpoint import (
     MANIFEST_FILE, MODEL_FILE, CheckpointError, CheckpointReader, ManifestMismatch, RNGState, take_snapshot,
 )
-from job.checkpointer import FINAL, CheckpointManager
+from job.checkpointer import FINAL, CheckpointManager, Diverged
 from job.config import build_config, set_value
 from job.fsutil import atomic_write_bytes
 from job.storage import Layout, RunStore
@@ -239,3 +239,39 @@ def test_a_run_killed_before_its_first_commit_starts_fresh(tmp_path):
     finally:
         job.proc.kill()
         job.wait(timeout=30)
+
+
+# --- a diverged run stops, and nothing non-finite is ever committed ------------------------------
+
+
+@pytest.mark.parametrize("where", ["weights", "val_loss"])
+def test_a_checkpoint_with_non_finite_values_is_never_committed(tmp_path, where):
+    store = RunStore(str(tmp_path))
+    parts = fresh_parts()
+    checkpoints = manager(store, parts, keep_last=5)
+    finite = save_at(checkpoints, 5)
+    val_loss = None
+    if where == "weights":
+        with torch.no_grad():
+            next(parts["model"].parameters())[0] = float("nan")
+    else:
+        val_loss = float("inf")
+    with pytest.raises(Diverged, match="not saving step-00000010"):
+        save_at(checkpoints, 10, "epochs", val_loss)
+    checkpoints.close()
+    assert CheckpointReader(store).names() == [finite]
+    assert json.loads((tmp_path / Layout.latest).read_text())["checkpoint"] == finite
+    assert checkpoints.state.best is None  # a NaN validation loss never becomes the best
+
+
+def test_a_run_whose_loss_becomes_non_finite_stops_and_says_so(tmp_path):
+    """lr=inf is refused by the config; a huge finite one (every AdamW step moves each weight by
+    about lr) is the real way a run blows up."""
+    run = tmp_path / "run"
+    job = train_process(run, "--set", "optim.lr=1e30")
+    assert job.wait(timeout=120) == 1, job.output[-3000:]
+    assert "diverged: the training loss is nan" in job.output and "optim.lr" in job.output
+    assert "Traceback" not in job.output
+    progress = json.loads((run / Layout.progress).read_text())
+    assert progress["status"] == "failed" and "diverged" in progress["error"]
+    assert not (run / Layout.checkpoints).exists() or CheckpointReader(RunStore(str(run))).committed() == []

@@ -1,7 +1,8 @@
 """``python -m job status RUN_URI [--json] [--watch SECONDS]`` (SPEC §9): where a run stands,
 read from its run folder alone.
 
-Meant for a laptop with only requirements-status.txt installed, answering in about a second:
+Meant for a laptop with only requirements-status.txt installed, answering in about the time a
+bare s3fs listing takes (bench/bench_status.py):
 nothing here may import torch or numpy, directly or through job.training, job.checkpoint,
 job.model or job.data. A checkpoint is judged by the sizes its manifest promises, from one
 listing; checking its hashes would mean downloading it, which is ``verify``'s job.

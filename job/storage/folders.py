@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from job.fsutil import atomic_write_bytes
+
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -45,25 +46,29 @@ REFUSALS = {
 }
 
 
-def refusal(exc: BaseException, uri: str) -> StoreRefused | None:
-    """``exc`` as a StoreRefused naming the cause and its fix, if the store refused us for good;
-    else None. s3fs turns botocore's errors into OSErrors, so the store's own error code is read
-    from the exception chain. The message holds the store's code and words, never a credential."""
-    code = None
+def refusal_code(exc: BaseException) -> str | None:
+    """The store's error code if ``exc`` is a refusal for good (a key of REFUSALS), else None.
+    s3fs turns botocore's errors into OSErrors, so the code is read from the exception chain."""
     seen: BaseException | None = exc
-    while seen is not None and code is None:
+    while seen is not None:
         response = getattr(seen, "response", None)
         if isinstance(response, dict):
             code = str((response.get("Error") or {}).get("Code"))
-        elif type(seen).__name__ == "NoCredentialsError":  # botocore's; imported only by remote folders
-            code = "NoCredentials"
+            return code if code in REFUSALS else None
+        if type(seen).__name__ == "NoCredentialsError":  # botocore's; imported only by remote folders
+            return "NoCredentials"
         seen = seen.__cause__ or seen.__context__
-    if code not in REFUSALS:
-        return None
-    parsed = urlparse(uri)
+    return None
+
+
+def refused(code: str, uri: str) -> StoreRefused:
+    """The refusal, naming its cause and what to fix; never a credential."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    fix = REFUSALS[code].format(bucket=parsed.netloc, at=f" at {endpoint}" if endpoint else "")
+    fix = REFUSALS[code].format(bucket=urlparse(uri).netloc, at=f" at {endpoint}" if endpoint else "")
     return StoreRefused(f"the store refuses {uri} ({code}): {fix}")
+
+
+_RAISE = object()
 
 
 class Folder(Protocol):
@@ -185,72 +190,44 @@ class RemoteFolder:
     def _full(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
-    @contextmanager
-    def _asking(self) -> Iterator[None]:
-        """Around every request: a refusal for good becomes StoreRefused; anything else (a
-        transient failure) goes to the caller, who retries."""
+    def _ask(self, call: Callable[..., T], *args: Any, missing: Any = _RAISE, **kwargs: Any) -> T:
+        """One request. A missing key answers ``missing`` when given (s3fs says FileNotFoundError
+        for a missing bucket too, which is a refusal); a refusal for good becomes StoreRefused;
+        anything else (a transient failure) goes to the caller, who retries."""
         try:
-            yield
-        except StoreRefused:
-            raise
+            return call(*args, **kwargs)
         except Exception as exc:
-            refused = refusal(exc, self.uri)
-            if refused is None:
-                raise
-            raise refused from None  # the chain would repeat the request, headers and all
-
-    @staticmethod
-    def _missing(exc: FileNotFoundError) -> bool:
-        """A missing key is an answer (True); s3fs also says FileNotFoundError for a missing
-        bucket, which is a refusal: False, so that the caller re-raises it."""
-        return refusal(exc, "") is None
+            code = refusal_code(exc)
+            if code is not None:
+                raise refused(code, self.uri) from None  # the chain would repeat the request
+            if isinstance(exc, FileNotFoundError) and missing is not _RAISE:
+                return missing
+            raise
 
     def read_bytes(self, rel: str) -> bytes | None:
-        with self._asking():
-            try:
-                return self.fs.cat_file(self._full(rel), **self._read_options)
-            except FileNotFoundError as exc:
-                if self._missing(exc):
-                    return None
-                raise
+        return self._ask(self.fs.cat_file, self._full(rel), missing=None, **self._read_options)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        with self._asking():
-            self.fs.pipe_file(self._full(rel), data)
-
-    def _listing(self, call, rel: str, empty):
-        with self._asking():
-            try:
-                return call(self._full(rel))
-            except FileNotFoundError as exc:
-                if self._missing(exc):
-                    return empty
-                raise
+        self._ask(self.fs.pipe_file, self._full(rel), data)
 
     def list_dir(self, rel: str) -> list[str]:
-        entries = self._listing(lambda path: self.fs.ls(path, detail=False), rel, [])
+        entries = self._ask(self.fs.ls, self._full(rel), detail=False, missing=[])
         prefix = self._full(rel).rstrip("/") + "/"
         return sorted({e[len(prefix):].split("/")[0] for e in entries if e.startswith(prefix)} - {""})
 
     def list_files(self, rel: str) -> list[str]:
-        found = self._listing(self.fs.find, rel, [])
+        found = self._ask(self.fs.find, self._full(rel), missing=[])
         return sorted(f[len(self.base) + 1 :] for f in found)
 
     def file_sizes(self, rel: str) -> dict[str, int]:
-        entries = self._listing(lambda path: self.fs.ls(path, detail=True), rel, [])
+        entries = self._ask(self.fs.ls, self._full(rel), detail=True, missing=[])
         return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in entries if e.get("type") == "file"}
 
     def exists(self, rel: str) -> bool:
-        with self._asking():
-            return self.fs.exists(self._full(rel))
+        return self._ask(self.fs.exists, self._full(rel))
 
     def delete(self, rel: str) -> None:
-        with self._asking():
-            try:
-                self.fs.rm_file(self._full(rel))
-            except FileNotFoundError as exc:
-                if not self._missing(exc):
-                    raise
+        self._ask(self.fs.rm_file, self._full(rel), missing=None)
 
     def delete_many(self, rels: list[str]) -> None:
         """Delete files, in one request per 1000 on S3 (DeleteObjects), one by one elsewhere."""
@@ -261,8 +238,7 @@ class RemoteFolder:
         bucket = self.fs.split_path(self.base)[0]
         for start in range(0, len(rels), 1000):
             keys = [{"Key": self.fs.split_path(self._full(rel))[1]} for rel in rels[start : start + 1000]]
-            with self._asking():
-                answer = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            answer = self._ask(self.fs.call_s3, "delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             # A quiet DeleteObjects answers 200 and lists only the keys it could not delete.
             errors = answer.get("Errors") or []
             if errors:

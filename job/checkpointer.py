@@ -82,11 +82,12 @@ class CheckpointManager:
         self.wait()
         state = self.state
         name = Layout.checkpoint_name(state.step)
+        refuse_non_finite_loss(name, val_loss, state.epoch_loss_sum)
+        if val_loss is not None and (state.best is None or val_loss < state.best["val_loss"]):
+            state.best = {"checkpoint": name, "val_loss": val_loss}  # before the snapshot: state.json records it
         started = self.clock()
         snapshot = take_snapshot(self.parts, {**self.extra, "reason": reason})
-        refuse_non_finite(name, snapshot, val_loss, state.epoch_loss_sum)
-        if val_loss is not None and (state.best is None or val_loss < state.best["val_loss"]):
-            state.best = {"checkpoint": name, "val_loss": val_loss}
+        refuse_non_finite_tensors(name, snapshot)  # Diverged ends the run: nothing of this save survives
         best = state.best["checkpoint"] if state.best else None
         self._pending = self._writer.submit(self._commit, name, reason, state.step, state.epoch, snapshot, best)
         self.last_save = self.clock()
@@ -158,14 +159,17 @@ def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
         store.publish(stage.latest)
 
 
-def refuse_non_finite(name: str, snapshot: Snapshot, val_loss: float | None, loss_sum: float) -> None:
-    """The last gate before a commit: a checkpoint with a NaN or infinite weight, optimizer moment
-    or loss would become the one every restart resumes from (and the best one by a NaN
+def refuse_non_finite_loss(name: str, val_loss: float | None, loss_sum: float) -> None:
+    """The gates before a commit: a checkpoint with a NaN or infinite loss, weight or optimizer
+    moment would become the one every restart resumes from (and the best one, by a NaN
     validation loss), so it is never written."""
+    for label, value in (("validation loss", val_loss), ("epoch's training loss", loss_sum)):
+        if value is not None and not math.isfinite(value):
+            raise Diverged(f"not saving {name}: its {label} is {value}")
+
+
+def refuse_non_finite_tensors(name: str, snapshot: Snapshot) -> None:
     for label, tensors in (("weight", snapshot.model), ("optimizer state", snapshot.optimizer)):
         for key, tensor in tensors.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise Diverged(f"not saving {name}: its {label} {key} holds NaN or infinite values")
-    for label, value in (("validation loss", val_loss), ("epoch's training loss", loss_sum)):
-        if value is not None and not math.isfinite(value):
-            raise Diverged(f"not saving {name}: its {label} is {value}")

@@ -157,6 +157,8 @@ def test_each_commit_prunes_to_last_k_and_the_best(tmp_path):
     for step, val_loss in zip(range(1, 6), (0.5, 0.1, 0.3, 0.4, 0.2)):
         save_at(checkpoints, step, "epochs", val_loss)
     assert checkpoints.state.best == {"checkpoint": "step-00000002", "val_loss": 0.1}
+    # What stage 2 reads: each checkpoint's own state.json names the best so far, itself included.
+    assert [CheckpointReader(store).load(name).best for name in ("step-00000002", "step-00000005")] == ["step-00000002"] * 2
     assert CheckpointReader(store).committed() == ["step-00000002", "step-00000004", "step-00000005"]
     assert sorted(p.name for p in checkpoints_dir.iterdir()) == [
         "latest.json", "step-00000002", "step-00000004", "step-00000005", "step-00000009",

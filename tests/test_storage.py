@@ -165,13 +165,14 @@ def test_a_missing_bucket_is_a_refusal_not_an_empty_run(s3, tmp_path):
     assert present.read_bytes(Layout.progress) is None and present.list_dir(Layout.checkpoints) == []  # a missing key is an answer
 
 
-@pytest.mark.parametrize("status, code", [(503, "SlowDown"), (500, "InternalError"), (503, "ServiceUnavailable")])
+@pytest.mark.parametrize("status, code", [(503, "SlowDown"), (500, "InternalError")])
 def test_a_busy_store_is_retried_and_the_preflight_passes(faulty_store, monkeypatch, s3, tmp_path, status, code):
-    faulty_store.fail_next(2, status, code, "Please try again.")
+    # More busy answers than botocore's own single retry absorbs: the preflight's retry is needed.
+    faulty_store.fail_next(3, status, code, "Please try again.")
     monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)
     store = RunStore(s3.uri(), tmp_path / "cache")
     try:
         store.preflight(connect_seconds=60)
     finally:
         store.close()
-    assert not faulty_store.faults  # both were answered, then the probe went through
+    assert not faulty_store.faults  # all were answered, then the probe went through

@@ -33,7 +33,7 @@ from safetensors.torch import save as save_tensors
 from job.fsutil import json_bytes
 from job.monitoring.lifecycle import stop_point
 from job.storage import Layout, RunStore
-from job.storage.layout import StageLayout
+from job.storage.layout import StageLayout, is_plain_file_name
 from job.training.state import TrainState
 
 MODEL_FILE = "model.safetensors"
@@ -163,11 +163,6 @@ def make_manifest(files: dict[str, bytes], step: int, epoch: int) -> dict[str, A
             for name, data in sorted(files.items())
         },
     }
-
-
-def is_plain_file_name(name: Any) -> bool:
-    """A manifest may only name files directly inside its own folder: no path, no ``..``."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def delete_checkpoint(store: RunStore, name: str, stage: StageLayout = Layout.tokenizer) -> None:

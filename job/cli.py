@@ -162,6 +162,8 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
     from job.fsutil import DiskFull
     from job.monitoring.lifecycle import Stopped, StopRequest
     from job.storage.lease import LeaseBusy, LeaseError
+    from job.checkpointer import Diverged
+    from job.storage import StoreRefused
 
     try:
         with StopRequest():
@@ -174,10 +176,14 @@ def run_mode(mode: str, body: Callable[[], int]) -> int:
         return fail(EXIT_TRY_LATER, "this process may not write the run", exc)
     except ConfigError as exc:
         return fail(EXIT_USAGE, "refused", exc)
+    except StoreRefused as exc:  # wrong credentials, access denied, no such bucket: no restart helps
+        return fail(EXIT_USAGE, "store refused", exc)
     except DataError as exc:
         return fail(EXIT_BAD_DATA, "bad input data", exc)
     except DiskFull as exc:  # the message names the path and the space; a traceback adds nothing
         return fail(EXIT_FAILED, "disk full", exc)
+    except Diverged as exc:  # the message says where and what to change; a traceback adds nothing
+        return fail(EXIT_FAILED, "diverged", exc)
     except KeyboardInterrupt as exc:
         return fail(EXIT_FAILED, "interrupted", exc)
     except Exception as exc:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 MANIFEST_FILE = "manifest.json"
+
+
+def is_plain_file_name(name: Any) -> bool:
+    """A manifest may only name files directly inside its own folder: no path, no ``..``."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from tenacity import Retrying, wait_exponential_jitter
+from tenacity import Retrying, retry_if_not_exception_type, wait_exponential_jitter
 
 from job.fsutil import DiskFull, json_bytes
-from job.storage.folders import LocalFolder, RemoteFolder, StorageError, default_cache_dir, is_remote
+from job.storage.folders import LocalFolder, RemoteFolder, StorageError, StoreRefused, default_cache_dir, is_remote
 from job.storage.lease import Lease
 from job.storage.uploader import Uploader, Op, describe
 
@@ -157,12 +157,14 @@ class RunStore:
     def preflight(self, connect_seconds: float) -> None:
         """The working copy and the run URI can be written and read back. A remote that does not
         answer is retried for ``connect_seconds``: a run that may exist there must never be
-        restarted from scratch because the store was briefly away."""
+        restarted from scratch because the store was briefly away. A store that refuses us for
+        good (StoreRefused) is not retried: the person who can fix it hears at once."""
         self.local.check()
         if not self.remote:
             return
         check = (lambda: self.remote.list_dir("")) if self.read_only else self.remote.check
         retrying = Retrying(
+            retry=retry_if_not_exception_type(StoreRefused),
             wait=wait_exponential_jitter(multiplier=0.5, max=10),
             stop=lambda state: state.seconds_since_start >= connect_seconds,
             before_sleep=lambda state: log.warning(
@@ -173,6 +175,8 @@ class RunStore:
         )
         try:
             retrying(check)
+        except StoreRefused:
+            raise
         except Exception as exc:
             raise StorageError(f"run URI {self.uri} is not reachable after {connect_seconds:.0f} s: {describe(exc)}") from exc
 

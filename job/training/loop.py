@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import structlog
 
 from job.checkpoint import Checkpoint, CheckpointReader, RNGState
-from job.checkpointer import FINAL, SIGNAL, CheckpointManager, mirror_unsent
+from job.checkpointer import FINAL, SIGNAL, CheckpointManager, Diverged, mirror_unsent
 from job.config import Config
 from job.data import prepare_dataset_in_turn
 from job.device import pick_device
@@ -40,7 +40,9 @@ from job.training.stage2 import (
     TokenizerMismatch, TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer,
 )
 from job.training.stages import StagePlan, stage_plans
-from job.training.startup import agree_on_start, preflight, recorded_attempt, refuse_math_changes, writer_lease
+from job.training.startup import (
+    agree_on_start, preflight, recorded_attempt, refuse_math_changes, refuse_to_start_over, writer_lease,
+)
 from job.training.state import TrainState, epoch_order
 from job.training.task import Task, TokenizerTask
 
@@ -142,6 +144,8 @@ def find_resume_point(
     attempt, previous = agree_on_start(reader, topology, device, attempt, previous)
     if previous is not None:
         refuse_math_changes(previous.state["config"], cfg, plan.math_sections)
+    elif topology.is_writer:
+        refuse_to_start_over(store, plan, inventory)
     return attempt, ResumePoint(inventory, previous)
 
 
@@ -274,6 +278,8 @@ class Trainer:
                 batch = order[state.sample_in_epoch : state.sample_in_epoch + batch_size]
                 mine = batch[topology.rank :: topology.world_size]
                 loss = self.task.train_step(self.train_indices[mine])
+                if not math.isfinite(loss):
+                    self.diverged(loss)
                 state.step += 1
                 state.sample_in_epoch += len(batch)
                 state.epoch_loss_sum += loss
@@ -289,6 +295,19 @@ class Trainer:
                     if reason:
                         self.save(reason)
             self.finish_epoch(time.monotonic() - epoch_started, total_steps)
+
+    def diverged(self, loss: float) -> None:
+        """Stop: every later step and checkpoint would be NaN too (the checkpointer refuses them)."""
+        last = self.progress.fields["last_checkpoint"]
+        lr_key = "stage2.lr" if self.plan.number == 2 else "optim.lr"
+        lower = f"lower the learning rate ({lr_key}={self.task.scheduler.base_lrs[0]:g})"
+        raise Diverged(
+            f"stage {self.plan.number} ({self.plan.name}) diverged: the training loss is {loss} at step "
+            f"{self.state.step + 1}; " + (
+                f"the newest checkpoint stays {last}; {lower} in a new --run-uri (a resume keeps the run's own)"
+                if last else f"no checkpoint was saved; {lower} and start again"
+            )
+        )
 
     def finish_epoch(self, seconds: float, total_steps: int) -> None:
         state = self.state

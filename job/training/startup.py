@@ -18,6 +18,7 @@ from job.distributed import Topology
 from job.monitoring.lifecycle import LeaseKeeper, stop_point
 from job.storage import Layout, RunStore, StorageError
 from job.storage.lease import Lease
+from job.training.stages import StagePlan
 from job.training.task import tokenizer_parameters
 
 
@@ -95,3 +96,20 @@ def refuse_math_changes(saved_config: dict[str, Any], cfg: Config, sections: tup
             f"{', '.join(changed)}; use a new --run-uri, or the run's own config "
             "(only train.epochs, checkpoint, monitor and logging settings may change)"
         )
+
+
+def refuse_to_start_over(store: RunStore, plan: StagePlan, inventory: dict[str, bool]) -> None:
+    """No checkpoint of the stage is valid. Starting from scratch is right when none was ever
+    committed (an attempt killed before its first save leaves progress, config, logs and perhaps
+    a folder without a manifest: nothing to lose). But a committed one (a manifest, or the
+    latest.json written after it) that no longer verifies is a damaged run: training over it
+    would bury the evidence and overwrite what may still be restored, so refuse (exit 2)."""
+    committed = sorted(name for name, has_manifest in inventory.items() if has_manifest)
+    if not committed and not store.exists(plan.layout.latest):
+        return
+    found = f"committed checkpoint(s) {', '.join(committed)}" if committed else plan.layout.latest
+    raise ResumeRefused(
+        f"refusing to start {plan.name} over: {plan.layout.checkpoints}/ holds {found}, but none is valid "
+        f"(the checkpoint.skipped warnings say why; `verify` checks each one). Restore them, or delete "
+        f"{plan.layout.checkpoints}/ (or use a new --run-uri) to train from scratch"
+    )

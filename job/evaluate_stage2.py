@@ -8,14 +8,14 @@ command line's ``stage2.*`` values, as for ``sample`` and ``predict``.
 generation
     ``stage2.samples_per_class`` class-conditional videos per class (job.sampling), judged by
     evaluate's classifier trained on REAL videos: the linear probe on the LFQ bits of the
-    tokenizer's codes of the train split (each video under the frame's symmetries), applied to the
-    generated videos re-encoded by the same tokenizer. Beside it: chance, and the same probe on the real test videos. Object presence:
-    the share of frames whose brightest pixel, rounded to 8 bits like the data, reaches the
-    data's visibility threshold (job.data.VISIBLE_PIXEL). Trajectory smoothness: the mean
-    Euclidean norm of the second difference over time of the per-frame object centroids
-    (job.metrics.centroids, the model's foreground threshold), frames without a centroid left
-    out. Diversity: the mean absolute pixel difference over all pairs of videos of one class.
-    Each is given for the generated videos and for the real test videos.
+    tokenizer's codes of the train split (each video under the frame's symmetries), applied to
+    the generated videos re-encoded by the same tokenizer. Beside it: chance, and the same probe
+    on the real test videos. Object presence: the share of frames whose brightest pixel, rounded
+    to 8 bits like the data, reaches the data's visibility threshold (job.data.VISIBLE_PIXEL).
+    Trajectory smoothness: the mean Euclidean norm of the second difference over time of the
+    per-frame object centroids (job.metrics.centroids, the model's foreground threshold), frames
+    without a centroid left out. Diversity: the mean absolute pixel difference over all pairs of
+    videos of one class. Each is given for the generated videos and for the real test videos.
 
 prediction
     The first ``stage2.eval_videos`` test videos; the model gets the tokenizer's codes of the

@@ -33,8 +33,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from job.fsutil import json_bytes
+from job.monitoring.lifecycle import stop_point
 from job.storage import Layout, RunStore
-from job.storage.layout import StageLayout
+from job.storage.layout import StageLayout, is_plain_file_name
 from job.training.state import TrainState
 
 MODEL_FILE = "model.safetensors"
@@ -180,11 +181,6 @@ def make_manifest(files: dict[str, bytes], step: int, epoch: int) -> dict[str, A
     }
 
 
-def is_plain_file_name(name: Any) -> bool:
-    """A manifest may only name files directly inside its own folder: no path, no ``..``."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-
-
 def delete_checkpoint(store: RunStore, name: str, stage: StageLayout = Layout.tokenizer, written_here: bool = False) -> None:
     """Remove a checkpoint, here and at the run URI: its manifest first, so that a half-deleted
     folder never counts as committed. ``written_here``: this process committed it, so it holds
@@ -233,6 +229,7 @@ class CheckpointReader:
             raise ManifestMismatch(f"{name}: manifest lacks {', '.join(sorted(missing))}")
         blobs = {}
         for filename, expected in manifest["files"].items():
+            stop_point(f"reading checkpoint {name}")
             data = self.store.read_bytes(self.stage.checkpoint_file(name, filename))
             if data is None:
                 raise ManifestMismatch(f"{name}/{filename}: missing")

@@ -9,12 +9,15 @@ hashing, writing and pruning happen on one writer thread, one checkpoint in flig
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import structlog
+import torch
 
 from job.checkpoint import Snapshot, Stateful, delete_checkpoint, make_manifest, take_snapshot
 from job.config import CheckpointConfig
@@ -26,6 +29,11 @@ log = structlog.get_logger("job.checkpoint")
 
 # Reasons a checkpoint is taken; the last two end the process, so their commit is waited for.
 FINAL, SIGNAL = "final", "signal"
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or weights: nothing more is saved, so the newest
+    committed checkpoint stays the last finite one (exit 1, status failed)."""
 
 
 class CheckpointManager:
@@ -76,10 +84,12 @@ class CheckpointManager:
         self.wait()
         state = self.state
         name = Layout.checkpoint_name(state.step)
+        refuse_non_finite_loss(name, val_loss, state.epoch_loss_sum)
         if val_loss is not None and (state.best is None or val_loss < state.best["val_loss"]):
-            state.best = {"checkpoint": name, "val_loss": val_loss}
+            state.best = {"checkpoint": name, "val_loss": val_loss}  # before the snapshot: the checkpoint's own state records it
         started = self.clock()
         snapshot = take_snapshot(self.parts, {**self.extra, "reason": reason})
+        refuse_non_finite_tensors(name, snapshot)  # Diverged ends the run: nothing of this save survives
         best = state.best["checkpoint"] if state.best else None
         self._pending = self._writer.submit(self._commit, name, reason, state.step, state.epoch, snapshot, best)
         self.last_save = self.clock()
@@ -134,10 +144,17 @@ class CheckpointManager:
 
 def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
     """Queue for upload, in commit order, the checkpoints this machine's working copy holds
-    but the run URI does not (an earlier attempt ended before its backlog drained)."""
+    but the run URI does not (an earlier attempt ended before its backlog drained). Only those
+    newer than the run URI's latest.json: older ones are what a later writer pruned there (this
+    cache's writer lost the run's lease), and must neither return nor turn latest.json back."""
     if store.remote is None:
         return
-    local = [n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-")]
+    newest_there = ""
+    try:
+        newest_there = str(json.loads(store.remote.read_bytes(stage.latest) or b"{}").get("checkpoint") or "")
+    except (ValueError, AttributeError):
+        pass  # an unreadable latest.json: every unsent checkpoint goes, as before it existed
+    local = [n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-") and n > newest_there]
     unsent = [
         n for n in local
         if store.local.exists(stage.checkpoint_manifest(n))
@@ -151,3 +168,19 @@ def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
         log.info("checkpoint.reupload", checkpoint=name)
     if unsent and store.local.exists(stage.latest):
         store.publish(stage.latest)
+
+
+def refuse_non_finite_loss(name: str, val_loss: float | None, loss_sum: float) -> None:
+    """The gates before a commit: a checkpoint with a NaN or infinite loss, weight or optimizer
+    moment would become the one every restart resumes from (and the best one, by a NaN
+    validation loss), so it is never written."""
+    for label, value in (("validation loss", val_loss), ("epoch's training loss", loss_sum)):
+        if value is not None and not math.isfinite(value):
+            raise Diverged(f"not saving {name}: its {label} is {value}")
+
+
+def refuse_non_finite_tensors(name: str, snapshot: Snapshot) -> None:
+    for label, tensors in (("weight", snapshot.model), ("optimizer state", snapshot.optimizer)):
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise Diverged(f"not saving {name}: its {label} {key} holds NaN or infinite values")

@@ -14,6 +14,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BAD_DATA = 3
+EXIT_TRY_LATER = 75  # stalled, or another writer holds the run: a restart later resumes it
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 MODES = {
@@ -154,19 +155,35 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
 
 
 def run_mode(mode: str, body: Callable[[], int]) -> int:
-    """Run a mode and turn its failure into the exit code SPEC §3 promises."""
+    """Run a mode and turn its failure into the exit code SPEC §3 promises. SIGTERM and SIGINT
+    are requests to stop at the next safe point from here on (``StopRequest``)."""
     from job.config import ConfigError
     from job.data import DataError
-    from job.training.loop import Preempted
+    from job.fsutil import DiskFull
+    from job.monitoring.lifecycle import Stopped, StopRequest
+    from job.storage.lease import LeaseBusy, LeaseError
+    from job.checkpointer import Diverged
+    from job.storage import StoreRefused
 
     try:
-        return body()
-    except Preempted as exc:
+        with StopRequest():
+            return body()
+    except Stopped as exc:  # the training loop's Preempted too
         return fail(EXIT_PREEMPTED, "preempted", exc)
+    except LeaseBusy as exc:
+        return fail(EXIT_TRY_LATER, "another writer holds the run", exc)
+    except LeaseError as exc:
+        return fail(EXIT_TRY_LATER, "this process may not write the run", exc)
     except ConfigError as exc:
         return fail(EXIT_USAGE, "refused", exc)
+    except StoreRefused as exc:  # wrong credentials, access denied, no such bucket: no restart helps
+        return fail(EXIT_USAGE, "store refused", exc)
     except DataError as exc:
         return fail(EXIT_BAD_DATA, "bad input data", exc)
+    except DiskFull as exc:  # the message names the path and the space; a traceback adds nothing
+        return fail(EXIT_FAILED, "disk full", exc)
+    except Diverged as exc:  # the message says where and what to change; a traceback adds nothing
+        return fail(EXIT_FAILED, "diverged", exc)
     except KeyboardInterrupt as exc:
         return fail(EXIT_FAILED, "interrupted", exc)
     except Exception as exc:

@@ -137,6 +137,10 @@ class StorageConfig:
     signal_flush_seconds: float = 5.0  # the same after SIGTERM, inside docker stop's 10 s
     retry_max_seconds: float = 30.0  # longest pause between two upload retries
     live_upload_seconds: float = 1.0  # progress, logs and plots go to the run URI at most this often
+    # One writer per run: how long a writer's lease outlives its last renewal (renewed every
+    # quarter of it). A start after a kill -9 on another machine waits this long; a start waits
+    # at most twice this for a live writer before exit 75.
+    lease_seconds: float = 60.0
 
 
 @dataclass
@@ -227,8 +231,16 @@ def diff_keys(old: dict[str, Any], new: dict[str, Any], sections: typing.Sequenc
     return changed
 
 
+# The most float32 elements one tensor of a run (a weight, or one batch's activation) may hold:
+# 64 GiB, about half of the largest single accelerator's memory (141 GB on an H200), which must
+# also hold the gradients and the optimizer's moments. A size beyond it cannot work anywhere.
+MAX_TENSOR_ELEMENTS = 2**34
+
+
 def validate(config: Config) -> None:
     """Refuse values no run could use, naming the key."""
+    refuse_non_finite(config)
+    refuse_impossible_sizes(config)
     d, m, o, t, c, mon = config.data, config.model, config.optim, config.train, config.checkpoint, config.monitor
     positive = {
         "data.num_samples": d.num_samples, "data.frames": d.frames, "data.height": d.height,
@@ -242,6 +254,7 @@ def validate(config: Config) -> None:
         "monitor.progress_every_seconds": mon.progress_every_seconds,
         "monitor.plot_every_seconds": mon.plot_every_seconds,
         "storage.retry_max_seconds": config.storage.retry_max_seconds,
+        "storage.lease_seconds": config.storage.lease_seconds,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -336,6 +349,36 @@ def validate(config: Config) -> None:
         raise ConfigError(f"stage2.batch_size: {s2.batch_size} is more than the {d.num_samples - n_val - n_test} training samples")
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+def refuse_non_finite(config: Config) -> None:
+    """Every float setting, found by walking the config, must be a number: NaN passes every
+    ``>=`` check unnoticed (a retry loop that never ends), infinity trains a NaN model."""
+    for key, value in _flatten(config.to_dict()).items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+
+
+def refuse_impossible_sizes(config: Config) -> None:
+    """Sizes whose tensors no machine can hold, named by the key that makes them so (before a
+    preflight would blame the disk, or an allocation fail minutes later)."""
+    d, m, t, s2 = config.data, config.model, config.train, config.stage2
+    widest = m.channels * max(m.channel_mults, default=1)
+    pixels = d.frames * d.height * d.width
+    downs = max(len(m.channel_mults) - 1, 0)
+    tokens = max(d.frames >> m.temporal_downsample, 1) * max(d.height >> downs, 1) * max(d.width >> downs, 1)
+    for key, elements, what in (
+        ("model.channels", 27 * m.channels**2, "a 3x3x3 convolution's weight"),
+        ("model.channel_mults", 27 * widest**2, f"the widest stage's ({widest} channels) convolution weight"),
+        ("train.batch_size", t.batch_size * m.channels * pixels, "one batch's first-stage activation"),
+        ("stage2.dim", 4 * s2.dim**2, "a transformer layer's feed-forward weight"),
+        ("stage2.batch_size", s2.batch_size * s2.dim * tokens, "one batch's token embeddings"),
+    ):
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise ConfigError(
+                f"{key}: too large: {what} would hold {elements:.3g} elements, more than the "
+                f"{MAX_TENSOR_ELEMENTS:.3g} (64 GiB of float32) one tensor may take"
+            )
 
 
 def steps_per_epoch(cfg: Config, batch_size: int | None = None) -> int:

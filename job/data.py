@@ -21,6 +21,7 @@ import structlog
 
 from job.config import Config, DataConfig, split_sizes
 from job.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from job.monitoring.lifecycle import stop_point
 from job.storage import Layout, RunStore
 from job.synthetic import generate_samples
 
@@ -243,6 +244,7 @@ def generate_dataset(
 
     done: list[dict[str, Any]] = []
     for index, start, stop in _shard_plan(cfg):
+        stop_point("generating the dataset")  # the shards so far are recorded; the manifest is not written
         shard = recorded.get(index)
         planned = shard is not None and (shard["start"], shard["count"]) == (start, stop - start)
         if not (planned and _shard_intact(directory, shard, check_hash=True)):
@@ -275,6 +277,7 @@ class VideoDataset:
         shards = sorted(_read_state(manifest_path, cfg), key=lambda shard: shard["start"])
         self._check_coverage(shards, manifest_path)
         for shard in shards:
+            stop_point("checking the dataset")
             for name, record in shard["files"].items():
                 problem = _file_problem(self.directory, name, record, check_hash=verify)
                 if problem:
@@ -384,6 +387,7 @@ def download_dataset(store: RunStore) -> bool:
     log.info("data.download", shards=len(manifest["shards"]))
     for shard in manifest["shards"]:
         for filename in shard.get("files", {}):
+            stop_point("downloading the dataset")  # the local manifest, fetched last, is not there yet
             if store.fetch(f"{Layout.data}/{Path(filename).name}") is None:
                 raise DataError(f"{Layout.data}/{filename} is listed in the run's data manifest but missing")
     store.fetch(Layout.data_manifest)

@@ -3,7 +3,8 @@
 1. Load the best checkpoint (verified against its manifest); the model is rebuilt from the
    checkpoint's own config, so a wrong ``--preset`` cannot mismatch it.
 2. One pass over the train split: the per-pixel mean frame (a baseline) and the codes the
-   classifier learns from. The test split is never trained on.
+   classifier learns from: those of every train video under each symmetry of the frame that
+   the data are drawn invariant under (``symmetric_views``). The test split is never trained on.
 3. One pass over the test split: encode -> decode, and the same per-frame metrics (job.metrics)
    for the model, an all-black frame and the mean frame, overall and per class.
 4. Codebook usage on the test codes; a linear probe on the LFQ bits of the train codes, scored
@@ -28,9 +29,11 @@ from job.data import VideoDataset, prepare_dataset
 from job.device import pick_device
 from job.goals import BLACK, MODEL, goals, ordered_goals
 from job.metrics import (
-    PSNR_CAP_DB, FrameScores, code_bits, confusion_matrix, fit_linear_probe, score_frames, ssim_window, summarise,
+    PSNR_CAP_DB, FrameScores, LinearProbe, code_bits, confusion_matrix, fit_linear_probe, score_frames, ssim_window,
+    summarise,
 )
 from job.model import VideoTokenizer, codebook_stats, trained_tokenizer
+from job.monitoring.lifecycle import stop_point
 from job.monitoring.progress import utc_now
 from job.plots import reconstruction_grid_png
 from job.storage import Layout, RunStore
@@ -59,6 +62,7 @@ def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
 
     train_pass = scan_train_split(model, dataset, run_cfg, device)
     test_pass = score_test_split(model, dataset, run_cfg, device, train_pass.mean_frame)
+    probe = fit_code_probe(train_pass, run_cfg, device)
     report = {
         "checkpoint": checkpoint.name,
         "checkpoint_step": checkpoint.manifest["step"],
@@ -74,13 +78,13 @@ def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
             "codebook_size": model.codebook_size,
             "tokens": test_pass.codes.numel(),
         },
-        "classifier": classify_codes(train_pass, test_pass, run_cfg),
+        "classifier": classify_codes(probe, train_pass, test_pass, run_cfg),
         "images": write_example_images(store, model, dataset, test_pass, run_cfg, device, checkpoint.name),
     }
     report["goals"] = goals(report)
     from job.evaluate_stage2 import add_stage2_sections, markdown as stage2_markdown
 
-    add_stage2_sections(report, cfg, store, dataset, train_pass, test_pass, device)  # generation, prediction, their goals
+    add_stage2_sections(report, cfg, store, dataset, probe, test_pass, device)  # generation, prediction, their goals
     report["seconds"] = round(time.monotonic() - started, 2)
     report["created_at"] = utc_now()
     store.write_json(REPORT_JSON, report)
@@ -133,6 +137,7 @@ def evaluation_config(checkpoint: Checkpoint, cfg: Config) -> Config:
 
 def batches(dataset: VideoDataset, indices: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(indices), batch_size):
+        stop_point("evaluating")  # the report is written only at the end
         yield dataset.get(indices[start : start + batch_size])
 
 
@@ -142,11 +147,27 @@ def reconstruct(model: VideoTokenizer, videos: torch.Tensor, device: torch.devic
     return codes, model.decode(codes)[:, 0].float()
 
 
+def symmetric_views(videos: torch.Tensor) -> list[torch.Tensor]:
+    """``videos`` (..., H, W) under each symmetry of the frame: the 8 rotations by quarter turns
+    and mirror images of a square frame, the 4 of a rectangle (identity, two mirrors, half turn).
+
+    The data are drawn invariant under these (job.synthetic: the path spins uniformly about the
+    optical axis, tilts and shifts are symmetric about 0, the blob is round, the principal point
+    is the frame's centre), so each view is another sample of the same class. The classifier
+    learns from all of them: a linear probe on codes at fixed positions needs a template for
+    every orientation, and 8x the train videos cover them (docs/quality.md)."""
+    turns = (0, 1, 2, 3) if videos.shape[-1] == videos.shape[-2] else (0, 2)
+    rotated = [torch.rot90(videos, k, dims=(-2, -1)) for k in turns]
+    return rotated + [view.flip(-1) for view in rotated]
+
+
 @dataclass
 class TrainPass:
     mean_frame: torch.Tensor  # (T, H, W): the per-pixel mean over the train split
-    codes: torch.Tensor  # (N, t, h, w)
-    labels: torch.Tensor
+    codes: torch.Tensor  # (N * views, t, h, w): every train video under each of symmetric_views
+    labels: torch.Tensor  # (N * views,)
+    videos: int  # N
+    views: int
 
 
 @torch.no_grad()
@@ -156,9 +177,17 @@ def scan_train_split(model: VideoTokenizer, dataset: VideoDataset, cfg: Config, 
     codes, labels = [], []
     for videos, batch_labels in batches(dataset, indices, cfg.train.batch_size):
         total += videos[:, 0].sum(dim=0, dtype=torch.float64)
-        codes.append(model.encode(videos.to(device)).cpu())
-        labels.append(batch_labels)
-    return TrainPass((total / len(indices)).float(), torch.cat(codes), torch.cat(labels))
+        views = symmetric_views(videos)
+        codes += [model.encode(view.to(device)).cpu() for view in views]
+        labels += [batch_labels] * len(views)
+    return TrainPass((total / len(indices)).float(), torch.cat(codes), torch.cat(labels), len(indices), len(views))
+
+
+def fit_code_probe(train_pass: TrainPass, cfg: Config, device: torch.device) -> LinearProbe:
+    """The code classifier: a linear probe on the LFQ bits of the train pass's codes, fitted on
+    ``device`` (8 views of 8,000 videos are GBs of features on the GPU preset)."""
+    features = code_bits(train_pass.codes.to(device), cfg.model.codebook_bits)
+    return fit_linear_probe(features, train_pass.labels.to(device), len(cfg.data.classes))
 
 
 @dataclass
@@ -201,14 +230,11 @@ def per_class_metrics(test_pass: TestPass, classes: tuple[str, ...]) -> dict[str
     return result
 
 
-def classify_codes(train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> dict[str, Any]:
-    """Can the codes tell the trajectories apart? A linear probe on the LFQ bits of the train
-    split's codes, scored on the test split's."""
+def classify_codes(probe: LinearProbe, train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> dict[str, Any]:
+    """Can the codes tell the trajectories apart? The code probe, scored on the test split's codes."""
     classes = list(cfg.data.classes)
     bits = cfg.model.codebook_bits
-    train_features = code_bits(train_pass.codes, bits)
-    probe = fit_linear_probe(train_features, train_pass.labels, len(classes))
-    predicted = probe.predict(code_bits(test_pass.codes, bits))
+    predicted = probe.predict(code_bits(test_pass.codes.to(probe.weight.device), bits)).cpu()
     confusion = confusion_matrix(test_pass.labels, predicted, len(classes))
     t, h, w = test_pass.codes.shape[1:]
     return {
@@ -217,9 +243,11 @@ def classify_codes(train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> d
         "confusion_matrix": confusion.tolist(),
         "classes": classes,
         "features": f"LFQ code bits as +-1 at every latent position, standardised: {t}x{h}x{w} positions x {bits} bits"
-        f" = {train_features.shape[1]} features",
-        "probe": "multinomial logistic regression, L2 1e-2, full-batch L-BFGS from zero weights (deterministic)",
-        "train_samples": len(train_pass.labels),
+        f" = {t * h * w * bits} features",
+        "probe": "multinomial logistic regression, L2 1e-2, full-batch L-BFGS from zero weights (deterministic), "
+        f"trained on each train video under the frame's {train_pass.views} symmetries (rotations, mirror images)",
+        "train_samples": train_pass.videos,
+        "train_views": train_pass.views,
         "test_samples": len(test_pass.labels),
     }
 

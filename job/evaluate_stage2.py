@@ -8,14 +8,14 @@ command line's ``stage2.*`` values, as for ``sample`` and ``predict``.
 generation
     ``stage2.samples_per_class`` class-conditional videos per class (job.sampling), judged by
     evaluate's classifier trained on REAL videos: the linear probe on the LFQ bits of the
-    tokenizer's codes of the train split, applied to the generated videos re-encoded by the same
-    tokenizer. Beside it: chance, and the same probe on the real test videos. Object presence:
-    the share of frames whose brightest pixel, rounded to 8 bits like the data, reaches the
-    data's visibility threshold (job.data.VISIBLE_PIXEL). Trajectory smoothness: the mean
-    Euclidean norm of the second difference over time of the per-frame object centroids
-    (job.metrics.centroids, the model's foreground threshold), frames without a centroid left
-    out. Diversity: the mean absolute pixel difference over all pairs of videos of one class.
-    Each is given for the generated videos and for the real test videos.
+    tokenizer's codes of the train split (each video under the frame's symmetries), applied to
+    the generated videos re-encoded by the same tokenizer. Beside it: chance, and the same probe
+    on the real test videos. Object presence: the share of frames whose brightest pixel, rounded
+    to 8 bits like the data, reaches the data's visibility threshold (job.data.VISIBLE_PIXEL).
+    Trajectory smoothness: the mean Euclidean norm of the second difference over time of the
+    per-frame object centroids (job.metrics.centroids, the model's foreground threshold), frames
+    without a centroid left out. Diversity: the mean absolute pixel difference over all pairs of
+    videos of one class. Each is given for the generated videos and for the real test videos.
 
 prediction
     The first ``stage2.eval_videos`` test videos; the model gets the tokenizer's codes of the
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from job.config import Config
 from job.data import VISIBLE_PIXEL, VideoDataset
-from job.evaluate import TestPass, TrainPass, formatted
+from job.evaluate import TestPass, fit_code_probe, formatted, scan_train_split
 from job.goals import MAX_CENTROID_MISS_RATE, goal
-from job.metrics import FrameScores, centroids, code_bits, fit_linear_probe, score_frames, summarise
+from job.metrics import FrameScores, LinearProbe, centroids, code_bits, score_frames, summarise
 from job.storage import RunStore
 
 log = structlog.get_logger("job.evaluate")
@@ -191,14 +191,15 @@ def encode_frames(tokenizer, frames: torch.Tensor, device: torch.device) -> torc
 def generation_section(
     generated: torch.Tensor, generated_labels: torch.Tensor, generated_codes: torch.Tensor,
     real: torch.Tensor, real_labels: torch.Tensor, real_codes: torch.Tensor,
-    train_codes: torch.Tensor, train_labels: torch.Tensor, classes: tuple[str, ...], codebook_bits: int,
-    threshold: float,
+    probe: LinearProbe, classes: tuple[str, ...], codebook_bits: int, threshold: float,
 ) -> dict[str, Any]:
-    """Frames (N, T, H, W) of generated and real (test) videos, their codes, and the train codes
-    the probe learns from."""
-    probe = fit_linear_probe(code_bits(train_codes, codebook_bits), train_labels, len(classes))
-    recognised = probe.predict(code_bits(generated_codes, codebook_bits)) == generated_labels
-    real_right = probe.predict(code_bits(real_codes, codebook_bits)) == real_labels
+    """Frames (N, T, H, W) of generated and real (test) videos, their codes, and the probe
+    trained on the codes of the train split."""
+    def predict(codes: torch.Tensor) -> torch.Tensor:
+        return probe.predict(code_bits(codes.to(probe.weight.device), codebook_bits)).cpu()
+
+    recognised = predict(generated_codes) == generated_labels
+    real_right = predict(real_codes) == real_labels
     per_class = {}
     for class_id, name in enumerate(classes):
         mine, theirs = generated_labels == class_id, real_labels == class_id
@@ -225,8 +226,8 @@ def generation_section(
         "smoothness_px": second_difference(generated, threshold), "real_smoothness_px": second_difference(real, threshold),
         "diversity": mean_of("diversity"), "real_diversity": mean_of("real_diversity"),
         "per_class": per_class,
-        "classifier": "evaluate's linear probe on the LFQ bits of the train split's codes; generated videos are "
-        "re-encoded by the same tokenizer",
+        "classifier": "evaluate's linear probe on the LFQ bits of the train split's codes (each video under the "
+        "frame's symmetries); generated videos are re-encoded by the same tokenizer",
     }
 
 
@@ -234,7 +235,7 @@ def generation_section(
 
 
 def add_stage2_sections(
-    report: dict[str, Any], cfg: Config, store: RunStore, dataset: VideoDataset, train_pass: TrainPass,
+    report: dict[str, Any], cfg: Config, store: RunStore, dataset: VideoDataset, probe: LinearProbe,
     test_pass: TestPass, device: torch.device,
 ) -> None:
     """Adds ``generation``, ``prediction`` and their goals to ``report``; a note in both when
@@ -257,17 +258,16 @@ def add_stage2_sections(
     tokenizer = model.tokenizer
     test_indices = dataset.split("test")
     if model.tokenizer_checkpoint.name == report["checkpoint"]:
-        train_codes, test_codes = train_pass.codes, test_pass.codes  # evaluate's probe is this tokenizer's
+        test_codes = test_pass.codes  # evaluate's probe is this tokenizer's
     else:  # stage 2 learned from another stage-1 checkpoint: its own tokenizer's codes, its own probe
-        batch = run_cfg.train.batch_size
-        train_codes = encode_all(tokenizer, dataset, dataset.split("train"), batch, device)
-        test_codes = encode_all(tokenizer, dataset, test_indices, batch, device)
+        probe = fit_code_probe(scan_train_split(tokenizer, dataset, run_cfg, device), run_cfg, device)
+        test_codes = encode_all(tokenizer, dataset, test_indices, run_cfg.train.batch_size, device)
     real, real_labels = dataset.get(test_indices)
     generated, generated_labels = generate_class_videos(model, s2.samples_per_class, s2.sample_steps, s2.temperature,
                                                         s2.sample_seed)
     generation = generation_section(
         generated, generated_labels, encode_frames(tokenizer, generated, device), real[:, 0], real_labels, test_codes,
-        train_codes, train_pass.labels, classes, run_cfg.model.codebook_bits, threshold,
+        probe, classes, run_cfg.model.codebook_bits, threshold,
     )
     given = given_video_frames(model)
     predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos), cfg)

@@ -68,6 +68,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint.keep_last": 2,
         "monitor.heartbeat_seconds": 2.0,
         "monitor.progress_every_seconds": 0.5,
+        # A kill -9 on another machine costs a restart this much; on the same machine none.
+        "storage.lease_seconds": 6.0,
         "stage2.epochs": 3,
         "stage2.batch_size": 8,
         "stage2.dim": 32,

@@ -31,6 +31,7 @@ from job.config import Config
 from job.data import VideoDataset, prepare_dataset
 from job.device import pick_device
 from job.generation import Stage2Model, load_stage2
+from job.monitoring.lifecycle import stop_point
 from job.monitoring.progress import utc_now
 from job.storage import Layout, RunStore
 
@@ -67,6 +68,7 @@ def generate_class_videos(
     generator = sampling_generator(seed, model.device)
     frames = []
     for start in range(0, len(labels), GENERATION_BATCH):
+        stop_point("generating videos")  # the index, which lists the files, is written last
         classes = labels[start : start + GENERATION_BATCH].to(model.device)
         codes = model.transformer.generate(classes, steps=steps, temperature=temperature, generator=generator)
         frames.append(decode(model, codes))
@@ -112,6 +114,7 @@ def predict_test_videos(
     generator = sampling_generator(s2.sample_seed, model.device)
     predicted, truth, labels = [], [], []
     for start in range(0, len(indices), GENERATION_BATCH):
+        stop_point("predicting frames")  # the index, which lists the files, is written last
         videos, batch_labels = dataset.get(indices[start : start + GENERATION_BATCH])
         predicted.append(predict_videos(model, videos, s2.sample_steps, s2.temperature, generator))
         truth.append(videos[:, 0])

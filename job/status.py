@@ -1,7 +1,8 @@
 """``python -m job status RUN_URI [--json] [--watch SECONDS]`` (SPEC §9): where a run stands,
 read from its run folder alone.
 
-Meant for a laptop with only requirements-status.txt installed, answering in about a second:
+Meant for a laptop with only requirements-status.txt installed, answering in about the time a
+bare s3fs listing takes (bench/bench_status.py):
 nothing here may import torch or numpy, directly or through job.training, job.checkpoint,
 job.model or job.data. A checkpoint is judged by the sizes its manifest promises, from one
 listing; checking its hashes would mean downloading it, which is ``verify``'s job.
@@ -17,9 +18,11 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any, Callable, TypeVar
 
+from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+
 from job.monitoring.progress import format_duration, render_progress
-from job.storage import Layout, open_folder
-from job.storage.layout import StageLayout
+from job.storage import Layout, StoreRefused, open_folder
+from job.storage.layout import StageLayout, is_plain_file_name
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -29,6 +32,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 DEFAULT_HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_BEATS = 3
 TREND_EPOCHS = 5
+# progress.json's times are whole seconds, and two machines' clocks differ by a second or two
+# even under NTP: a heartbeat ahead of our clock by less than this is simply fresh.
+CLOCK_TOLERANCE_SECONDS = 5.0
 LIVE_STATUSES = ("starting", "running")
 FINAL_STATUSES = ("completed", "failed", "stalled")  # --watch stops on these: nothing more will happen
 
@@ -42,7 +48,12 @@ EXIT_CODES = {
     "unknown": EXIT_UNHEALTHY,  # progress.json missing, unreadable or with a status we do not know
     "no such run": EXIT_NO_RUN,
     "unreachable": EXIT_NO_RUN,
+    "refused": EXIT_NO_RUN,  # wrong credentials, access denied, no such bucket
 }
+# A store that does not answer (a 503, a reset) is asked again briefly, as the job does, before
+# status says "unreachable"; a person waits for the answer, so only this long.
+RETRY_ATTEMPTS = 3
+RETRY_SECONDS = 2.0
 
 T = TypeVar("T")
 
@@ -52,6 +63,10 @@ T = TypeVar("T")
 
 class Unreachable(Exception):
     """The run folder did not answer; the message is the store's own words."""
+
+
+class Refused(Unreachable):
+    """The store answered that it will never let us read this run folder (and what to fix)."""
 
 
 class RunFolder:
@@ -85,9 +100,17 @@ class RunFolder:
 
 
 def _asking_store(call: Callable[..., T], *args: Any) -> T:
+    retrying = Retrying(
+        retry=retry_if_not_exception_type(StoreRefused),
+        stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(RETRY_SECONDS),
+        wait=wait_exponential_jitter(multiplier=0.2, max=1.0),
+        reraise=True,
+    )
     try:
-        return call(*args)
-    except Exception as exc:  # whatever the store's client raises, the answer is the same
+        return retrying(call, *args)
+    except StoreRefused as exc:
+        raise Refused(str(exc)) from exc
+    except Exception as exc:  # whatever else the store's client raises, the answer is the same
         raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -106,6 +129,7 @@ class RunReport:
     newest_checkpoint: dict[str, Any] | None = None
     latest: Any = None
     loss_trend: dict[str, Any] | None = None
+    writer: dict[str, Any] | None = None  # who holds the run's lease (lease.json), if anyone did
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -125,6 +149,8 @@ def read_run(uri: str, now: datetime | None = None) -> RunReport:
     now = now or datetime.now(timezone.utc)
     try:
         return assess_run(RunFolder(uri), uri, now)
+    except Refused as exc:
+        return RunReport(uri, now, "refused", problem=f"refused: {exc}")
     except Unreachable as exc:
         return RunReport(uri, now, "unreachable", problem=f"unreachable: {exc}")
 
@@ -148,6 +174,7 @@ def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
         newest_checkpoint=newest_committed_checkpoint(run, stage, checkpoint_names, notes),
         latest=run.read_json(stage.latest, notes),
         loss_trend=loss_trend(run.read_bytes(stage.metrics), notes),
+        writer=writer_summary(run.read_json(Layout.lease, notes), now),
         notes=notes,
     )
     report.progress, report.problem = progress, problem
@@ -155,6 +182,23 @@ def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
         report.heartbeat_age = age_seconds(report.progress.get("heartbeat_at"), now)
         report.health = judge_health(report.status, report.heartbeat_age, report.stale_after)
     return report
+
+
+def writer_summary(lease: Any, now: datetime) -> dict[str, Any] | None:
+    """The lease's holder and whether it still holds the run: ``holding`` until its expires_at
+    (by this machine's clock, so only as exact as the clocks agree), else ``expired``, or
+    ``released`` by a writer that ended."""
+    if not isinstance(lease, dict):
+        return None
+    expires_in = age_seconds(lease.get("expires_at"), now)
+    if lease.get("released_at"):
+        state = "released"
+    elif expires_in is not None and expires_in < 0:
+        state = "holding"
+    else:
+        state = "expired"
+    keys = ("attempt", "host", "pid", "acquired_at", "renewed_at", "expires_at", "released_at")
+    return {**{k: lease.get(k) for k in keys}, "state": state}
 
 
 def parse_progress(data: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -227,6 +271,9 @@ def newest_committed_checkpoint(
 def commit_problem(manifest: Any, sizes: dict[str, int]) -> str | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         return f"no readable {Layout.checkpoint_manifest_file} (not committed)"
+    foreign = [name for name in manifest["files"] if not is_plain_file_name(name)]
+    if foreign:  # what every reader refuses (job.checkpoint): the checkpoint is invalid
+        return f"its manifest names {foreign[0]!r}, not a plain file of its folder"
     for filename, entry in sorted(manifest["files"].items()):
         expected = entry.get("size") if isinstance(entry, dict) else None
         if filename not in sizes:
@@ -311,12 +358,13 @@ def report_json(report: RunReport) -> dict[str, Any]:
         "newest_checkpoint": report.newest_checkpoint,
         "latest": report.latest,
         "loss_trend": report.loss_trend,
+        "writer": report.writer,
         "notes": report.notes,
     }
 
 
 def report_text(report: RunReport) -> str:
-    if report.health in ("no such run", "unreachable"):
+    if report.health in ("no such run", "unreachable", "refused"):
         return f"{report.uri}: {report.problem}\n"
     lines = [_row("run:", report.uri)]
     headline = health_headline(report)
@@ -329,6 +377,10 @@ def report_text(report: RunReport) -> str:
     if isinstance(report.latest, dict):
         lines.append(_row("latest.json:", str(report.latest.get("checkpoint"))))
     lines += loss_trend_lines(report.loss_trend)
+    if report.writer:
+        w = report.writer
+        lines.append(_row("writer:", f"attempt {w['attempt']} on {w['host']} (pid {w['pid']}), {w['state']} "
+                                     f"(renewed {w['renewed_at']})"))
     lines += [_row("note:", note) for note in report.notes]
     shown = report.health.upper() if report.exit_code else report.health
     lines.append(_row("health:", f"{shown} (exit {report.exit_code})"))
@@ -360,7 +412,7 @@ def heartbeat_text(report: RunReport) -> str:
     limit = f"stale after {format_duration(report.stale_after)} while running"
     if report.heartbeat_age is None:
         return f"unknown (no readable heartbeat_at; {limit})"
-    if report.heartbeat_age < 0:
+    if report.heartbeat_age < -CLOCK_TOLERANCE_SECONDS:
         return f"in the future by {format_duration(-report.heartbeat_age)} (clock skew?; {limit})"
     return f"{format_duration(report.heartbeat_age)} old ({limit})"
 

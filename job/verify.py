@@ -37,6 +37,7 @@ from job.checkpoint import MANIFEST_FILE, MODEL_FILE, Checkpoint, CheckpointRead
 from job.config import Config, config_from_dict, split_sizes
 from job.data import VideoDataset, prepare_dataset
 from job.model import VideoTokenizer, trained_tokenizer
+from job.monitoring.lifecycle import stop_point
 from job.monitoring.progress import utc_now
 from job.storage import Layout, RunStore
 from job.training.stage2 import build_transformer, trained_transformer
@@ -67,6 +68,7 @@ def run_verify(cfg: Config, store: RunStore) -> bool:
     saved in it, which is what trained it."""
     datasets: dict[str, VideoDataset] = {}
     verifiers = [RunVerifier(store, stage, datasets) for stage in (1, 2)]
+    log.info("verify.start", checkpoints=sum(len(verifier.names) for verifier in verifiers))
     checks = [check for verifier in verifiers for check in verifier.run()]
     names = [f"{verifier.prefix}{name}" for verifier in verifiers for name in verifier.names]
     failed = [check for check in checks if not check.passed]
@@ -111,6 +113,7 @@ class RunVerifier:
         committed = self.checkpointer.committed()
         previous: Checkpoint | None = None
         for name in self.names:
+            stop_point("verifying checkpoints")  # the report is written only once every check has run
             if name not in committed:
                 self.check_uncommitted(name, committed[-1] if committed else None)
                 continue

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import S3Bucket, S3Endpoint, run_job
+from tests.helpers import FaultyStore, S3Bucket, S3Endpoint, run_job
 
 
 def pytest_collection_modifyitems(items):
@@ -41,3 +41,13 @@ def s3(s3_endpoint, monkeypatch) -> S3Bucket:
     for key, value in bucket.env.items():
         monkeypatch.setenv(key, value)
     return bucket
+
+
+@pytest.fixture
+def faulty_store(s3):
+    """A proxy in front of the test's bucket that answers the requests a test chooses with S3
+    errors; the job reaches it through the environment ``faulty_store.env``."""
+    proxy = FaultyStore(s3.endpoint.url)
+    proxy.env = {**s3.env, "AWS_ENDPOINT_URL": proxy.url}
+    yield proxy
+    proxy.close()

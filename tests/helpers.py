@@ -245,3 +245,90 @@ class S3Bucket:
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+
+# How a store refuses for good, as (status, its message), and what our message must name for a
+# person to fix it.
+REFUSALS = {
+    "SignatureDoesNotMatch": (403, "The request signature we calculated does not match the signature you provided.",
+                              "AWS_SECRET_ACCESS_KEY"),
+    "InvalidAccessKeyId": (403, "The AWS Access Key Id you provided does not exist in our records.", "AWS_ACCESS_KEY_ID"),
+    "AccessDenied": (403, "Access Denied", "IAM policy"),
+}
+S3_ERROR = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>injected</RequestId></Error>'
+
+
+class FaultyStore:
+    """An HTTP proxy in front of an S3 endpoint that answers the requests a test chooses with an S3
+    error (status and error document, as a real store sends them) and forwards the others, so
+    that the job meets a store refusing its credentials or busy, through its real client."""
+
+    def __init__(self, upstream: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.upstream = upstream.removeprefix("http://")
+        self.faults: list[tuple[int, str, str]] = []  # (status, code, message): each answers one request
+        self.always: tuple[int, str, str] | None = None  # answers every request once faults run out
+        self.requests = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers "Expect: 100-continue", which the S3 client sends
+
+            def log_message(self, *args):  # the test's output is the job's, not the proxy's
+                pass
+
+            def handle_one(self):
+                proxy.answer(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def fail_next(self, times: int, status: int, code: str, message: str) -> None:
+        with self._lock:
+            self.faults += [(status, code, message)] * times
+
+    def fail_always(self, status: int, code: str, message: str) -> None:
+        self.always = (status, code, message)
+
+    def answer(self, request) -> None:
+        import http.client
+
+        body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        with self._lock:
+            self.requests += 1
+            fault = self.faults.pop(0) if self.faults else self.always
+        if fault is not None:
+            status, code, message = fault
+            document = b"" if request.command == "HEAD" else S3_ERROR.format(code=code, message=message).encode()
+            request.send_response(status)
+            request.send_header("Content-Type", "application/xml")
+            request.send_header("Content-Length", str(len(document)))
+            request.end_headers()
+            request.wfile.write(document)
+            return
+        connection = http.client.HTTPConnection(self.upstream, timeout=30)
+        try:
+            connection.request(request.command, request.path, body, dict(request.headers))
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        request.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                request.send_header(name, value)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(data)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -14,15 +14,15 @@ from job.checkpoint import (
     MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, CheckpointReader, ManifestMismatch, RNGState,
     UnreadableCheckpoint, take_snapshot,
 )
-from job.checkpointer import FINAL, CheckpointManager
+from job.checkpointer import FINAL, CheckpointManager, Diverged
 from job.config import build_config, set_value
 from job.fsutil import atomic_write_bytes
 from job.storage import Layout, RunStore
 from job.training.state import TrainState
 from job.training.task import build_optimizer, initial_tokenizer
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, JobProcess
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(150)
 CFG = build_config("smoke")
 
 
@@ -181,6 +181,8 @@ def test_each_commit_prunes_to_last_k_and_the_best(tmp_path):
     for step, val_loss in zip(range(1, 6), (0.5, 0.1, 0.3, 0.4, 0.2)):
         save_at(checkpoints, step, "epochs", val_loss)
     assert checkpoints.state.best == {"checkpoint": "step-00000002", "val_loss": 0.1}
+    # What stage 2 reads: each checkpoint's own state names the best so far, itself included.
+    assert [CheckpointReader(store).load(name).best for name in ("step-00000002", "step-00000005")] == ["step-00000002"] * 2
     assert CheckpointReader(store).committed() == ["step-00000002", "step-00000004", "step-00000005"]
     assert sorted(p.name for p in checkpoints_dir.iterdir()) == [
         "latest.json", "step-00000002", "step-00000004", "step-00000005", "step-00000009",
@@ -206,3 +208,96 @@ def test_the_manager_says_when_a_checkpoint_is_due(tmp_path):
     assert checkpoints.due(at_epoch_end=False) == "minutes"
     save_at(checkpoints, 11, "minutes")
     assert checkpoints.due(at_epoch_end=False) is None  # the minutes count from the last save
+
+
+# --- a run whose checkpoints are all invalid is not started over --------------------------------
+
+
+def plant_outside_name(run, name: str, planted: str) -> None:
+    """Make the manifest of ``name`` also list a path outside its folder, whose hash matches a
+    file that really is there (".." is a folder: nothing can match it), so that only the name
+    rule can catch it."""
+    if planted.startswith("/"):
+        planted = str(run / "outside")
+    target = (run / Layout.checkpoint_dir(name) / planted).resolve()
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"planted")
+    manifest_path = run / Layout.checkpoint_manifest(name)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][planted] = {"sha256": hashlib.sha256(b"planted").hexdigest(), "size": 7}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def train_process(run, *extra: str) -> JobProcess:
+    return JobProcess.job("train", "--preset", "smoke", "--run-uri", str(run), "--set", "stage2.epochs=0", *extra)
+
+
+def test_train_refuses_to_start_over_a_run_whose_checkpoints_are_all_invalid(tmp_path):
+    run = tmp_path / "run"
+    store = RunStore(str(run))
+    checkpoints = manager(store, fresh_parts(), keep_last=5)
+    names = [save_at(checkpoints, step) for step in (5, 10)]
+    checkpoints.close()
+    for name, planted in zip(names, ("../../x", "/absolute")):  # every other name: the reader's test above
+        plant_outside_name(run, name, planted)
+    before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+
+    job = train_process(run)
+    assert job.wait(timeout=120) == 2, job.output[-3000:]
+    assert "refusing to start tokenizer over" in job.output and "none is valid" in job.output
+    assert [e["checkpoint"] for e in job.events("checkpoint.skipped")] == names[::-1]
+    assert not job.events("train.fresh_start")
+    assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_a_run_killed_before_its_first_commit_starts_fresh(tmp_path):
+    """progress.json, config.json, logs and a checkpoint folder without a manifest (a save cut
+    short): nothing was ever committed, so there is nothing to lose."""
+    run = tmp_path / "run"
+    store = RunStore(str(run))
+    store.write_json(Layout.progress, {"status": "running", "step": 3, "attempt": 1, "last_checkpoint": None})
+    store.write_json(Layout.config, CFG.to_dict())
+    store.write_bytes(Layout.checkpoint_file("step-00000005", MODEL_FILE), b"half written")
+    job = train_process(run)
+    try:
+        job.wait_for('"train.fresh_start"', timeout=120)
+    finally:
+        job.proc.kill()
+        job.wait(timeout=30)
+
+
+# --- a diverged run stops, and nothing non-finite is ever committed ------------------------------
+
+
+@pytest.mark.parametrize("where", ["weights", "val_loss"])
+def test_a_checkpoint_with_non_finite_values_is_never_committed(tmp_path, where):
+    store = RunStore(str(tmp_path))
+    parts = fresh_parts()
+    checkpoints = manager(store, parts, keep_last=5)
+    finite = save_at(checkpoints, 5)
+    val_loss = None
+    if where == "weights":
+        with torch.no_grad():
+            next(parts["model"].parameters())[0] = float("nan")
+    else:
+        val_loss = float("inf")
+    with pytest.raises(Diverged, match="not saving step-00000010"):
+        save_at(checkpoints, 10, "epochs", val_loss)
+    checkpoints.close()
+    assert CheckpointReader(store).names() == [finite]
+    assert json.loads((tmp_path / Layout.latest).read_text())["checkpoint"] == finite
+    assert checkpoints.state.best is None  # a NaN validation loss never becomes the best
+
+
+def test_a_run_whose_loss_becomes_non_finite_stops_and_says_so(tmp_path):
+    """lr=inf is refused by the config; a huge finite one (every AdamW step moves each weight by
+    about lr) is the real way a run blows up."""
+    run = tmp_path / "run"
+    job = train_process(run, "--set", "optim.lr=1e30")
+    assert job.wait(timeout=120) == 1, job.output[-3000:]
+    assert "diverged: the training loss is nan" in job.output and "optim.lr" in job.output
+    assert "Traceback" not in job.output
+    progress = json.loads((run / Layout.progress).read_text())
+    assert progress["status"] == "failed" and "diverged" in progress["error"]
+    assert not (run / Layout.checkpoints).exists() or CheckpointReader(RunStore(str(run))).committed() == []

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import typing
 
 import pytest
 
-from job.config import ConfigError, build_config, diff_keys, MATH_SECTIONS
+from job.config import Config, ConfigError, build_config, diff_keys, MATH_SECTIONS
 from tests.helpers import job_env, run_job
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,6 +56,49 @@ def test_bad_values_name_the_key(override, named):
         build_config("smoke", None, [override])
 
 
+def float_keys(section=Config(), prefix: str = "") -> list[str]:
+    """Every dotted key whose field is a float, found by walking the dataclasses."""
+    keys = []
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += float_keys(value, f"{prefix}{f.name}.")
+        elif hints[f.name] is float:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_every_float_setting_refuses_nan_and_infinity(text):
+    keys = float_keys()
+    assert "storage.connect_seconds" in keys and "optim.lr" in keys and len(keys) > 20
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: must be a finite number"):
+            build_config("smoke", None, [f"{key}={text}"])
+
+
+def test_a_config_file_with_nan_is_refused_too(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[storage]\nconnect_seconds = nan\n")
+    with pytest.raises(ConfigError, match="storage.connect_seconds"):
+        build_config("smoke", toml)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("model.channels=99999999", "model.channels"),
+        ("model.channel_mults=1,100000", "model.channel_mults"),
+        ("stage2.dim=99999999", "stage2.dim"),
+        ("train.batch_size=99999999", "train.batch_size"),
+    ],
+)
+def test_sizes_no_machine_can_hold_are_refused_naming_the_key(override, named):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(named)}: .*too large"):
+        build_config("smoke", None, [override, "data.num_samples=200000000"])
+
+
 def test_unreadable_config_file_is_a_config_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -76,11 +122,12 @@ def test_help_for_each_mode(mode):
         assert option in result.stdout
 
 
-def test_bad_override_exits_2_before_any_work(tmp_path):
+@pytest.mark.parametrize("override", ["train.epochz=3", "storage.connect_seconds=nan", "model.channels=99999999"])
+def test_bad_override_exits_2_before_any_work(tmp_path, override):
     run = tmp_path / "run"
-    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", "train.epochz=3")
-    assert result.returncode == 2
-    assert "train.epochz" in result.stderr
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", override)
+    assert result.returncode == 2, result.stderr
+    assert override.split("=")[0] in result.stderr
     assert not run.exists()
 
 

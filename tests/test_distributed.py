@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,7 +103,13 @@ def test_resume_with_another_world_size_trains_each_sample_once(s3, tmp_path, fi
     checkpoint_step = (steps_per_epoch // every + 1) * every  # the first step checkpoint of epoch 2
     group = Group(torchrun(first, *train_args(s3, tmp_path / "first"), hang_at_step=checkpoint_step + 2))
     group.wait_for(lambda _: f"step-{checkpoint_step:08d}" in bucket_checkpoints(s3), 120, "a checkpoint inside epoch 2")
+    # The ranks run in sessions of their own: killing torchrun's group would leave them running,
+    # and the hung rank 0 would keep the run's lease.
+    workers = group.workers()
     os.killpg(group.proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     group.finish(30)
 
     code, events = run_group(second, *train_args(s3, tmp_path / "second"))

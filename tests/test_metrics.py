@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from job.evaluate import symmetric_views
 from job.metrics import (
     PSNR_CAP_DB, FrameScores, centroids, code_bits, confusion_matrix, fit_linear_probe, frame_ssim, psnr_from_mse,
     score_frames, ssim_window, summarise,
@@ -148,6 +149,22 @@ def test_linear_probe_separates_separable_codes():
     assert torch.equal(predicted, test_labels)
     confusion = confusion_matrix(test_labels, predicted, num_classes)
     assert torch.equal(confusion, torch.diag(torch.full((num_classes,), 10)))
+
+
+def test_symmetric_views_are_the_frames_quarter_turns_and_mirror_images():
+    square = torch.zeros(2, 1, 5, 5)
+    square[..., 0, 1] = 1.0  # one bright pixel on no axis of symmetry: each view moves it elsewhere
+
+    def bright_pixels(views: list[torch.Tensor]) -> set[tuple[int, ...]]:
+        return {tuple(torch.nonzero(view[0, 0]).flatten().tolist()) for view in views}
+
+    assert bright_pixels(symmetric_views(square)) == {(0, 1), (1, 4), (4, 3), (3, 0), (0, 3), (3, 4), (4, 1), (1, 0)}
+    # A quarter turn would not keep a rectangle's shape: identity, two mirrors and the half turn.
+    wide = torch.zeros(2, 1, 4, 6)
+    wide[..., 0, 1] = 1.0
+    views = symmetric_views(wide)
+    assert {view.shape for view in views} == {wide.shape}
+    assert bright_pixels(views) == {(0, 1), (0, 4), (3, 1), (3, 4)}
 
 
 def test_linear_probe_is_deterministic():

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from job.monitoring.lifecycle import StopRequest, Watchdog
+from job.monitoring.lifecycle import StopRequest, Stopped, Watchdog, stop_point
 from job.monitoring.logs import REDACTED, redact
 from job.monitoring.progress import Heartbeat, Progress, render_progress
 from job.storage import Layout, RunStore
@@ -94,6 +94,16 @@ def test_a_stop_signal_is_a_request_and_the_handler_is_put_back(progress):
         os.kill(os.getpid(), signal.SIGINT)  # a second signal changes nothing
         assert stop.requested and stop.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_long_phase_ends_at_its_next_stop_point_once_a_signal_arrived():
+    stop_point("generating the dataset")  # no StopRequest installed: nothing to honour
+    with StopRequest():
+        stop_point("generating the dataset")
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(Stopped, match="stopped by SIGINT while generating the dataset"):
+            stop_point("generating the dataset")
+    stop_point("generating the dataset")  # the request ended with its block
 
 
 def test_secrets_are_redacted_by_value_and_by_key():

@@ -190,6 +190,30 @@ def test_a_corrupt_progress_json_is_reported_not_a_crash(tmp_path, capsys):
     assert "step-00000030, the newest committed one" in out  # the rest of the folder still speaks
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_progress_fields_of_the_wrong_type_show_what_they_can(tmp_path, capsys, as_json):
+    odd = {"loss": "NaN", "eta_seconds": "soon", "samples_per_second": [1], "step": "7", "total_steps": "many",
+           "epoch": None, "stage": "two", "error": 42, "heartbeat_at": 1234}
+    run = write_run(tmp_path, crafted_run("failed", **odd))
+    code, out = status(capsys, str(run), *(["--json"] if as_json else []))
+    assert code == 1, out
+    if as_json:
+        assert json.loads(out)["eta_seconds"] == "soon"
+    else:
+        assert "loss:            'NaN'" in out and "eta:             'soon'" in out
+        assert "!!! FAILED: 42" in out and "step-00000030, the newest committed one" in out
+
+
+@pytest.mark.parametrize("ahead, skew", [(0, False), (3, False), (120, True)])
+def test_a_heartbeat_a_few_seconds_ahead_is_not_clock_skew(tmp_path, capsys, ahead, skew):
+    run = write_run(tmp_path, crafted_run("running", heartbeat_age=-ahead))
+    code, out = status(capsys, str(run))
+    assert code == 0, out
+    assert ("clock skew" in out) is skew, out
+    if not skew:
+        assert "heartbeat age:   0m00s old" in out
+
+
 def test_json_has_the_raw_progress_fields_and_the_derived_ones(tmp_path, capsys):
     files = crafted_run("running", heartbeat_age=3)
     code, report = status_json(capsys, str(write_run(tmp_path, files)))
@@ -220,15 +244,22 @@ def damage(files: dict[str, bytes], how: str) -> dict[str, bytes]:
         return {rel: data for rel, data in files.items() if rel != f"{folder}/model.safetensors"}
     if how == "wrong size":
         return files | {f"{folder}/model.safetensors": b"truncated"}
+    if how == "names a file outside":
+        manifest = json.loads(files[f"{folder}/manifest.json"])
+        manifest["files"]["../step-00000020/model.safetensors"] = manifest["files"]["model.safetensors"]
+        return files | {f"{folder}/manifest.json": json.dumps(manifest).encode()}
     return {rel: data for rel, data in files.items() if rel != f"{folder}/manifest.json"}
 
 
-@pytest.mark.parametrize("how", ["missing file", "wrong size", "no manifest"])
-def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys, how):
+@pytest.mark.parametrize(
+    "how, says", [("missing file", "missing"), ("wrong size", "bytes"), ("no manifest", "not committed"),
+                  ("names a file outside", "not a plain file of its folder")],
+)
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys, how, says):
     run = write_run(tmp_path, damage(crafted_run(), how))
     _, report = status_json(capsys, str(run))
     assert report["newest_checkpoint"]["name"] == "step-00000020"
-    assert any("step-00000030" in note for note in report["notes"]), report["notes"]
+    assert any("step-00000030" in note and says in note for note in report["notes"]), report["notes"]
 
 
 @pytest.mark.parametrize(
@@ -346,6 +377,20 @@ def test_a_real_run_in_a_bucket(s3, smoke_baseline):
     assert {k: got.get(k) for k in SAME_ANSWER} == {k: expected.get(k) for k in SAME_ANSWER}
     text = status_process(remote)
     assert "completed" in text.stdout and f"{expected['newest_checkpoint']['name']}, the newest" in text.stdout
+
+
+@pytest.mark.parametrize("busy_answers, exit_code", [(3, 0), (100, 2)])
+def test_a_busy_store_is_asked_again_briefly_before_status_says_unreachable(
+    s3, faulty_store, monkeypatch, capsys, busy_answers, exit_code
+):
+    remote = upload_run(s3, "runs/busy", crafted_run("running", heartbeat_age=2))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)
+    faulty_store.fail_next(busy_answers, 503, "SlowDown", "Please reduce your request rate.")
+    code, out = status(capsys, remote)
+    assert code == exit_code, out
+    if exit_code == 2:
+        assert out.startswith(f"{remote}: unreachable:") and "reduce your request rate" in out, out
+        assert faulty_store.requests >= 2  # asked again before giving up
 
 
 def test_an_unreachable_endpoint_exits_2_quickly():

@@ -1,5 +1,6 @@
-"""The run folder's storage in process: local folders, and the uploader's lanes driven with a fake
-clock (pacing, order, retries, abandon) between two real folders on disk."""
+"""The run folder's storage in process: local folders, the uploader's lanes driven with a fake
+clock (pacing, order, retries, abandon) between two real folders on disk, and which answers of a
+real S3 server (through a fault-injecting proxy) are refusals for good and which are retried."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import time
 
 import pytest
 
-from job.storage import Layout, LocalFolder, RunStore
+from job.storage import Layout, LocalFolder, RemoteFolder, RunStore, StoreRefused
 from job.storage.folders import delete_remote_tree
 from job.storage.uploader import Lane, Op, Uploader
-from tests.helpers import FakeClock, poll_until
+from tests.helpers import FAKE_SECRET, REFUSALS, FakeClock, poll_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,3 +139,44 @@ def test_reads_look_in_the_working_copy_then_the_run_uri(tmp_path):
     store.write_bytes(Layout.config, b"not json")
     assert store.read_json(Layout.config) is None
     assert store.list_dir("") == [Layout.config, Layout.progress]
+
+
+# --- a real S3 server, and a proxy in front of it that answers what a test chooses -------------
+
+
+@pytest.mark.parametrize("code", sorted(REFUSALS))
+def test_a_store_refusing_our_credentials_ends_preflight_at_once_naming_the_fix(faulty_store, monkeypatch, s3, tmp_path, code):
+    status, message, fix = REFUSALS[code]
+    faulty_store.fail_always(status, code, message)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)
+    store = RunStore(s3.uri(), tmp_path / "cache")
+    try:
+        with pytest.raises(StoreRefused) as refused:
+            store.preflight(connect_seconds=300)
+    finally:
+        store.close()
+    assert code in str(refused.value) and fix in str(refused.value)
+    assert faulty_store.requests == 1  # not retried: its answer will not change
+    assert FAKE_SECRET not in str(refused.value)
+
+
+def test_a_missing_bucket_is_a_refusal_not_an_empty_run(s3, tmp_path):
+    folder = RemoteFolder(f"s3://{s3.name}-missing/run")
+    for read in (lambda: folder.read_bytes(Layout.progress), lambda: folder.list_dir(Layout.checkpoints)):
+        with pytest.raises(StoreRefused, match=f"bucket {s3.name}-missing does not exist"):
+            read()
+    present = RemoteFolder(s3.uri())
+    assert present.read_bytes(Layout.progress) is None and present.list_dir(Layout.checkpoints) == []  # a missing key is an answer
+
+
+@pytest.mark.parametrize("status, code", [(503, "SlowDown"), (500, "InternalError")])
+def test_a_busy_store_is_retried_and_the_preflight_passes(faulty_store, monkeypatch, s3, tmp_path, status, code):
+    # More busy answers than botocore's own single retry absorbs: the preflight's retry is needed.
+    faulty_store.fail_next(3, status, code, "Please try again.")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)
+    store = RunStore(s3.uri(), tmp_path / "cache")
+    try:
+        store.preflight(connect_seconds=60)
+    finally:
+        store.close()
+    assert not faulty_store.faults  # all were answered, then the probe went through

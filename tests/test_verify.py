@@ -154,8 +154,20 @@ def plant_a_pickle(run: Path) -> dict[str, str]:
     return {f"safe_load {older}": "extra.pkl"}
 
 
+def name_a_file_outside_the_folder(run: Path) -> dict[str, str]:
+    """A manifest entry for ../../x whose hash matches the file really there: only the rule that
+    a manifest names plain files of its own folder catches it."""
+    older = committed(run)[0]
+    (run / "x").write_bytes(b"planted")
+    manifest_path = checkpoint_folder(run, older) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["../../x"] = {"sha256": hashlib.sha256(b"planted").hexdigest(), "size": 7}
+    manifest_path.write_text(json.dumps(manifest))
+    return {f"manifest {older}": "not a plain file"}
+
+
 FAULTS = [
-    flip_a_byte_in_older_weights, drop_older_manifest, make_a_step_go_backwards, leave_weights_unchanged,
+    name_a_file_outside_the_folder, flip_a_byte_in_older_weights, drop_older_manifest, make_a_step_go_backwards, leave_weights_unchanged,
     drop_an_epoch_from_metrics, repeat_an_epoch_in_metrics, plant_a_pickle,
 ]
 

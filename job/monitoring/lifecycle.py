@@ -10,12 +10,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
 
 from job.monitoring.progress import PeriodicThread, Progress
+from job.storage.lease import RENEW_SHARE, Lease, LeaseLost
 
 
 def end_process(code: int) -> None:
@@ -81,13 +83,27 @@ def thread_stacks() -> dict[str, str]:
     }
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT asked the process to stop, and it did at a safe point (exit 143).
+
+    A BaseException, like KeyboardInterrupt: the handlers that catch Exception to go on (a
+    verifier's check, a heartbeat) must not swallow a request to stop."""
+
+
 class StopRequest:
-    """SIGTERM / SIGINT as a request: the training loop finishes its step, saves and exits 143.
+    """SIGTERM / SIGINT as a request to stop at the next safe point, for the whole process.
+
+    The command line installs one around every mode. The training loop asks ``requested`` after
+    each step, saves and exits 143; every other long phase (generating or downloading data,
+    verifying checkpoints, evaluating, sampling) calls ``stop_point`` at its natural boundaries
+    (a shard, a file, a checkpoint, a batch), which raises ``Stopped``. Between boundaries the
+    work in hand finishes, so nothing is left half-written.
 
     A second signal while the first is being honoured changes nothing; `docker stop` sends
     SIGKILL after its grace period anyway."""
 
     EXIT_CODE = 143
+    active: "StopRequest | None" = None  # the one installed in this process, if any
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -96,11 +112,13 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._outer, StopRequest.active = StopRequest.active, self
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        StopRequest.active = self._outer
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal_name is None:
@@ -110,3 +128,62 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    def check(self, phase: str) -> None:
+        if self.requested:
+            raise Stopped(f"stopped by {self.signal_name} while {phase}")
+
+
+@contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """The process's StopRequest: the installed one, else a new one for the block (a caller
+    that runs ``train`` without the command line)."""
+    if StopRequest.active is not None:
+        yield StopRequest.active
+    else:
+        with StopRequest() as stop:
+            yield stop
+
+
+def stop_point(phase: str) -> None:
+    """A natural boundary of a long phase: raise Stopped if a stop signal has arrived.
+    ``phase`` completes the sentence "stopped by SIGTERM while ...". """
+    if StopRequest.active is not None:
+        StopRequest.active.check(phase)
+
+
+class LeaseKeeper(PeriodicThread):
+    """Renews the run's lease every quarter of its TTL (SPEC §10). While no renewal gets through
+    (the store is away) the lease lapses: the store's fence holds every write to the run back
+    and training goes on. When the lease is lost (another writer took it) this thread logs why
+    and ends the process with exit 75: the fence has already stopped every write, and a restart
+    later waits for the run's writer like any other start. A main thread deep in a long phase
+    cannot be asked to raise, so the exit comes from this thread."""
+
+    name = "lease"
+    EXIT_ANOTHER_WRITER = 75
+
+    def __init__(self, lease: Lease, exit: Callable[[int], None] = end_process):
+        """``exit``: the real one in a run; tests pass one that records."""
+        super().__init__(interval=lease.ttl * RENEW_SHARE)
+        self.lease, self.exit = lease, exit
+        self._told_lapse = False
+        self._log = structlog.get_logger("job.lease")
+
+    def tick(self) -> None:
+        try:
+            self.lease.renew()
+            self._told_lapse = False
+        except LeaseLost as exc:
+            if self._stop.is_set():  # the attempt is over and released the lease itself
+                return
+            self._log.error("lease.lost", error=str(exc), exit_code=self.EXIT_ANOTHER_WRITER)
+            self._stop.set()
+            self.exit(self.EXIT_ANOTHER_WRITER)
+        except Exception as exc:  # the store is away: the next renewal may get through
+            lapsed = self.lease.lapsed_for()
+            if lapsed is not None and not self._told_lapse:
+                self._told_lapse = True
+                self._log.warning("lease.lapsed", error=f"{type(exc).__name__}: {exc}", holding="writes to the run")
+            else:
+                self._log.warning("lease.renew_failed", error=f"{type(exc).__name__}: {exc}")

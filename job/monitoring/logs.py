@@ -7,10 +7,12 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from job.fsutil import NO_SPACE, disk_full
 from job.storage import Layout, RunStore
 
 # Fields stamped on every record of this process (mode, attempt, rank). A plain dict rather
@@ -123,6 +125,42 @@ def setup_logging(level: str = "INFO", **context: Any) -> None:
     bind_run_context(**context)
 
 
+class RunLogFile(logging.FileHandler):
+    """The log file of an attempt. A write that fails (a full disk) is reported once, on the
+    records that still flow (stdout), and the file is then left alone: without this, the logging
+    module prints a traceback to stderr for every record that follows."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def flush(self) -> None:
+        if not self.failed:
+            super().flush()
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if self.failed:
+            return
+        self.failed = True  # first, so that the record below does not come back here
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            needed = len(self.format(record).encode()) if record is not None else None
+            exc = disk_full(Path(self.baseFilename), needed)
+        try:  # what is still buffered for the file cannot be written either
+            self.stream.close()
+        except (OSError, ValueError):
+            pass
+        self.stream = None  # so that close() at exit has nothing left to flush
+        structlog.get_logger("job.logs").error(
+            "log_file.failed", path=self.baseFilename, error=str(exc),
+            consequence="the log goes on on stdout only",
+        )
+
+
 class RunLog:
     """This attempt's log file in the run folder (``logs/attempt-NNN.jsonl``): every record, as
     JSON lines, appended locally and mirrored to the run URI whenever ``publish`` is called."""
@@ -130,11 +168,13 @@ class RunLog:
     def __init__(self, store: RunStore, attempt: int):
         self.store = store
         self.rel = Layout.log_file(attempt)
-        path = store.local_path(self.rel)
-        self._handler = logging.FileHandler(path, encoding="utf-8")
+        self._handler = RunLogFile(store.local_path(self.rel))
         self._handler.setFormatter(_formatter())
         logging.getLogger().addHandler(self._handler)
 
     def publish(self) -> None:
-        self._handler.flush()
+        try:
+            self._handler.flush()
+        except OSError:
+            self._handler.handleError(None)
         self.store.publish(self.rel)

@@ -5,6 +5,7 @@ Imports no torch, so that a laptop can use the same rendering as the job."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from job.fsutil import DiskFull
 from job.monitoring.logs import redact_environment_secrets
 from job.storage import Layout, RunStore
 
@@ -81,10 +83,11 @@ class Progress:
 
 def render_progress(p: dict[str, Any]) -> str:
     """A few lines a person can read at a glance."""
-    loss = "-" if p.get("loss") is None else f"{p['loss']:.5f}"
-    rate = "-" if p.get("samples_per_second") is None else f"{p['samples_per_second']:.1f} samples/s"
-    eta = "-" if p.get("eta_seconds") is None else format_duration(p["eta_seconds"])
-    pct = 100.0 * p.get("step", 0) / p["total_steps"] if p.get("total_steps") else 0.0
+    loss = _shown(p.get("loss"), lambda v: f"{v:.5f}")
+    rate = _shown(p.get("samples_per_second"), lambda v: f"{v:.1f} samples/s")
+    eta = _shown(p.get("eta_seconds"), format_duration)
+    step, total = p.get("step", 0), p.get("total_steps")
+    pct = 100.0 * step / total if _is_number(step) and _is_number(total) and total else 0.0
     lines = [
         f"status:          {p.get('status')} ({p.get('mode')}, attempt {p.get('attempt')})",
         *([f"stage:           {p['stage']}/{p.get('stages', '?')} ({p.get('stage_name', '-')})"] if p.get("stage") else []),
@@ -101,6 +104,18 @@ def render_progress(p: dict[str, Any]) -> str:
     if p.get("error"):
         lines.append(f"error:           {p['error']}")
     return "\n".join(lines) + "\n"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value: Any, number: Callable[[float], str]) -> str:
+    """A number formatted, nothing as "-", and anything else (a progress.json written by hand or
+    by another version) as it is, so that a person still sees it."""
+    if value is None:
+        return "-"
+    return number(value) if _is_number(value) else repr(value)
 
 
 def format_duration(seconds: float) -> str:
@@ -154,6 +169,8 @@ class Heartbeat(PeriodicThread):
             state = self.progress.snapshot()
             self._log.info("heartbeat", step=state["step"], status=state["status"])
             self.on_beat()
+        except DiskFull as exc:  # the message says it all; the run ends at its next write anyway
+            self._log.error("heartbeat.failed", error=str(exc))
         except Exception:  # a failed beat must not kill the thread: the next one may succeed
             self._log.exception("heartbeat.failed")
 

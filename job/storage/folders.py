@@ -3,17 +3,76 @@ interface, so that callers never learn which kind they have."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
+from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from job.fsutil import atomic_write_bytes
 
+T = TypeVar("T")
+
 
 class StorageError(RuntimeError):
     """The run folder cannot be used (unreachable, not writable, a backlog that cannot be delivered)."""
+
+
+class WriteConflict(RuntimeError):
+    """A conditional write found the file other than the caller expected (someone else wrote it)."""
+class StoreRefused(StorageError):
+    """The store refuses us for good (wrong credentials, access denied, no such bucket): no retry
+    and no restart can change its answer, only a person (SPEC §3: exit 2)."""
+
+
+# The store's answers that no retry changes, by S3 error code, with what a person must fix. A
+# HEAD request's 403 has no body, so its code is the bare status. Everything else (timeouts,
+# resets, 5xx, SlowDown, a missing key) is transient or an answer, and callers retry or use it.
+_ACCESS_DENIED = (
+    "these credentials may not use it: check the bucket policy, or the IAM policy of the "
+    "credentials (infra/iam-policy.json is the least one a run needs)"
+)
+REFUSALS = {
+    "InvalidAccessKeyId": "the store does not know this access key id: check AWS_ACCESS_KEY_ID "
+                          "(or the profile or instance role that supplies the credentials)",
+    "SignatureDoesNotMatch": "the secret key does not belong to the access key id: check AWS_SECRET_ACCESS_KEY",
+    "AccessDenied": _ACCESS_DENIED,
+    "AllAccessDisabled": _ACCESS_DENIED,
+    "403": "the credentials are wrong or may not use it: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+           "then the bucket policy and the IAM policy of the credentials (infra/iam-policy.json)",
+    "NoSuchBucket": "bucket {bucket} does not exist{at}: create it, or correct the bucket in --run-uri "
+                    "(env JOB_RUN_URI) or the endpoint in AWS_ENDPOINT_URL",
+    "NoCredentials": "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+                     "or give the host an instance role)",
+}
+
+
+def refusal_code(exc: BaseException) -> str | None:
+    """The store's error code if ``exc`` is a refusal for good (a key of REFUSALS), else None.
+    s3fs turns botocore's errors into OSErrors, so the code is read from the exception chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = _error_code(seen)
+        if code is not None:
+            return code if code in REFUSALS else None
+        if type(seen).__name__ == "NoCredentialsError":  # botocore's; imported only by remote folders
+            return "NoCredentials"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def refused(code: str, uri: str) -> StoreRefused:
+    """The refusal, naming its cause and what to fix; never a credential."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    fix = REFUSALS[code].format(bucket=urlparse(uri).netloc, at=f" at {endpoint}" if endpoint else "")
+    return StoreRefused(f"the store refuses {uri} ({code}): {fix}")
+
+
+_RAISE = object()
 
 
 class Folder(Protocol):
@@ -30,6 +89,8 @@ class Folder(Protocol):
     def delete(self, rel: str) -> None: ...
     def delete_many(self, rels: list[str]) -> None: ...
     def check(self) -> None: ...
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None: ...
+    def write_if(self, rel: str, data: bytes, etag: str | None) -> str: ...
 
 
 def delete_remote_tree(folder: Folder, rel: str, first: tuple[str, ...], known: tuple[str, ...] | None = None) -> None:
@@ -104,6 +165,32 @@ class LocalFolder:
             (folder / name).unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
 
+    # Conditional writes (the lease): a read-compare-replace under an exclusive flock on the run
+    # folder itself, atomic for every process of this machine; the tag is the content's hash.
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        data = self.read_bytes(rel)
+        return None if data is None else (data, content_tag(data))
+
+    def write_if(self, rel: str, data: bytes, etag: str | None) -> str:
+        """Write ``rel`` only if it is absent (``etag`` None) or still holds the content tagged
+        ``etag``; otherwise raise WriteConflict. Returns the new content's tag."""
+        with self._folder_lock():
+            current = self.read_tagged(rel)
+            if (current[1] if current else None) != etag:
+                raise WriteConflict(f"{self.uri}/{rel} changed: expected {etag or 'no file'}")
+            self.write_bytes(rel, data)
+        return content_tag(data)
+
+    @contextmanager
+    def _folder_lock(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the only descriptor releases the lock
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -124,8 +211,12 @@ class RemoteFolder:
 
         self.uri = uri.rstrip("/")
         options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        self._read_options: dict[str, Any] = {}
         if urlparse(uri).scheme in ("s3", "s3a"):
             options["config_kwargs"] = {"connect_timeout": 3, "read_timeout": 20, "retries": {"max_attempts": 1}}
+            # A read is one GET: s3fs's concurrent read first asks a HEAD for the size (a request
+            # more per file), and a HEAD's error has no body, so a refusal would lose its code.
+            self._read_options["max_concurrency"] = 1
         self.fs, self.base = fsspec.core.url_to_fs(self.uri, **options)
         if hasattr(self.fs, "retries"):
             self.fs.retries = 1
@@ -133,45 +224,44 @@ class RemoteFolder:
     def _full(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
-    def read_bytes(self, rel: str) -> bytes | None:
+    def _ask(self, call: Callable[..., T], *args: Any, missing: Any = _RAISE, **kwargs: Any) -> T:
+        """One request. A missing key answers ``missing`` when given (s3fs says FileNotFoundError
+        for a missing bucket too, which is a refusal); a refusal for good becomes StoreRefused;
+        anything else (a transient failure) goes to the caller, who retries."""
         try:
-            return self.fs.cat_file(self._full(rel))
-        except FileNotFoundError:
-            return None
+            return call(*args, **kwargs)
+        except Exception as exc:
+            code = refusal_code(exc)
+            if code is not None:
+                raise refused(code, self.uri) from None  # the chain would repeat the request
+            if isinstance(exc, FileNotFoundError) and missing is not _RAISE:
+                return missing
+            raise
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        return self._ask(self.fs.cat_file, self._full(rel), missing=None, **self._read_options)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        self.fs.pipe_file(self._full(rel), data)
+        self._ask(self.fs.pipe_file, self._full(rel), data)
 
     def list_dir(self, rel: str) -> list[str]:
-        try:
-            entries = self.fs.ls(self._full(rel), detail=False)
-        except FileNotFoundError:
-            return []
+        entries = self._ask(self.fs.ls, self._full(rel), detail=False, missing=[])
         prefix = self._full(rel).rstrip("/") + "/"
         return sorted({e[len(prefix):].split("/")[0] for e in entries if e.startswith(prefix)} - {""})
 
     def list_files(self, rel: str) -> list[str]:
-        try:
-            found = self.fs.find(self._full(rel))
-        except FileNotFoundError:
-            return []
+        found = self._ask(self.fs.find, self._full(rel), missing=[])
         return sorted(f[len(self.base) + 1 :] for f in found)
 
     def file_sizes(self, rel: str) -> dict[str, int]:
-        try:
-            entries = self.fs.ls(self._full(rel), detail=True)
-        except FileNotFoundError:
-            return {}
+        entries = self._ask(self.fs.ls, self._full(rel), detail=True, missing=[])
         return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in entries if e.get("type") == "file"}
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._full(rel))
+        return self._ask(self.fs.exists, self._full(rel))
 
     def delete(self, rel: str) -> None:
-        try:
-            self.fs.rm_file(self._full(rel))
-        except FileNotFoundError:
-            pass
+        self._ask(self.fs.rm_file, self._full(rel), missing=None)
 
     def delete_many(self, rels: list[str]) -> None:
         """Delete files, in one request per 1000 on S3 (DeleteObjects), one by one elsewhere."""
@@ -182,7 +272,7 @@ class RemoteFolder:
         bucket = self.fs.split_path(self.base)[0]
         for start in range(0, len(rels), 1000):
             keys = [{"Key": self.fs.split_path(self._full(rel))[1]} for rel in rels[start : start + 1000]]
-            answer = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            answer = self._ask(self.fs.call_s3, "delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             # A quiet DeleteObjects answers 200 and lists only the keys it could not delete.
             errors = answer.get("Errors") or []
             if errors:
@@ -193,6 +283,65 @@ class RemoteFolder:
 
     def check(self) -> None:
         _probe(self)
+
+    # Conditional writes (the lease): S3's If-None-Match / If-Match on PutObject, through the raw
+    # client so that the store's own error code decides what a refusal means.
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        bucket, key, _ = self.fs.split_path(self._full(rel))
+
+        async def get() -> tuple[bytes, str] | None:
+            s3 = await self._client(bucket)
+            try:
+                answer = await s3.get_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if _error_code(exc) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            async with answer["Body"] as body:
+                return await body.read(), answer["ETag"]
+
+        return self._ask(self._sync, get)
+
+    def write_if(self, rel: str, data: bytes, etag: str | None) -> str:
+        """Write ``rel`` only if it is absent (``etag`` None) or still has ``etag``; otherwise
+        raise WriteConflict. Returns the new ETag."""
+        bucket, key, _ = self.fs.split_path(self._full(rel))
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+
+        async def put() -> str:
+            s3 = await self._client(bucket)
+            try:
+                answer = await s3.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            except Exception as exc:
+                # 412: the condition failed; 409: a concurrent conditional write won; 404: an
+                # If-Match on a file that is gone.
+                if _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"):
+                    raise WriteConflict(f"{self.uri}/{rel} changed: {exc}") from exc
+                raise
+            return answer["ETag"]
+
+        return self._ask(self._sync, put)
+
+    async def _client(self, bucket: str):
+        if not hasattr(self.fs, "get_s3"):
+            raise StorageError(f"{self.uri}: one writer per run needs S3 conditional writes (If-Match, If-None-Match)")
+        await self.fs.set_session()
+        return await self.fs.get_s3(bucket)
+
+    def _sync(self, function):
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, function)
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The store's error code of a botocore ClientError (None for anything else)."""
+    response = getattr(exc, "response", None)
+    return str((response.get("Error") or {}).get("Code")) if isinstance(response, dict) else None
+
+
+def content_tag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def _probe(folder: Folder) -> None:

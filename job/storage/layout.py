@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 MANIFEST_FILE = "manifest.json"
+
+
+def is_plain_file_name(name: Any) -> bool:
+    """A manifest may only name files directly inside its own folder: no path, no ``..``."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Layout:
     """Relative paths inside a run folder. Nothing else spells these names."""
 
     progress = "progress.json"
+    lease = "lease.json"  # who writes the run now (one writer per run)
     progress_text = "PROGRESS.txt"
     config = "config.json"
     logs = "logs"

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from tenacity import Retrying, wait_exponential_jitter
+from tenacity import Retrying, retry_if_not_exception_type, wait_exponential_jitter
 
-from job.fsutil import json_bytes
-from job.storage.folders import LocalFolder, RemoteFolder, StorageError, default_cache_dir, is_remote
+from job.fsutil import DiskFull, json_bytes
+from job.storage.folders import LocalFolder, RemoteFolder, StorageError, StoreRefused, default_cache_dir, is_remote
+from job.storage.lease import Lease
 from job.storage.uploader import Uploader, Op, describe
 
 log = structlog.get_logger("job.storage")
@@ -32,15 +33,36 @@ class RunStore:
         uri = str(uri)
         self.uri = uri
         self.read_only = read_only
+        # The writer's lease (set once taken) fences every write: nothing reaches the run URI
+        # unless the lease is live, and nothing is written at all once it is lost.
+        self.lease: Lease | None = None
         self.remote: RemoteFolder | None = None
         self.uploader: Uploader | None = None
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
-            self.uploader = None if read_only else Uploader(self.local, self.remote, retry_max_seconds, live_upload_seconds)
+            self.uploader = None if read_only else Uploader(
+                self.local, self.remote, retry_max_seconds, live_upload_seconds, guard=self.fence_run,
+            )
         else:
             self.local = LocalFolder(uri.removeprefix("file://"))
         self.root = self.local.root
+
+    def fence_run(self) -> None:
+        """Before a write reaches the run URI: raise LeaseError unless this writer's lease is live."""
+        if self.lease is not None:
+            self.lease.check()
+
+    def _fence_write(self) -> None:
+        if self.remote is None:
+            self.fence_run()  # the local folder is the run
+        elif self.lease is not None:
+            self.lease.check_held()  # the working copy may run ahead of a lapsed lease, not a lost one
+
+    @property
+    def run_folder(self) -> LocalFolder | RemoteFolder:
+        """The run URI itself, where the lease lives (not the local working copy)."""
+        return self.remote or self.local
 
     @classmethod
     def for_job(cls, uri: str, cache_dir: str | Path | None, storage: Any, read_only: bool = False) -> RunStore:
@@ -54,7 +76,15 @@ class RunStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.read_only:
             return
-        self.local.write_bytes(rel, data)
+        self._fence_write()
+        try:
+            self.local.write_bytes(rel, data)
+        except DiskFull:
+            if self.uploader and self.uploader.lane(rel) is self.uploader.live:
+                # A live file (progress, a log, a plot) still reaches the run URI, from memory:
+                # the bucket must say why the run ended even when this disk cannot.
+                self.uploader.submit(Op("put", rel, data=data))
+            raise
         self.publish(rel)
 
     def write_text(self, rel: str, text: str) -> None:
@@ -75,6 +105,7 @@ class RunStore:
         not listed)."""
         if self.read_only:
             return
+        self._fence_write()
         self.local.delete_tree(rel, first)
         if self.uploader:
             self.uploader.submit(Op("delete_tree", rel, first, known))
@@ -128,12 +159,14 @@ class RunStore:
     def preflight(self, connect_seconds: float) -> None:
         """The working copy and the run URI can be written and read back. A remote that does not
         answer is retried for ``connect_seconds``: a run that may exist there must never be
-        restarted from scratch because the store was briefly away."""
+        restarted from scratch because the store was briefly away. A store that refuses us for
+        good (StoreRefused) is not retried: the person who can fix it hears at once."""
         self.local.check()
         if not self.remote:
             return
         check = (lambda: self.remote.list_dir("")) if self.read_only else self.remote.check
         retrying = Retrying(
+            retry=retry_if_not_exception_type(StoreRefused),
             wait=wait_exponential_jitter(multiplier=0.5, max=10),
             stop=lambda state: state.seconds_since_start >= connect_seconds,
             before_sleep=lambda state: log.warning(
@@ -144,6 +177,8 @@ class RunStore:
         )
         try:
             retrying(check)
+        except StoreRefused:
+            raise
         except Exception as exc:
             raise StorageError(f"run URI {self.uri} is not reachable after {connect_seconds:.0f} s: {describe(exc)}") from exc
 

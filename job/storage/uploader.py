@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential_jitter
 
 from job.storage.folders import Folder, delete_remote_tree
 from job.storage.layout import Layout
+from job.storage.lease import LeaseLost
 
 log = structlog.get_logger("job.storage")
 
@@ -26,6 +27,7 @@ class Op:
     rel: str
     first: tuple[str, ...] = ()  # delete_tree: the file names deleted before the rest
     known: tuple[str, ...] | None = None  # delete_tree: every file name of the folder, when known (no listing)
+    data: bytes | None = None  # put: these bytes rather than the local file's (which could not be written)
 
 
 class Lane:
@@ -36,13 +38,16 @@ class Lane:
 
     def __init__(
         self, name: str, local: Folder, remote: Folder, max_wait: float, pause: float = 0.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, guard: Callable[[], None] = lambda: None,
     ):
         """``pause``: a file is sent again no sooner than this after its last send (unless someone
         waits for a flush), so that a file rewritten many times a second goes once per pause,
         while a file not sent lately (the first progress of an attempt) goes at once."""
         self.name, self.local, self.remote, self.max_wait, self.pause = name, local, remote, max_wait, pause
         self.clock = clock  # the pause's clock; tests pass a fake one
+        # Before each send: LeaseLost ends the lane (another writer owns the run); LeaseLapsed
+        # (no lease renewal got through lately) is retried like a store error.
+        self.guard = guard
         self._pending: OrderedDict[str, Op] = OrderedDict()
         self._cond = threading.Condition()
         self._busy = False
@@ -118,7 +123,7 @@ class Lane:
     def _deliver(self, op: Op) -> bool:
         retrying = Retrying(
             wait=wait_exponential_jitter(multiplier=0.5, max=self.max_wait),
-            retry=retry_if_exception_type(Exception),
+            retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(LeaseLost),
             stop=lambda state: self._abandon.is_set(),
             sleep=self._abandon.wait,  # an abandon ends the wait at once
             before_sleep=self._log_retry,
@@ -127,13 +132,18 @@ class Lane:
         try:
             retrying(self._apply, op)
             return True
+        except LeaseLost as exc:  # another writer owns the run now: nothing more goes out
+            self._abandon.set()
+            log.error("upload.fenced", lane=self.name, path=op.rel, error=str(exc))
+            return False
         except Exception as exc:  # only reached once abandoned
             log.error("upload.abandoned", lane=self.name, path=op.rel, error=describe(exc))
             return False
 
     def _apply(self, op: Op) -> None:
+        self.guard()
         if op.kind == "put":
-            data = self.local.read_bytes(op.rel)
+            data = op.data if op.data is not None else self.local.read_bytes(op.rel)
             if data is not None:  # gone locally: a later delete will follow it
                 self.remote.write_bytes(op.rel, data)
         elif op.kind == "delete_tree":
@@ -157,11 +167,14 @@ class Uploader:
     files whose order matters (checkpoints, data), one for live files (progress, logs, plots),
     so that a large checkpoint never holds back a heartbeat."""
 
-    def __init__(self, local: Folder, remote: Folder, max_wait: float, live_pause: float = 0.0):
-        self.ordered = Lane("ordered", local, remote, max_wait)
+    def __init__(
+        self, local: Folder, remote: Folder, max_wait: float, live_pause: float = 0.0,
+        guard: Callable[[], None] = lambda: None,
+    ):
+        self.ordered = Lane("ordered", local, remote, max_wait, guard=guard)
         # Every request costs CPU in this process (botocore holds the GIL that training needs)
         # and at the store: progress and logs, rewritten several times a second, rest between sends.
-        self.live = Lane("live", local, remote, max_wait, pause=live_pause)
+        self.live = Lane("live", local, remote, max_wait, pause=live_pause, guard=guard)
 
     def lane(self, rel: str) -> Lane:
         return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live

@@ -15,6 +15,7 @@ run that was never interrupted (on the same CPU machine).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,29 +24,33 @@ from dataclasses import dataclass
 import structlog
 
 from job.checkpoint import Checkpoint, CheckpointReader, RNGState
-from job.checkpointer import FINAL, SIGNAL, CheckpointManager, mirror_unsent
+from job.checkpointer import FINAL, SIGNAL, CheckpointManager, Diverged, mirror_unsent
 from job.config import Config
 from job.data import prepare_dataset_in_turn
 from job.device import pick_device
 from job.distributed import Topology
-from job.monitoring.lifecycle import StopRequest, Watchdog
+from job.fsutil import DiskFull
+from job.monitoring.lifecycle import StopRequest, Stopped, Watchdog, stop_requests
 from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.plot_worker import BackgroundPlots
 from job.storage import Layout, RunStore, StorageError
+from job.storage.lease import Lease, LeaseError
 from job.training.stage2 import (
     TokenizerMismatch, TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer,
 )
 from job.training.stages import StagePlan, stage_plans
-from job.training.startup import agree_on_start, preflight, recorded_attempt, refuse_math_changes
+from job.training.startup import (
+    agree_on_start, preflight, recorded_attempt, refuse_math_changes, refuse_to_start_over, writer_lease,
+)
 from job.training.state import TrainState, epoch_order
 from job.training.task import Task, TokenizerTask
 
 log = structlog.get_logger("job.train")
 
 
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint has been saved (exit 143)."""
+class Preempted(Stopped):
+    """SIGTERM or SIGINT arrived during training; a checkpoint has been saved (exit 143)."""
 
 
 def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None:
@@ -57,10 +62,20 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     topology.start(device, timeout_minutes=cfg.monitor.watchdog_minutes)
     if topology.distributed:
         bind_run_context(rank=topology.rank)
+    try:
+        with writer_lease(cfg, store, topology) as lease:
+            train_attempt(cfg, store, topology, device, lease)
+    finally:
+        topology.stop()
+
+
+def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, lease: Lease | None) -> None:
+    """The attempt proper, once this process may write the run (``lease``; None on other ranks)."""
     plans = stage_plans(cfg)
     attempt, publish_log = 0, lambda: None
     if topology.is_writer:
         attempt = recorded_attempt(store) + 1
+        lease.note_attempt(attempt)
         publish_log = RunLog(store, attempt).publish  # before the checkpoint search, so its warnings land there
         for plan in plans:
             mirror_unsent(store, plan.layout)  # what a previous attempt committed locally but could not upload
@@ -76,7 +91,7 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
     try:
-        with StopRequest() as stop, heartbeat:
+        with stop_requests() as stop, heartbeat:
             dataset = prepare_dataset_in_turn(cfg, store, topology)
             watchdog = Watchdog(
                 progress, cfg.monitor.watchdog_minutes * 60,
@@ -94,19 +109,20 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
                 plots.close(timeout=cfg.storage.signal_flush_seconds)  # the final plots
             finally:
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
-    except Preempted:
-        progress.update(status="preempted")
+    except Stopped:  # in training (Preempted, saved) or in a phase before it (nothing half-written)
+        record_end(progress, status="preempted")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
+    except LeaseError:
+        raise  # this process may not write the run: not a word more to it
     except Exception as exc:
-        progress.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        record_end(progress, status="failed", error=f"{type(exc).__name__}: {exc}")
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
-    finally:
-        topology.stop()
     progress.update(status="completed", eta_seconds=0)
     log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
     publish_log()
+    store.flush(cfg.storage.flush_seconds)  # while the lease is still held
 
 
 @dataclass
@@ -128,6 +144,8 @@ def find_resume_point(
     attempt, previous = agree_on_start(reader, topology, device, attempt, previous)
     if previous is not None:
         refuse_math_changes(previous.state["config"], cfg, plan.math_sections)
+    elif topology.is_writer:
+        refuse_to_start_over(store, plan, inventory)
     return attempt, ResumePoint(inventory, previous)
 
 
@@ -261,6 +279,8 @@ class Trainer:
                 batch = order[state.sample_in_epoch : state.sample_in_epoch + batch_size]
                 mine = batch[topology.rank :: topology.world_size]
                 loss = self.task.train_step(self.train_indices[mine])
+                if not math.isfinite(loss):
+                    self.diverged(loss)
                 state.step += 1
                 state.sample_in_epoch += len(batch)
                 state.epoch_loss_sum += loss
@@ -276,6 +296,19 @@ class Trainer:
                     if reason:
                         self.save(reason)
             self.finish_epoch(time.monotonic() - epoch_started, total_steps)
+
+    def diverged(self, loss: float) -> None:
+        """Stop: every later step and checkpoint would be NaN too (the checkpointer refuses them)."""
+        last = self.progress.fields["last_checkpoint"]
+        lr_key = "stage2.lr" if self.plan.number == 2 else "optim.lr"
+        lower = f"lower the learning rate ({lr_key}={self.task.scheduler.base_lrs[0]:g})"
+        raise Diverged(
+            f"stage {self.plan.number} ({self.plan.name}) diverged: the training loss is {loss} at step "
+            f"{self.state.step + 1}; " + (
+                f"the newest checkpoint stays {last}; {lower} in a new --run-uri (a resume keeps the run's own)"
+                if last else f"no checkpoint was saved; {lower} and start again"
+            )
+        )
 
     def finish_epoch(self, seconds: float, total_steps: int) -> None:
         state = self.state
@@ -347,6 +380,14 @@ def write_metrics(store: RunStore, rel: str, metrics: list[dict]) -> None:
     """A stage's metrics.jsonl is rewritten whole from the history, so that epochs redone after a
     resume appear once."""
     store.write_text(rel, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+
+
+def record_end(progress: Progress, **fields) -> None:
+    """The run's last word in progress.json. On a full disk the local write fails again, yet the
+    run URI still gets it (``RunStore.write_bytes`` sends live files from memory); the error the
+    exit reports is the one that ended the run, not this echo of it."""
+    with contextlib.suppress(DiskFull):
+        progress.update(**fields)
 
 
 def flush_quietly(store: RunStore, publish_log, timeout: float) -> None:

@@ -21,6 +21,7 @@ from job.config import Config, ConfigError
 from job.data import VideoDataset
 from job.device import autocast
 from job.model import VideoTokenizer, trained_tokenizer
+from job.monitoring.lifecycle import stop_point
 from job.training.task import build_optimizer
 from job.transformer import MaskedBatch, MaskedVideoTransformer, masked_token_loss
 
@@ -66,6 +67,7 @@ def encode_all(tokenizer: VideoTokenizer, dataset: VideoDataset, indices: np.nda
     """Codes (len(indices), t, h, w) of the given videos, on the CPU."""
     codes = []
     for start in range(0, len(indices), batch_size):
+        stop_point("encoding videos to codes")
         videos, _ = dataset.get(indices[start : start + batch_size])
         codes.append(tokenizer.encode(videos.to(device)).cpu())
         touch()

@@ -5,6 +5,9 @@ change the math."""
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,7 +15,10 @@ import torch
 from job.checkpoint import Checkpoint, CheckpointReader
 from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys
 from job.distributed import Topology
+from job.monitoring.lifecycle import LeaseKeeper, stop_point
 from job.storage import Layout, RunStore, StorageError
+from job.storage.lease import Lease
+from job.training.stages import StagePlan
 from job.training.task import tokenizer_parameters
 
 
@@ -35,6 +41,30 @@ def preflight(cfg: Config, store: RunStore) -> None:
             f"not enough disk space under {store.root}: {free >> 20} MiB free, "
             f"about {needed >> 20} MiB needed for the dataset and the kept checkpoints"
         )
+
+
+@contextmanager
+def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[Lease | None]:
+    """One writer per run (SPEC §10): the writing rank takes the run's lease before it writes
+    anything, waiting up to two lease times for a live holder (LeaseBusy after that), fences
+    every write of the store with it, renews it while the attempt runs, and releases it at the
+    end, after the caller's last upload."""
+    if not topology.is_writer:
+        yield None
+        return
+    ttl = cfg.storage.lease_seconds
+    def sleep_unless_stopped(seconds: float) -> None:  # SIGTERM ends the wait for another writer
+        time.sleep(seconds)
+        stop_point("waiting for the run's lease")
+
+    lease = Lease(store.run_folder, ttl, sleep=sleep_unless_stopped)
+    lease.acquire(wait_seconds=2 * ttl)
+    store.lease = lease
+    try:
+        with LeaseKeeper(lease):
+            yield lease
+    finally:
+        lease.release()
 
 
 def recorded_attempt(store: RunStore) -> int:
@@ -66,3 +96,20 @@ def refuse_math_changes(saved_config: dict[str, Any], cfg: Config, sections: tup
             f"{', '.join(changed)}; use a new --run-uri, or the run's own config "
             "(only train.epochs, checkpoint, monitor and logging settings may change)"
         )
+
+
+def refuse_to_start_over(store: RunStore, plan: StagePlan, inventory: dict[str, bool]) -> None:
+    """No checkpoint of the stage is valid. Starting from scratch is right when none was ever
+    committed (an attempt killed before its first save leaves progress, config, logs and perhaps
+    a folder without a manifest: nothing to lose). But a committed one (a manifest, or the
+    latest.json written after it) that no longer verifies is a damaged run: training over it
+    would bury the evidence and overwrite what may still be restored, so refuse (exit 2)."""
+    committed = sorted(name for name, has_manifest in inventory.items() if has_manifest)
+    if not committed and not store.exists(plan.layout.latest):
+        return
+    found = f"committed checkpoint(s) {', '.join(committed)}" if committed else plan.layout.latest
+    raise ResumeRefused(
+        f"refusing to start {plan.name} over: {plan.layout.checkpoints}/ holds {found}, but none is valid "
+        f"(the checkpoint.skipped warnings say why; `verify` checks each one). Restore them, or delete "
+        f"{plan.layout.checkpoints}/ (or use a new --run-uri) to train from scratch"
+    )

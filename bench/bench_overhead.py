@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ from safetensors.torch import load_file
 
 import job.training.loop
 from common import KeepLogHandlers, S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
-from job.config import build_config, steps_per_epoch
+from job.config import Config, build_config, steps_per_epoch
 from job.data import VideoDataset, generate_dataset
 from job.device import pick_device
 from job.storage import Layout, RunStore
@@ -257,6 +258,48 @@ def rounded(values: dict[str, float], digits: int = 3) -> dict[str, float]:
     return {k: round(v, digits) for k, v in values.items()}
 
 
+@dataclass
+class Setup:
+    """What the repeats of one bench of the job's loop share."""
+
+    cfg: Config
+    device: torch.device
+    total_steps: int
+    data_template: Path
+    dataset: VideoDataset
+    bucket: str
+
+
+def set_up(
+    preset: str, overrides: list[str], name: str, bucket_prefix: str, threads: int, device: torch.device | None,
+    s3: S3Server, work: Path,
+) -> Setup:
+    """Before the first repeat: the config, torch's threads as a fresh `python -m job` process
+    would use them, the dataset, a fresh bucket, and oneDNN's primitives for these shapes (a few
+    bare steps, not measured). ``device``: None for the job's own choice."""
+    cfg = build_config(preset, None, overrides)
+    device = device or pick_device(cfg)
+    torch.set_num_threads(cfg.train.threads or threads)
+    total_steps = steps_per_epoch(cfg) * cfg.train.epochs
+    data_template = work / f"data-{name}"
+    generate_dataset(cfg.data, data_template)
+    dataset = VideoDataset(data_template, cfg.data)
+    bucket = s3.create_bucket(f"{bucket_prefix}-{name}-{uuid.uuid4().hex[:6]}")
+    bare_loop(cfg, dataset, device, total_steps, max_steps=WARMUP_STEPS)
+    return Setup(cfg, device, total_steps, data_template, dataset, bucket)
+
+
+def warm_up(s3: S3Server, work: Path) -> tuple[Config, Path, str]:
+    """Not measured: one short job pays the process's one-time costs (matplotlib's font cache,
+    the S3 client's first connection, lazy imports), which a long run pays once. Returns its
+    config, dataset and bucket for a bench that warms up more than the job."""
+    warm = build_config("smoke", None, ["train.epochs=1", "stage2.epochs=0", "checkpoint.every_steps=10"])
+    generate_dataset(warm.data, work / "data-warmup")
+    bucket = s3.create_bucket("bench-warmup")
+    full_job(warm, work / "data-warmup", work, s3, bucket)
+    return warm, work / "data-warmup", bucket
+
+
 def bench_preset(
     preset: str, epochs: int, repeats: int, every_steps: int, threads: int, s3: S3Server, work: Path, local: bool
 ) -> None:
@@ -267,17 +310,10 @@ def bench_preset(
         "monitor.heartbeat_seconds=1",
         "monitor.progress_every_seconds=1",
     ]
-    cfg = build_config(preset, None, overrides)
-    device = pick_device(cfg)
-    torch.set_num_threads(cfg.train.threads or threads)  # what a fresh `python -m job` process would use
-    total_steps = steps_per_epoch(cfg) * cfg.train.epochs
-
-    data_template = work / f"data-{preset}"
-    generate_dataset(cfg.data, data_template)
-    dataset = VideoDataset(data_template, cfg.data)
-    bucket = s3.create_bucket(f"bench-overhead-{preset}-{uuid.uuid4().hex[:6]}")
-
-    bare_loop(cfg, dataset, device, total_steps, max_steps=WARMUP_STEPS)  # oneDNN primitives for these shapes
+    setup = set_up(preset, overrides, preset, "bench-overhead", threads, None, s3, work)
+    cfg, device, total_steps, data_template, dataset, bucket = (
+        setup.cfg, setup.device, setup.total_steps, setup.data_template, setup.dataset, setup.bucket
+    )
 
     variants = ["bare", "s3", *(["local"] if local else [])]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -373,9 +409,7 @@ def main() -> None:
         job_logging_to(work / "job-log.jsonl")
         # Warm-up, not measured: one short job pays the process's one-time costs (matplotlib's font
         # cache, the S3 client's first connection, lazy imports), which a long run pays once.
-        warm = build_config("smoke", None, ["train.epochs=1", "stage2.epochs=0", "checkpoint.every_steps=10"])
-        generate_dataset(warm.data, work / "data-warmup")
-        full_job(warm, work / "data-warmup", work, s3, s3.create_bucket("bench-warmup"))
+        warm_up(s3, work)
         for preset in args.presets:
             plan = PLAN[preset]
             bench_preset(

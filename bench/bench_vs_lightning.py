@@ -49,11 +49,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from bench_overhead import WARMUP_STEPS, bare_loop, full_job, same_weights
+from bench_overhead import bare_loop, full_job, same_weights, set_up, warm_up
 from common import S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
 from job.checkpointer import FINAL, CheckpointManager
-from job.config import build_config, steps_per_epoch
-from job.data import VideoDataset, generate_dataset
+from job.config import steps_per_epoch
+from job.data import VideoDataset
 from job.model import compute_loss
 from job.training.state import epoch_order
 from job.training.task import build_optimizer, initial_tokenizer
@@ -227,14 +227,10 @@ def bench_cadence(name: str, plan: dict, repeats: int, threads: int, s3: S3Serve
         *plan["overrides"], "stage2.epochs=0", f"checkpoint.every_steps={every}", "checkpoint.every_epochs=0",
         "checkpoint.every_minutes=0", "monitor.heartbeat_seconds=1", "monitor.progress_every_seconds=1",
     ]
-    cfg = build_config(plan["preset"], None, overrides)
-    torch.set_num_threads(cfg.train.threads or threads)  # what a fresh `python -m job` process would use
-    total_steps = steps_per_epoch(cfg) * cfg.train.epochs
-    data_template = work / f"data-{name}"
-    generate_dataset(cfg.data, data_template)
-    dataset = VideoDataset(data_template, cfg.data)
-    bucket = s3.create_bucket(f"bench-lightning-{name}-{uuid.uuid4().hex[:6]}")
-    bare_loop(cfg, dataset, torch.device("cpu"), total_steps, max_steps=WARMUP_STEPS)  # oneDNN primitives for these shapes
+    setup = set_up(plan["preset"], overrides, name, "bench-lightning", threads, torch.device("cpu"), s3, work)
+    cfg, total_steps, data_template, dataset, bucket = (
+        setup.cfg, setup.total_steps, setup.data_template, setup.dataset, setup.bucket
+    )
 
     variants = ["bare", "job", "lightning"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -329,13 +325,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-lightning-") as tmp, S3Server(Path(tmp) / "requests.log") as s3:
         work = Path(tmp)
         job_logging_to(work / "job-log.jsonl")
-        # Warm-up, not measured: one short run of each pays the process's one-time costs (lazy
-        # imports, matplotlib's font cache, each S3 client's first connection).
-        warm = build_config("smoke", None, ["train.epochs=1", "stage2.epochs=0", "checkpoint.every_steps=10"])
-        generate_dataset(warm.data, work / "data-warmup")
-        bucket = s3.create_bucket("bench-warmup")
-        full_job(warm, work / "data-warmup", work, s3, bucket)
-        lightning_run(warm, VideoDataset(work / "data-warmup", warm.data), steps_per_epoch(warm), 10, f"s3://{bucket}/lightning", s3)
+        # Warm-up, not measured: one short run of each pays the process's one-time costs.
+        warm, warm_data, bucket = warm_up(s3, work)
+        lightning_run(warm, VideoDataset(warm_data, warm.data), steps_per_epoch(warm), 10, f"s3://{bucket}/lightning", s3)
         for name in args.cadences:
             bench_cadence(name, CADENCES[name], args.repeats or CADENCES[name]["repeats"], threads, s3, work)
 

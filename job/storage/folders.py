@@ -7,8 +7,8 @@ import fcntl
 import hashlib
 import os
 import shutil
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
@@ -24,6 +24,8 @@ class StorageError(RuntimeError):
 
 class WriteConflict(RuntimeError):
     """A conditional write found the file other than the caller expected (someone else wrote it)."""
+
+
 class StoreRefused(StorageError):
     """The store refuses us for good (wrong credentials, access denied, no such bucket): no retry
     and no restart can change its answer, only a person (SPEC §3: exit 2)."""

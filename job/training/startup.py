@@ -53,6 +53,7 @@ def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[L
         yield None
         return
     ttl = cfg.storage.lease_seconds
+
     def sleep_unless_stopped(seconds: float) -> None:  # SIGTERM ends the wait for another writer
         time.sleep(seconds)
         stop_point("waiting for the run's lease")

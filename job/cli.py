@@ -126,7 +126,8 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
     store = RunStore.for_job(run_uri, cache_dir, cfg.storage, read_only=not topology.is_writer)
     try:
         if mode == "train":
-            train(cfg, store, topology)  # its own preflight also sizes the disk for data and checkpoints
+            # Its own preflight also sizes the disk; it flushes its uploads itself, while it holds the lease.
+            train(cfg, store, topology)
         else:
             store.preflight(cfg.storage.connect_seconds)
             if mode == "generate":
@@ -148,7 +149,7 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
                 from job.sampling import run_predict
 
                 run_predict(cfg, store)
-        store.flush(cfg.storage.flush_seconds)
+            store.flush(cfg.storage.flush_seconds)
     finally:
         store.close()
     return EXIT_OK

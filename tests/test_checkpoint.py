@@ -270,20 +270,26 @@ def test_a_run_killed_before_its_first_commit_starts_fresh(tmp_path):
 # --- a diverged run stops, and nothing non-finite is ever committed ------------------------------
 
 
-@pytest.mark.parametrize("where", ["weights", "val_loss"])
+@pytest.mark.parametrize("where", ["weights", "optimizer", "val_loss"])
 def test_a_checkpoint_with_non_finite_values_is_never_committed(tmp_path, where):
     store = RunStore(str(tmp_path))
     parts = fresh_parts()
+    one_step(parts)  # the optimizer has moments to check
     checkpoints = manager(store, parts, keep_last=5)
     finite = save_at(checkpoints, 5)
     val_loss = None
     if where == "weights":
         with torch.no_grad():
             next(parts["model"].parameters())[0] = float("nan")
+    elif where == "optimizer":
+        moments = next(iter(parts["optimizer"].state.values()))
+        moments["exp_avg_sq"].view(-1)[-1] = float("inf")
     else:
         val_loss = float("inf")
-    with pytest.raises(Diverged, match="not saving step-00000010"):
+    with pytest.raises(Diverged, match="not saving step-00000010") as refused:
         save_at(checkpoints, 10, "epochs", val_loss)
+    if where == "optimizer":
+        assert "optimizer state state.0.exp_avg_sq" in str(refused.value)
     checkpoints.close()
     assert CheckpointReader(store).names() == [finite]
     assert json.loads((tmp_path / Layout.latest).read_text())["checkpoint"] == finite

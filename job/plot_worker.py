@@ -16,13 +16,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from job.worker import WorkerGone, WorkerProcess, serve
+from job.worker import WorkerGone, WorkerProcess, run_in_idle_time, serve
 
 log = structlog.get_logger("job.plots")
-
-# A picture can wait; a training step should not: the worker gets only CPU that training leaves.
-NICENESS = 19
-
 
 # --- the wire format ----------------------------------------------------------------------
 
@@ -132,4 +128,5 @@ def render(request: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    serve(render, NICENESS)
+    run_in_idle_time()  # a picture can wait: the worker gets only CPU time that training leaves
+    serve(render)

@@ -1,9 +1,11 @@
 """Helper processes that keep pure-Python work off the training process's interpreter lock.
 
 The training step runs kernels without the GIL but needs it back between them; a thread of the
-same process that runs Python for long (matplotlib drawing a figure) makes it wait. Such work
-therefore runs in ``python -m <module>``, a child that answers requests read from its stdin,
-one JSON line per request and per answer (no pickle, even between our own processes).
+same process that runs Python for long (matplotlib drawing a figure, botocore building, signing
+and parsing a request) makes it wait. Such work therefore runs in ``python -m <module> [args]``,
+a child that answers requests read from its stdin, one JSON line per request and per answer (no
+pickle, even between our own processes). A request may carry raw bytes: its line says how many
+("payload" in the message), and they follow it.
 
 A child lives exactly as long as its requester holds its stdin open: when the requester closes
 it, or dies (even by SIGKILL), the child exits at once, dropping any request in flight, as the
@@ -39,8 +41,8 @@ class WorkerProcess:
     """``python -m <module>``, started by the first request and again by the first one after it
     died. Requests are answered one at a time, in the order they are made."""
 
-    def __init__(self, module: str):
-        self.module = module
+    def __init__(self, module: str, args: tuple[str, ...] = ()):
+        self.module, self.args = module, args
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -50,9 +52,18 @@ class WorkerProcess:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send ``message`` and return the answer; WorkerError if the worker answered with an
-        error, WorkerGone if it died or was stopped before answering."""
+    def start(self) -> None:
+        """Start the worker now rather than with the first request (its imports then overlap
+        whatever the requester does meanwhile)."""
+        with self._lock:
+            if not self._stopped:
+                self._running()
+
+    def request(self, message: dict[str, Any], payload: bytes | None = None) -> dict[str, Any]:
+        """Send ``message`` (and ``payload``, raw bytes) and return the answer; WorkerError if the
+        worker answered with an error, WorkerGone if it died or was stopped before answering."""
+        if payload is not None:
+            message = {**message, "payload": len(payload)}
         line = (json.dumps(message) + "\n").encode()
         with self._lock:
             if self._stopped:
@@ -60,6 +71,8 @@ class WorkerProcess:
             proc = self._running()
             try:
                 proc.stdin.write(line)
+                if payload is not None:
+                    proc.stdin.write(payload)
                 proc.stdin.flush()
                 answer = proc.stdout.readline()
             except (OSError, ValueError) as exc:  # a broken pipe, or stdin closed by stop()
@@ -88,34 +101,53 @@ class WorkerProcess:
 
     def _running(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, *self.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            )
         return self._proc
 
 
 # --- the worker's side ---------------------------------------------------------------------
 
 
-def serve(handle: Callable[[dict[str, Any]], dict[str, Any]], niceness: int) -> None:
-    """Answer each request line with ``handle``'s answer, or {"error": text} if it raised."""
-    # Ctrl-C reaches the whole process group; the requester decides what happens, and the
-    # worker ends with its input.
+def run_in_idle_time() -> None:
+    """Let this process have only CPU time nobody else wants: SCHED_IDLE (Linux), so that a
+    training thread waking up takes the core back at once; nice 19 where that is refused."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+
+
+def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Answer each request with ``handle``'s answer, or {"error": text} if it raised. A request's
+    payload reaches ``handle`` as bytes under "payload"."""
+    # Ctrl-C or a SIGTERM may reach the whole process group: the requester decides what happens,
+    # and the worker ends with its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(niceness)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print, from Python or C, must not corrupt the answers
     sys.stdout = sys.stderr
-    requests: queue.Queue[bytes] = queue.Queue()
+    requests: queue.Queue[dict[str, Any]] = queue.Queue()
 
     def read() -> None:
-        for line in sys.stdin.buffer:
-            requests.put(line)
+        source = sys.stdin.buffer
+        while line := source.readline():
+            message = json.loads(line)
+            if "payload" in message:
+                size = message["payload"]
+                message["payload"] = source.read(size)
+                if len(message["payload"]) < size:
+                    break
+            requests.put(message)
         os._exit(0)  # the requester closed its end, or died: nothing more is wanted
 
     threading.Thread(target=read, name="requests", daemon=True).start()
     while True:
-        line = requests.get()
+        message = requests.get()
         try:
-            answer = handle(json.loads(line))
+            answer = handle(message)
         except Exception as exc:  # the requester decides what an error means; serve the next
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         answers.write((json.dumps(answer) + "\n").encode())

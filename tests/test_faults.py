@@ -60,8 +60,8 @@ def test_a_stop_signal_saves_and_exits_143_within_10_s_then_resumes_exactly(tmp_
 def test_a_sigkilled_job_leaves_no_plot_worker_behind(tmp_path):
     run = tmp_path / "run"
     workers_before = worker_processes(PLOT_WORKER)
-    # Still training when killed, with the worker idle: both plots drawn, the next ones an hour away.
-    proc = start(run, "--set", "train.epochs=40", "--set", "monitor.plot_every_seconds=3600")
+    # Still training when killed, after both plots were drawn (a plot is due a second into the run).
+    proc = start(run, "--set", "train.epochs=40", "--set", "monitor.plot_every_seconds=1")
     deadline = time.monotonic() + 60
     while not all((run / "plots" / name).exists() for name in ("reconstruction.png", "loss.png")):
         assert time.monotonic() < deadline and proc.poll() is None, "no plots drawn"

@@ -187,6 +187,14 @@ def test_background_plots_are_drawn_in_a_worker_process(written):
     assert all(pid is not None and pid != os.getpid() for pid in written.pids)
 
 
+def test_the_plot_worker_only_gets_cpu_time_that_training_leaves(written):
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+    written.wait()
+    pid = written.plots.worker_pid
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE or os.getpriority(os.PRIO_PROCESS, pid) == 19
+    assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER  # the requester keeps its own priority
+
+
 def test_a_killed_plot_worker_is_replaced(written):
     written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
     written.wait()

@@ -74,7 +74,7 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     plans = stage_plans(cfg)
     attempt, publish_log = 0, lambda: None
     if topology.is_writer:
-        attempt = recorded_attempt(store) + 1
+        attempt = recorded_attempt(store, lease) + 1
         lease.note_attempt(attempt)
         publish_log = RunLog(store, attempt).publish  # before the checkpoint search, so its warnings land there
         for plan in plans:
@@ -266,6 +266,10 @@ class Trainer:
         self.picture_indices = val[: len(cfg.data.classes)]  # one validation video per class
         self.rate = RateMeter()
         self.last_progress_write = 0.0
+        # The plot clock starts with the attempt: a run shorter than plot_every_seconds draws
+        # each plot once, at its end, rather than starting the plot worker (a Python process
+        # importing matplotlib) in the middle of its few seconds of training.
+        self.plots_started = time.monotonic()
         self.last_plot: dict[str, float] = {}
 
     def run(self, total_steps: int) -> None:
@@ -351,7 +355,7 @@ class Trainer:
         """Rendering costs a CPU core (in the plot worker) and the arrays cost a forward pass, so a
         plot is redrawn at most every ``monitor.plot_every_seconds`` (always at the end)."""
         now = time.monotonic()
-        if final or now - self.last_plot.get(rel, -math.inf) >= self.cfg.monitor.plot_every_seconds:
+        if final or now - self.last_plot.get(rel, self.plots_started) >= self.cfg.monitor.plot_every_seconds:
             self.last_plot[rel] = now
             return True
         return False

@@ -227,13 +227,22 @@ def child_modules(pid: int | str = "self") -> dict[int, str | None]:
     return found
 
 
+def _ticks_or_zero(pid: int) -> int:
+    try:
+        return cpu_ticks(Path(f"/proc/{pid}/stat"))
+    except OSError:
+        return 0
+
+
 class ThreadCPU:
     """CPU seconds used by each thread of this process while the block runs, by thread name
     (threads of the same name, e.g. one per attempt, are added up). Sampled every ``interval``
     seconds from /proc/self/task, so a thread that ends between two samples loses at most one
     interval; threads Python does not know (torch's, the C library's) count as "native". Child
-    processes started inside the block count by module if still running at its end, else
-    together as "ended child processes" (the plot worker, which ends with train())."""
+    processes running ``python -m`` (the job's helpers: the upload workers, started with the
+    store before the block) count by module for their CPU time during the block if still running
+    at its end, else together as "ended child processes" (the plot worker, which ends with
+    train()); other children that were there before (the S3 server) do not count."""
 
     def __init__(self, interval: float = 0.1) -> None:
         import threading
@@ -273,7 +282,8 @@ class ThreadCPU:
             return self
         self._start = self._read()
         self._children_start = _children_cpu()
-        self._children_before = set(child_modules())
+        self._helpers_before = {pid: _ticks_or_zero(pid) for pid, module in child_modules().items() if module}
+        self._others_before = {pid for pid, module in child_modules().items() if not module}
         self._thread.start()
         return self
 
@@ -290,11 +300,12 @@ class ThreadCPU:
             name = name.rstrip("0123456789_").removesuffix("-") or name  # checkpoint_0 -> checkpoint
             totals[name] = totals.get(name, 0.0) + (ticks - self._start.get(tid, 0)) / hz
         for pid, module in child_modules().items():
-            if pid not in self._children_before:
+            if pid not in self._others_before:
                 name = module or "other child process"
                 try:
-                    totals[name] = totals.get(name, 0.0) + cpu_ticks(Path(f"/proc/{pid}/stat")) / hz
+                    ticks = cpu_ticks(Path(f"/proc/{pid}/stat")) - self._helpers_before.get(pid, 0)
                 except OSError:  # ended just now; not reaped yet, so not in the sum below either
                     continue
+                totals[name] = totals.get(name, 0.0) + ticks / hz
         totals["ended child processes"] = _children_cpu() - self._children_start
         self.seconds = {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}

@@ -114,13 +114,20 @@ def smoke_manager(store: RunStore, step: int):
     return CheckpointManager(store, Layout.tokenizer, SMOKE.checkpoint, parts, extra={"config": SMOKE.to_dict()}, inventory={})
 
 
+def record_sends(store: RunStore) -> list[str]:
+    """The paths both upload lanes hand to their worker processes, in the order they do."""
+    sent: list[str] = []
+    for lane in (store.uploader.ordered, store.uploader.live):
+        real_write = lane.remote.write_bytes
+        lane.remote.write_bytes = lambda rel, data, real_write=real_write: (sent.append(rel), real_write(rel, data))
+    return sent
+
+
 def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
     from job.checkpointer import FINAL
 
     store = RunStore(s3.uri("order"), tmp_path / "cache")
-    sent: list[str] = []
-    real_write = store.remote.write_bytes
-    store.remote.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
+    sent = record_sends(store)
     smoke_manager(store, step=3).save(FINAL)
     store.flush(30)
     store.close()
@@ -149,9 +156,7 @@ def test_checkpoints_this_attempt_committed_are_pruned_from_the_bucket_without_a
 
 def test_live_files_rewritten_many_times_are_sent_once_per_pause_and_checkpoints_are_not_held(s3, tmp_path):
     store = RunStore(s3.uri("live"), tmp_path / "cache", live_upload_seconds=60)
-    sent: list[str] = []
-    real_write = store.remote.write_bytes
-    store.remote.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
+    sent = record_sends(store)
     for i in range(20):
         store.write_json(Layout.progress, {"step": i})
         time.sleep(0.01)
@@ -175,9 +180,10 @@ def test_deleting_a_checkpoint_in_the_bucket_removes_its_manifest_first_then_the
         store.write_bytes(Layout.checkpoint_file(name, filename), filename.encode())
     store.flush(20)
     calls: list[tuple[str, list[str]]] = []
-    real_delete, real_delete_many = store.remote.delete, store.remote.delete_many
-    store.remote.delete = lambda rel: (calls.append(("delete", [rel])), real_delete(rel))
-    store.remote.delete_many = lambda rels: (calls.append(("delete_many", rels)), real_delete_many(rels))
+    sender = store.uploader.ordered.remote  # checkpoints go through the ordered lane's worker
+    real_delete, real_delete_many = sender.delete, sender.delete_many
+    sender.delete = lambda rel: (calls.append(("delete", [rel])), real_delete(rel))
+    sender.delete_many = lambda rels: (calls.append(("delete_many", rels)), real_delete_many(rels))
     delete_checkpoint(store, name)
     store.flush(20)
     store.close()

@@ -18,7 +18,9 @@ from job.storage import Layout, LocalFolder, RemoteFolder, RunStore
 from job.storage.folders import WriteConflict
 from job.storage.lease import Lease, LeaseBusy, LeaseLapsed, LeaseLost, Machine
 from job.storage.uploader import Lane, Op
-from tests.helpers import TOKENIZER_ONLY, FakeClock, JobProcess, poll_until
+from tests.helpers import TOKENIZER_ONLY, FakeClock, JobProcess, assert_workers_end, poll_until, run_job, worker_processes
+
+UPLOAD_WORKER = "job.storage.upload_worker"
 
 pytestmark = pytest.mark.timeout(120)
 TTL = 6.0
@@ -111,6 +113,21 @@ def test_a_holder_process_gone_on_this_machine_is_taken_over_at_once(folder):
     dead.pid = int(ended.stdout)
     Lease(folder, TTL, machine=dead).acquire(wait_seconds=0)
     assert Lease(folder, TTL).acquire(wait_seconds=0) == "holder process gone"
+
+
+def test_an_attempt_killed_before_its_first_upload_is_still_counted(tmp_path):
+    """Its lease, written at the run URI at once, is all it left: the next attempt is one more."""
+    run = tmp_path / "run"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = Machine()
+    dead.pid = int(ended.stdout)
+    killed = Lease(LocalFolder(run), TTL, machine=dead)
+    killed.acquire(wait_seconds=0)
+    killed.note_attempt(3)
+    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", "train.epochs=1", *TOKENIZER_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / Layout.progress).read_text())["attempt"] == 4
+    assert (run / Layout.log_file(4)).exists()
 
 
 def test_a_holder_process_alive_on_this_machine_is_waited_for(folder):
@@ -228,6 +245,7 @@ class BucketRun:
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_second_train_is_refused_and_writes_nothing_then_a_kill_9_restart_resumes_at_once(where, tmp_path, request):
     run = LocalRun(tmp_path) if where == "local" else BucketRun(tmp_path, request.getfixturevalue("s3"))
+    workers_before = worker_processes(UPLOAD_WORKER)
     first = run.start("first")
     try:
         assert first.wait_for('"train.progress"', timeout=120)
@@ -251,6 +269,8 @@ def test_a_second_train_is_refused_and_writes_nothing_then_a_kill_9_restart_resu
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+    # The upload workers (s3) of all three ended with them, the SIGKILLed one's too.
+    assert_workers_end(UPLOAD_WORKER, workers_before)
 
     third = run.start("third")
     try:

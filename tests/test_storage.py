@@ -1,11 +1,16 @@
 """The run folder's storage in process: local folders, the uploader's lanes driven with a fake
 clock (pacing, order, retries, abandon) between two real folders on disk, and which answers of a
-real S3 server (through a fault-injecting proxy) are refusals for good and which are retried."""
+real S3 server (through a fault-injecting proxy) are refusals for good and which are retried,
+and the upload worker processes the lanes send through."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,7 +106,7 @@ def test_a_failing_store_is_retried_with_backoff_until_it_answers(folders, capsy
 def test_abandon_ends_retrying_and_leaves_the_backlog(folders):
     local, remote = folders
     remote.failures_left = 10**6
-    uploader = Uploader(local, remote, max_wait=0.05)
+    uploader = Uploader(local, (remote, remote), max_wait=0.05)
     local.write_bytes(Layout.latest, b"{}")
     uploader.submit(Op("put", Layout.latest))
     assert uploader.flush(timeout=0.5) == [Layout.latest]
@@ -142,6 +147,29 @@ def test_reads_look_in_the_working_copy_then_the_run_uri(tmp_path):
 
 
 # --- a real S3 server, and a proxy in front of it that answers what a test chooses -------------
+
+
+def test_the_uploads_are_sent_by_worker_processes_that_are_replaced_if_killed_and_end_with_the_store(s3, tmp_path):
+    store = RunStore(s3.uri(), tmp_path / "cache")
+    try:
+        lanes = (store.uploader.ordered, store.uploader.live)
+        workers = [lane.remote.pid for lane in lanes]  # one per lane, started with the store
+        assert len(set(workers)) == 2 and os.getpid() not in workers and None not in workers
+        store.write_json(Layout.latest, {"checkpoint": "step-00000001"})
+        store.write_json(Layout.progress, {"status": "running"})
+        store.flush(30)
+        assert json.loads(s3.get(f"run/{Layout.latest}")) == {"checkpoint": "step-00000001"}
+        assert json.loads(s3.get(f"run/{Layout.progress}")) == {"status": "running"}
+        os.kill(workers[0], signal.SIGKILL)  # the ordered lane's
+        store.write_bytes(Layout.checkpoint_file("step-00000002", "model.safetensors"), b"weights")
+        store.flush(30)  # the lane retries; its next request starts a new worker
+        assert s3.get(f"run/{Layout.checkpoint_file('step-00000002', 'model.safetensors')}") == b"weights"
+        assert lanes[0].remote.pid not in (None, workers[0])
+        alive = [lane.remote.pid for lane in lanes]
+    finally:
+        store.close()
+    for pid in alive:
+        assert not Path(f"/proc/{pid}").exists(), f"upload worker {pid} outlived the store"
 
 
 @pytest.mark.parametrize("code", sorted(REFUSALS))

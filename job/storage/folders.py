@@ -286,6 +286,15 @@ class RemoteFolder:
     def check(self) -> None:
         _probe(self)
 
+    def connect(self) -> None:
+        """Set up the S3 client now (its service model is parsed once per client) rather than
+        within the first request; a store that is away is not an error here."""
+        if hasattr(self.fs, "set_session"):
+            try:
+                self._sync(self.fs.set_session)
+            except Exception:  # the first request retries, and reports
+                pass
+
     # Conditional writes (the lease): S3's If-None-Match / If-Match on PutObject, through the raw
     # client so that the store's own error code decides what a refusal means.
     def read_tagged(self, rel: str) -> tuple[bytes, str] | None:

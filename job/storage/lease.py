@@ -125,6 +125,7 @@ class Lease:
         self.machine = machine or Machine()
         self.holder = uuid.uuid4().hex
         self.attempt: int | None = None
+        self.previous_attempt: Any = None  # the attempt named in the lease this one replaced, if any
         self.acquired_at: str | None = None
         self.renewals = 0
         self._etag: str | None = None
@@ -157,6 +158,7 @@ class Lease:
                 except WriteConflict:
                     continue  # another starter won the race: look again
                 self._lost = None
+                self.previous_attempt = (doc or {}).get("attempt")
                 log.info("lease.taken", reason=reason, holder=self.holder, previous=_who(doc), ttl_seconds=self.ttl)
                 return reason
             left = deadline - self.clock()

@@ -13,7 +13,7 @@ from tenacity import Retrying, retry_if_not_exception_type, wait_exponential_jit
 from job.fsutil import DiskFull, json_bytes
 from job.storage.folders import LocalFolder, RemoteFolder, StorageError, StoreRefused, default_cache_dir, is_remote
 from job.storage.lease import Lease
-from job.storage.uploader import Uploader, Op, describe
+from job.storage.uploader import Uploader, Op, WorkerFolder, describe
 
 log = structlog.get_logger("job.storage")
 
@@ -38,12 +38,17 @@ class RunStore:
         self.lease: Lease | None = None
         self.remote: RemoteFolder | None = None
         self.uploader: Uploader | None = None
+        self._senders: tuple[WorkerFolder, ...] = ()
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
-            self.uploader = None if read_only else Uploader(
-                self.local, self.remote, retry_max_seconds, live_upload_seconds, guard=self.fence_run,
-            )
+            if not read_only:
+                # The lanes' requests leave this process (job.storage.upload_worker): botocore's
+                # Python would otherwise hold the interpreter lock the training step needs.
+                self._senders = (WorkerFolder(uri), WorkerFolder(uri))
+                self.uploader = Uploader(
+                    self.local, self._senders, retry_max_seconds, live_upload_seconds, guard=self.fence_run,
+                )
         else:
             self.local = LocalFolder(uri.removeprefix("file://"))
         self.root = self.local.root
@@ -199,3 +204,5 @@ class RunStore:
     def close(self) -> None:
         if self.uploader:
             self.uploader.abandon()
+        for sender in self._senders:
+            sender.close()

@@ -1,6 +1,8 @@
 """Mirrors a local working copy to a remote folder in the background (SPEC §10), so that a slow
 or dead bucket never blocks a training step: retries with backoff and jitter (tenacity), in two
-lanes so that a large checkpoint never holds back a heartbeat."""
+lanes so that a large checkpoint never holds back a heartbeat, each sending through its own
+worker process (job.storage.upload_worker) so that the S3 client's Python stays out of the
+training process."""
 
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential_jitter
 
-from job.storage.folders import Folder, delete_remote_tree
+from job.storage.folders import Folder, StorageError, delete_remote_tree
 from job.storage.layout import Layout
 from job.storage.lease import LeaseLost
+from job.worker import WorkerError, WorkerGone, WorkerProcess
 
 log = structlog.get_logger("job.storage")
 
@@ -165,16 +169,18 @@ def describe(exc: BaseException | None) -> str:
 class Uploader:
     """Mirrors the local working copy to the remote folder in the background: one lane for
     files whose order matters (checkpoints, data), one for live files (progress, logs, plots),
-    so that a large checkpoint never holds back a heartbeat."""
+    so that a large checkpoint never holds back a heartbeat. Each lane sends through its own
+    remote (``remotes``: ordered, live), so that neither waits for the other's request."""
 
     def __init__(
-        self, local: Folder, remote: Folder, max_wait: float, live_pause: float = 0.0,
+        self, local: Folder, remotes: tuple[Folder, Folder], max_wait: float, live_pause: float = 0.0,
         guard: Callable[[], None] = lambda: None,
     ):
-        self.ordered = Lane("ordered", local, remote, max_wait, guard=guard)
-        # Every request costs CPU in this process (botocore holds the GIL that training needs)
-        # and at the store: progress and logs, rewritten several times a second, rest between sends.
-        self.live = Lane("live", local, remote, max_wait, pause=live_pause, guard=guard)
+        ordered, live = remotes
+        self.ordered = Lane("ordered", local, ordered, max_wait, guard=guard)
+        # Every request costs CPU (the S3 client's, and the store's): progress and logs,
+        # rewritten several times a second, rest between sends.
+        self.live = Lane("live", local, live, max_wait, pause=live_pause, guard=guard)
 
     def lane(self, rel: str) -> Lane:
         return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live
@@ -192,3 +198,41 @@ class Uploader:
     def abandon(self) -> None:
         self.ordered.abandon()
         self.live.abandon()
+
+
+class WorkerFolder:
+    """The writes of a RemoteFolder (what an upload lane needs: write, delete, list to delete),
+    made by a worker process that starts at once, so that its imports and its S3 client's set-up
+    overlap the job's own start. A failed request raises StorageError with the store's words;
+    a worker that died is started again by the next request (the lane retries)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._worker = WorkerProcess("job.storage.upload_worker", (uri,))
+        self._worker.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.pid
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._ask({"op": "write_bytes", "rel": rel}, data)
+
+    def delete(self, rel: str) -> None:
+        self._ask({"op": "delete", "rel": rel})
+
+    def delete_many(self, rels: list[str]) -> None:
+        self._ask({"op": "delete_many", "rels": rels})
+
+    def list_files(self, rel: str) -> list[str]:
+        return self._ask({"op": "list_files", "rel": rel})["files"]
+
+    def close(self, timeout: float = 0.0) -> None:
+        """End the worker; a request in flight is dropped (an S3 PUT is all or nothing)."""
+        self._worker.stop(timeout)
+
+    def _ask(self, message: dict[str, Any], payload: bytes | None = None) -> dict[str, Any]:
+        try:
+            return self._worker.request(message, payload)
+        except (WorkerError, WorkerGone) as exc:
+            raise StorageError(str(exc)) from None

@@ -68,12 +68,15 @@ def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[L
         lease.release()
 
 
-def recorded_attempt(store: RunStore) -> int:
-    """The highest attempt any earlier attempt left a trace of: progress.json or a log file
-    (0 if none). Every attempt writes both as it starts."""
+def recorded_attempt(store: RunStore, lease: Lease) -> int:
+    """The highest attempt any earlier attempt left a trace of (0 if none): progress.json or a
+    log file, which every attempt writes as it starts through the uploader, or the lease this
+    one replaced, which its holder wrote at the run URI at once (an attempt killed within its
+    first second may have left nothing else)."""
     progress = store.read_json(Layout.progress)
     attempts = [progress.get("attempt")] if isinstance(progress, dict) else []
     attempts += [Layout.attempt_of_log(name) for name in store.list_dir(Layout.logs)]
+    attempts.append(lease.previous_attempt)
     return max((a for a in attempts if isinstance(a, int)), default=0)
 
 

@@ -4,8 +4,8 @@ The training step runs kernels without the GIL but needs it back between them; a
 same process that runs Python for long (matplotlib drawing a figure, botocore building, signing
 and parsing a request) makes it wait. Such work therefore runs in ``python -m <module> [args]``,
 a child that answers requests read from its stdin, one JSON line per request and per answer (no
-pickle, even between our own processes). A request may carry raw bytes: its line says how many
-("payload" in the message), and they follow it.
+pickle, even between our own processes), matched by number. A request may carry raw bytes: its
+line says how many ("payload" in the message), and they follow it.
 
 A child lives exactly as long as its requester holds its stdin open: when the requester closes
 it, or dies (even by SIGKILL), the child exits at once, dropping any request in flight, as the
@@ -14,16 +14,16 @@ requester's own threads would have been.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-
 
 
 class WorkerGone(RuntimeError):
@@ -38,13 +38,16 @@ class WorkerError(RuntimeError):
 
 
 class WorkerProcess:
-    """``python -m <module>``, started by the first request and again by the first one after it
-    died. Requests are answered one at a time, in the order they are made."""
+    """``python -m <module> [args]``, started by ``start()`` or the first request, and again by
+    the first request after it died. Several threads may have requests in flight at once; how
+    many the worker works on together is its own choice (``serve``'s ``concurrency``)."""
 
     def __init__(self, module: str, args: tuple[str, ...] = ()):
         self.module, self.args = module, args
         self._proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the process, the pipe to it and the table of requests in flight
+        self._in_flight: dict[int, tuple[subprocess.Popen, Future]] = {}
+        self._numbers = itertools.count()
         self._stopped = False
 
     @property
@@ -62,34 +65,33 @@ class WorkerProcess:
     def request(self, message: dict[str, Any], payload: bytes | None = None) -> dict[str, Any]:
         """Send ``message`` (and ``payload``, raw bytes) and return the answer; WorkerError if the
         worker answered with an error, WorkerGone if it died or was stopped before answering."""
-        if payload is not None:
-            message = {**message, "payload": len(payload)}
-        line = (json.dumps(message) + "\n").encode()
+        answer: Future = Future()
         with self._lock:
             if self._stopped:
                 raise WorkerGone(f"{self.module} was stopped")
             proc = self._running()
+            number = next(self._numbers)
+            header = {**message, "id": number, **({"payload": len(payload)} if payload is not None else {})}
+            self._in_flight[number] = (proc, answer)
             try:
-                proc.stdin.write(line)
+                proc.stdin.write((json.dumps(header) + "\n").encode())
                 if payload is not None:
                     proc.stdin.write(payload)
                 proc.stdin.flush()
-                answer = proc.stdout.readline()
             except (OSError, ValueError) as exc:  # a broken pipe, or stdin closed by stop()
+                del self._in_flight[number]
                 proc.kill()
-                proc.wait()
                 raise WorkerGone(f"{self.module} (pid {proc.pid}) is gone: {exc}") from exc
-            if not answer:
-                raise WorkerGone(f"{self.module} (pid {proc.pid}) exited with {proc.wait()}")
-        reply = json.loads(answer)
+        reply = answer.result()
         if "error" in reply:
             raise WorkerError(reply["error"])
         return reply
 
     def stop(self, timeout: float = 0.0) -> None:
         """End the worker (and any request in flight); later requests raise WorkerGone."""
-        self._stopped = True
-        proc = self._proc
+        with self._lock:
+            self._stopped = True
+            proc = self._proc
         if proc is None:
             return
         try:
@@ -104,7 +106,24 @@ class WorkerProcess:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, *self.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             )
+            threading.Thread(target=self._answers, args=(self._proc,), name="worker-answers", daemon=True).start()
         return self._proc
+
+    def _answers(self, proc: subprocess.Popen) -> None:
+        """Hand each answer of ``proc`` to its request; when it ends, fail what it left unanswered."""
+        try:
+            for line in proc.stdout:
+                reply = json.loads(line)
+                with self._lock:
+                    _, answer = self._in_flight.pop(reply.pop("id"))
+                answer.set_result(reply)
+        finally:
+            code = proc.wait()
+            with self._lock:
+                lost = [n for n, (p, _) in self._in_flight.items() if p is proc]
+                answers = [self._in_flight.pop(n)[1] for n in lost]
+            for answer in answers:
+                answer.set_exception(WorkerGone(f"{self.module} (pid {proc.pid}) exited with {code}"))
 
 
 # --- the worker's side ---------------------------------------------------------------------
@@ -119,9 +138,10 @@ def run_in_idle_time() -> None:
         os.nice(19)
 
 
-def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Answer each request with ``handle``'s answer, or {"error": text} if it raised. A request's
-    payload reaches ``handle`` as bytes under "payload"."""
+def serve(handle: Callable[[dict[str, Any]], dict[str, Any]], concurrency: int = 1) -> None:
+    """Answer each request with ``handle``'s answer, or {"error": text} if it raised, working on
+    up to ``concurrency`` at once (one: in the order they came). A request's payload reaches
+    ``handle`` as bytes under "payload"."""
     # Ctrl-C or a SIGTERM may reach the whole process group: the requester decides what happens,
     # and the worker ends with its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -129,26 +149,25 @@ def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print, from Python or C, must not corrupt the answers
     sys.stdout = sys.stderr
-    requests: queue.Queue[dict[str, Any]] = queue.Queue()
+    writing = threading.Lock()
 
-    def read() -> None:
-        source = sys.stdin.buffer
-        while line := source.readline():
-            message = json.loads(line)
-            if "payload" in message:
-                size = message["payload"]
-                message["payload"] = source.read(size)
-                if len(message["payload"]) < size:
-                    break
-            requests.put(message)
-        os._exit(0)  # the requester closed its end, or died: nothing more is wanted
-
-    threading.Thread(target=read, name="requests", daemon=True).start()
-    while True:
-        message = requests.get()
+    def answer(message: dict[str, Any]) -> None:
+        number = message.pop("id")
         try:
-            answer = handle(message)
+            reply = handle(message)
         except Exception as exc:  # the requester decides what an error means; serve the next
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
-        answers.write((json.dumps(answer) + "\n").encode())
-        answers.flush()
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        with writing:
+            answers.write((json.dumps({**reply, "id": number}) + "\n").encode())
+            answers.flush()
+
+    workers = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="request")
+    source = sys.stdin.buffer
+    while line := source.readline():
+        message = json.loads(line)
+        if "payload" in message:
+            size, message["payload"] = message["payload"], source.read(message["payload"])
+            if len(message["payload"]) < size:  # cut off by the requester's end: never act on part of it
+                break
+        workers.submit(answer, message)
+    os._exit(0)  # the requester closed its end, or died: nothing more is wanted

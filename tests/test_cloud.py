@@ -115,11 +115,11 @@ def smoke_manager(store: RunStore, step: int):
 
 
 def record_sends(store: RunStore) -> list[str]:
-    """The paths both upload lanes hand to their worker processes, in the order they do."""
+    """The paths the upload lanes hand to their worker process, in the order they do."""
     sent: list[str] = []
-    for lane in (store.uploader.ordered, store.uploader.live):
-        real_write = lane.remote.write_bytes
-        lane.remote.write_bytes = lambda rel, data, real_write=real_write: (sent.append(rel), real_write(rel, data))
+    sender = store.uploader.ordered.remote  # the live lane's too
+    real_write = sender.write_bytes
+    sender.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
     return sent
 
 

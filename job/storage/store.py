@@ -38,16 +38,16 @@ class RunStore:
         self.lease: Lease | None = None
         self.remote: RemoteFolder | None = None
         self.uploader: Uploader | None = None
-        self._senders: tuple[WorkerFolder, ...] = ()
+        self._sender: WorkerFolder | None = None
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
             if not read_only:
                 # The lanes' requests leave this process (job.storage.upload_worker): botocore's
                 # Python would otherwise hold the interpreter lock the training step needs.
-                self._senders = (WorkerFolder(uri), WorkerFolder(uri))
+                self._sender = WorkerFolder(uri)
                 self.uploader = Uploader(
-                    self.local, self._senders, retry_max_seconds, live_upload_seconds, guard=self.fence_run,
+                    self.local, self._sender, retry_max_seconds, live_upload_seconds, guard=self.fence_run,
                 )
         else:
             self.local = LocalFolder(uri.removeprefix("file://"))
@@ -204,5 +204,5 @@ class RunStore:
     def close(self) -> None:
         if self.uploader:
             self.uploader.abandon()
-        for sender in self._senders:
-            sender.close()
+        if self._sender:
+            self._sender.close()

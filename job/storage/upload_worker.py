@@ -1,13 +1,14 @@
-"""``python -m job.storage.upload_worker URI``: the process that makes an upload lane's
-requests to a remote run URI (job.worker; the lane's side is job.storage.uploader.WorkerFolder).
+"""``python -m job.storage.upload_worker URI``: the process that makes the upload lanes'
+requests to a remote run URI (job.worker; the lanes' side is job.storage.uploader.WorkerFolder).
 
 An S3 request costs the client about 2.5 ms of pure Python (botocore building, signing and
 parsing it) under the interpreter lock; in the training process that is taken from the training
 step, which needs the lock between its kernels. On `smoke` (one torch thread, mostly Python) the
 uploads of a checkpoint every 10 steps cost the training phase 11% there, against none for the
-same checkpoints written to a local run folder. So each lane sends through ``python -m
-job.storage.upload_worker URI``, its own S3 client in its own process; the lane (order, pacing,
-retries, the lease's fence) stays in the training process and hands over bytes and names only.
+same checkpoints written to a local run folder. So the lanes send through this process, with
+its own S3 client, one request of each lane at a time (two at once: a checkpoint's upload never
+holds back a heartbeat); the lanes (order, pacing, retries, the lease's fence) stay in the
+training process and hand over bytes and names only.
 """
 
 from __future__ import annotations
@@ -42,4 +43,4 @@ def handler(folder: RemoteFolder):
 if __name__ == "__main__":
     remote = RemoteFolder(sys.argv[1])
     remote.connect()
-    serve(handler(remote))
+    serve(handler(remote), concurrency=2)  # one request of each lane

@@ -1,8 +1,8 @@
 """Mirrors a local working copy to a remote folder in the background (SPEC §10), so that a slow
 or dead bucket never blocks a training step: retries with backoff and jitter (tenacity), in two
-lanes so that a large checkpoint never holds back a heartbeat, each sending through its own
-worker process (job.storage.upload_worker) so that the S3 client's Python stays out of the
-training process."""
+lanes so that a large checkpoint never holds back a heartbeat, both sending through one worker
+process (job.storage.upload_worker) so that the S3 client's Python stays out of the training
+process."""
 
 from __future__ import annotations
 
@@ -169,18 +169,17 @@ def describe(exc: BaseException | None) -> str:
 class Uploader:
     """Mirrors the local working copy to the remote folder in the background: one lane for
     files whose order matters (checkpoints, data), one for live files (progress, logs, plots),
-    so that a large checkpoint never holds back a heartbeat. Each lane sends through its own
-    remote (``remotes``: ordered, live), so that neither waits for the other's request."""
+    so that a large checkpoint never holds back a heartbeat (``remote`` must take a request of
+    each at once, as WorkerFolder does)."""
 
     def __init__(
-        self, local: Folder, remotes: tuple[Folder, Folder], max_wait: float, live_pause: float = 0.0,
+        self, local: Folder, remote: Folder, max_wait: float, live_pause: float = 0.0,
         guard: Callable[[], None] = lambda: None,
     ):
-        ordered, live = remotes
-        self.ordered = Lane("ordered", local, ordered, max_wait, guard=guard)
+        self.ordered = Lane("ordered", local, remote, max_wait, guard=guard)
         # Every request costs CPU (the S3 client's, and the store's): progress and logs,
         # rewritten several times a second, rest between sends.
-        self.live = Lane("live", local, live, max_wait, pause=live_pause, guard=guard)
+        self.live = Lane("live", local, remote, max_wait, pause=live_pause, guard=guard)
 
     def lane(self, rel: str) -> Lane:
         return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live
@@ -202,9 +201,10 @@ class Uploader:
 
 class WorkerFolder:
     """The writes of a RemoteFolder (what an upload lane needs: write, delete, list to delete),
-    made by a worker process that starts at once, so that its imports and its S3 client's set-up
-    overlap the job's own start. A failed request raises StorageError with the store's words;
-    a worker that died is started again by the next request (the lane retries)."""
+    made by one worker process for both lanes, which works on a request of each at once. It
+    starts at once, so that its imports and its S3 client's set-up overlap the job's own start.
+    A failed request raises StorageError with the store's words; a worker that died is started
+    again by the next request (the lane retries)."""
 
     def __init__(self, uri: str):
         self.uri = uri

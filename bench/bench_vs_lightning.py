@@ -11,7 +11,7 @@ and gradient clipping, three variants train the same steps:
   AdamW, schedule, and the same validation at each epoch end), no checkpoints;
 - job: job.training.loop.train() on an s3:// run folder (bench_overhead.full_job), the tokenizer
   stage alone, a checkpoint every N steps (no epoch-end ones, as Lightning's callback below),
-  and its final one;
+  and its final one, with the preset's own monitoring (heartbeat, progress, logs, plots);
 - lightning: ``Trainer.fit`` of a LightningModule around the same model and optimizer, with
   ``gradient_clip_val``, the schedule stepped every step, and
   ``ModelCheckpoint(dirpath="s3://...", every_n_train_steps=N, save_top_k=keep_last)``, which
@@ -223,9 +223,11 @@ def request_summary(requests: list[tuple[str, str]], checkpoints: int, checkpoin
 
 def bench_cadence(name: str, plan: dict, repeats: int, threads: int, s3: S3Server, work: Path) -> None:
     every = plan["every"]
+    # The job's monitoring as its preset sets it (smoke: a heartbeat every 2 s, progress.json every
+    # 0.5 s; small: 10 s and 5 s), live files paced by storage.live_upload_seconds: what a user runs.
     overrides = [
         *plan["overrides"], "stage2.epochs=0", f"checkpoint.every_steps={every}", "checkpoint.every_epochs=0",
-        "checkpoint.every_minutes=0", "monitor.heartbeat_seconds=1", "monitor.progress_every_seconds=1",
+        "checkpoint.every_minutes=0",
     ]
     setup = set_up(plan["preset"], overrides, name, "bench-lightning", threads, torch.device("cpu"), s3, work)
     cfg, total_steps, data_template, dataset, bucket = (

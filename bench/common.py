@@ -282,8 +282,9 @@ class ThreadCPU:
             return self
         self._start = self._read()
         self._children_start = _children_cpu()
-        self._helpers_before = {pid: _ticks_or_zero(pid) for pid, module in child_modules().items() if module}
-        self._others_before = {pid for pid, module in child_modules().items() if not module}
+        children = child_modules()
+        self._helpers_before = {pid: _ticks_or_zero(pid) for pid, module in children.items() if module}
+        self._others_before = {pid for pid, module in children.items() if not module}
         self._thread.start()
         return self
 

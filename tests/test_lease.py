@@ -40,6 +40,14 @@ def elsewhere() -> Machine:
     return machine
 
 
+def gone() -> Machine:
+    """A process of this machine that has ended (its pid is free)."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    machine = Machine()
+    machine.pid = int(ended.stdout)
+    return machine
+
+
 def lease_doc(folder) -> dict:
     return json.loads(folder.read_bytes(Layout.lease))
 
@@ -108,9 +116,7 @@ def test_a_lapsed_lease_holds_writes_back_and_a_renewal_nobody_raced_revives_it(
 
 
 def test_a_holder_process_gone_on_this_machine_is_taken_over_at_once(folder):
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = Machine()
-    dead.pid = int(ended.stdout)
+    dead = gone()
     Lease(folder, TTL, machine=dead).acquire(wait_seconds=0)
     assert Lease(folder, TTL).acquire(wait_seconds=0) == "holder process gone"
 
@@ -118,9 +124,7 @@ def test_a_holder_process_gone_on_this_machine_is_taken_over_at_once(folder):
 def test_an_attempt_killed_before_its_first_upload_is_still_counted(tmp_path):
     """Its lease, written at the run URI at once, is all it left: the next attempt is one more."""
     run = tmp_path / "run"
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = Machine()
-    dead.pid = int(ended.stdout)
+    dead = gone()
     killed = Lease(LocalFolder(run), TTL, machine=dead)
     killed.acquire(wait_seconds=0)
     killed.note_attempt(3)

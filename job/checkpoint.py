@@ -30,6 +30,7 @@ import structlog
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
+from safetensors.numpy import save as save_arrays
 from safetensors.torch import save as save_tensors
 
 from job.fsutil import json_bytes
@@ -127,13 +128,36 @@ class Snapshot:
 
     def encode(self) -> dict[str, bytes]:
         """The files of a checkpoint, as bytes (no manifest yet)."""
-        return {MODEL_FILE: save_tensors(self.model), STATE_FILE: encode_state(self.optimizer, self.rng, self.state_json)}
+        return {MODEL_FILE: tensor_file(self.model), STATE_FILE: encode_state(self.optimizer, self.rng, self.state_json)}
 
 
 def encode_state(optimizer: dict[str, torch.Tensor], rng: dict[str, torch.Tensor], state_json: bytes) -> bytes:
     """state.safetensors: the optimizer's and the generators' tensors, the JSON state as metadata."""
     tensors = {**{f"optimizer.{k}": v for k, v in optimizer.items()}, **{f"rng.{k}": v for k, v in rng.items()}}
-    return save_tensors(tensors, metadata={STATE_METADATA_KEY: state_json.decode()})
+    return tensor_file(tensors, metadata={STATE_METADATA_KEY: state_json.decode()})
+
+
+# The dtypes numpy holds as themselves (not bfloat16 or float8, which only the torch front end writes).
+NUMPY_DTYPES = frozenset({
+    torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+    torch.bool,
+})
+
+# Up to this many bytes in all, a file is encoded through safetensors' numpy front end: the same
+# bytes as its torch one, with a third of the Python per tensor (a smoke checkpoint's 200
+# tensors: 1.4 ms against 4.5 ms of the writer thread holding the interpreter lock). Its
+# copy per byte costs more, so large files keep the torch front end (20 MB: equal; 80 MB in
+# 20 tensors: numpy 10% slower).
+SMALL_FILE_BYTES = 16 << 20
+
+
+def tensor_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file of CPU tensors; the same tensors always give the same bytes, whichever
+    front end encodes them."""
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size <= SMALL_FILE_BYTES and all(t.dtype in NUMPY_DTYPES for t in tensors.values()):
+        return save_arrays({k: t.detach().numpy() for k, t in tensors.items()}, metadata=metadata)
+    return save_tensors(tensors, metadata=metadata)
 
 
 def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:

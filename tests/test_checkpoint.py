@@ -9,10 +9,12 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from job.checkpoint import (
     MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, CheckpointReader, ManifestMismatch, RNGState,
-    UnreadableCheckpoint, take_snapshot,
+    UnreadableCheckpoint, take_snapshot, tensor_file,
 )
 from job.checkpointer import FINAL, CheckpointManager, Diverged
 from job.config import build_config, set_value
@@ -81,6 +83,23 @@ def test_same_weights_give_the_same_bytes():
     with torch.no_grad():
         next(b["model"].parameters()).add_(1e-6)
     assert take_snapshot(b, {}).encode()[MODEL_FILE] != first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_either_safetensors_front_end_writes_the_same_bytes(dtype):
+    """Small files go through safetensors' numpy front end (less Python per tensor), bfloat16
+    and large ones through its torch one: a checkpoint's bytes must not depend on which."""
+    snapshot = take_snapshot(one_stepped(fresh_parts()), {"config": CFG.to_dict()})
+    tensors = {**snapshot.model, "extra": torch.arange(6).reshape(2, 3).to(dtype)}
+    metadata = {"state": snapshot.state_json.decode()}
+    data = tensor_file(tensors, metadata)
+    assert data == save_tensors(tensors, metadata=metadata)
+    assert all(torch.equal(load_tensors(data)[k], t) for k, t in tensors.items())
+
+
+def one_stepped(parts: dict) -> dict:
+    one_step(parts)
+    return parts
 
 
 def test_a_snapshot_leaves_torch_threads_as_training_set_them():

@@ -3,6 +3,7 @@ records in the run folder's ``logs/``, and secrets redacted before anything is w
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -48,13 +49,16 @@ def redact(value: Any, secrets: tuple[str, ...]) -> Any:
             value = value.replace(secret, REDACTED)
         return value
     if isinstance(value, dict):
-        return {
-            k: REDACTED if SECRET_KEY_WORDS & set(re.split(r"[^a-z]+", str(k).lower())) else redact(v, secrets)
-            for k, v in value.items()
-        }
+        return {k: REDACTED if _names_a_secret(str(k)) else redact(v, secrets) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v, secrets) for v in value]
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_a_secret(key: str) -> bool:
+    """Cached: a run logs the same few dozen field names over and over, from the training thread."""
+    return bool(SECRET_KEY_WORDS & set(re.split(r"[^a-z]+", key.lower())))
 
 
 def _secrets() -> tuple[str, ...]:
@@ -87,6 +91,18 @@ _SHARED_PROCESSORS = [
 ]
 
 
+class _JSONLines(structlog.stdlib.ProcessorFormatter):
+    """Renders a record once for every handler that writes it as a JSON line (stdout and the run
+    folder's log file): rendering and redacting twice cost the training thread ~60 us a record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = getattr(record, "_job_json_line", None)
+        if line is None:
+            line = super().format(record)
+            record._job_json_line = line
+        return line
+
+
 def _formatter(console: bool = False) -> logging.Formatter:
     """JSON lines, or for a terminal a readable line with a progress bar. Secrets are redacted
     last, after exceptions have been rendered to text."""
@@ -95,7 +111,7 @@ def _formatter(console: bool = False) -> logging.Formatter:
         render += [_progress_bar, structlog.dev.ConsoleRenderer(colors=False)]
     else:
         render += [structlog.processors.JSONRenderer(sort_keys=False)]
-    return structlog.stdlib.ProcessorFormatter(
+    return (structlog.stdlib.ProcessorFormatter if console else _JSONLines)(
         foreign_pre_chain=_SHARED_PROCESSORS,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
     )

@@ -333,14 +333,16 @@ class Trainer:
         state.start_next_epoch()
         write_metrics(self.store, self.plan.layout.metrics, state.metrics)
         final = state.step >= total_steps
-        loss_plot = self.plan.layout.loss_plot
-        if self.topology.is_writer and self.plot_due(loss_plot, final):  # the only rank that stores it
-            self.plots.submit(loss_plot, "loss_curves", metrics=list(state.metrics))
         log.info("train.epoch", stage=self.plan.number, **record)
         self.progress.update(epoch=min(state.epoch + 1, self.plan.epochs), loss=record["train_loss"])
         reason = FINAL if final else self.checkpoints.due(at_epoch_end=True)
         if reason:
             self.save(reason, val_loss=val["val_loss"])
+        # After the checkpoint: the final one is committed before the plot worker (a Python
+        # process importing matplotlib, at a run's first plot) competes with its commit.
+        loss_plot = self.plan.layout.loss_plot
+        if self.topology.is_writer and self.plot_due(loss_plot, final):  # the only rank that stores it
+            self.plots.submit(loss_plot, "loss_curves", metrics=list(state.metrics))
 
     def save(self, reason: str, val_loss: float | None = None) -> None:
         if not self.topology.is_writer:

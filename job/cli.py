@@ -118,6 +118,7 @@ def run_status(args: argparse.Namespace) -> int:
 def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
     """Run one mode on its run folder; returns the exit code of a mode that judges (verify)."""
     from job.distributed import Topology
+    from job.monitoring.lifecycle import WAITING_FOR_STORE, sleep_unless_stopped
     from job.storage import RunStore
     from job.data import run_generate
     from job.training.loop import train
@@ -129,7 +130,7 @@ def dispatch(mode: str, cfg, run_uri: str, cache_dir: str | None) -> int:
             # Its own preflight also sizes the disk; it flushes its uploads itself, while it holds the lease.
             train(cfg, store, topology)
         else:
-            store.preflight(cfg.storage.connect_seconds)
+            store.preflight(cfg.storage.connect_seconds, sleep=sleep_unless_stopped(WAITING_FOR_STORE))
             if mode == "generate":
                 run_generate(cfg, store)
             elif mode == "verify":

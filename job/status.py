@@ -18,10 +18,11 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any, Callable, TypeVar
 
-from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from job.monitoring.progress import format_duration, render_progress
 from job.storage import Layout, StoreRefused, open_folder
+from job.storage.folders import retry_transient
 from job.storage.layout import StageLayout, is_plain_file_name
 
 EXIT_HEALTHY = 0
@@ -101,7 +102,7 @@ class RunFolder:
 
 def _asking_store(call: Callable[..., T], *args: Any) -> T:
     retrying = Retrying(
-        retry=retry_if_not_exception_type(StoreRefused),
+        retry=retry_transient,
         stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(RETRY_SECONDS),
         wait=wait_exponential_jitter(multiplier=0.2, max=1.0),
         reraise=True,

@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -403,6 +405,56 @@ def test_an_unreachable_endpoint_exits_2_quickly():
     assert result.returncode == 2, result.stdout + result.stderr
     assert "unreachable:" in result.stdout
     assert result.seconds < 30
+
+
+class SilentEndpoint:
+    """A TCP port that accepts connections and never answers: a store that hangs mid-request."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.connected = threading.Event()
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            self._held.append(connection)
+            self.connected.set()
+
+    def close(self) -> None:
+        self.server.close()
+        for connection in self._held:
+            connection.close()
+
+
+def test_ctrl_c_ends_a_watch_whose_store_hangs_mid_request():
+    """A Ctrl-C that lands inside a request is not taken for a failure of the store and retried:
+    the watch ends (exit 0) at once."""
+    endpoint = SilentEndpoint()
+    env = job_env(
+        AWS_ENDPOINT_URL=endpoint.url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    proc = subprocess.Popen(
+        job_command("status", "s3://bucket/run", "--watch", "0.2"), cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert endpoint.connected.wait(60), "status never asked the store"
+        time.sleep(0.5)  # inside its request, waiting for an answer that never comes
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, out + err
+        assert "Traceback" not in err
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        endpoint.close()
 
 
 # --- light and fast -------------------------------------------------------------------------

@@ -97,6 +97,22 @@ def test_train_stops_while_downloading_its_data_and_the_bucket_says_preempted(s3
     assert (cache / "data" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("mode", ["train", "verify"])
+def test_a_start_waiting_for_a_run_uri_that_does_not_answer_stops_at_once(mode, s3, tmp_path):
+    """A start retries an unreachable store for storage.connect_seconds (minutes by default);
+    docker stop must not have to wait for that, nor end it with SIGKILL."""
+    s3.endpoint.stop()
+    try:
+        proc = JobProcess.job(
+            mode, "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(tmp_path / "cache"),
+            "--set", "storage.connect_seconds=300",
+        )
+        assert stop_during(proc, '"storage.unreachable"') < STOP_WITHIN_SECONDS
+        assert "stopped by SIGTERM while waiting for the run URI to answer" in proc.output
+    finally:
+        s3.endpoint.start()
+
+
 @pytest.fixture
 def trained_run(smoke_baseline, tmp_path) -> Path:
     run = tmp_path / "run"

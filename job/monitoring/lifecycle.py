@@ -152,6 +152,26 @@ def stop_point(phase: str) -> None:
         StopRequest.active.check(phase)
 
 
+WAITING_FOR_STORE = "waiting for the run URI to answer"
+
+
+def sleep_unless_stopped(phase: str, slice_seconds: float = 0.25) -> Callable[[float], None]:
+    """A sleep for the waits of a long phase (a store that does not answer, another writer's
+    lease): a stop signal ends it within ``slice_seconds`` by raising Stopped, so that a job
+    waiting for minutes still exits 143 within docker stop's grace period."""
+
+    def sleep(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            stop_point(phase)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, slice_seconds))
+
+    return sleep
+
+
 class LeaseKeeper(PeriodicThread):
     """Renews the run's lease every quarter of its TTL (SPEC §10). While no renewal gets through
     (the store is away) the lease lapses: the store's fence holds every write to the run back

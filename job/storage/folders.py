@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
+from tenacity import retry_if_exception_type, retry_if_not_exception_type
+
 from job.fsutil import atomic_write_bytes
 
 T = TypeVar("T")
@@ -51,6 +53,12 @@ REFUSALS = {
     "NoCredentials": "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
                      "or give the host an instance role)",
 }
+
+
+# tenacity's predicate for a store's requests: retry any failure but a refusal for good. Only
+# Exceptions: tenacity's "any but StoreRefused" alone would also retry a KeyboardInterrupt that
+# lands inside a request, and a Ctrl-C would be lost.
+retry_transient = retry_if_exception_type(Exception) & retry_if_not_exception_type(StoreRefused)
 
 
 def refusal_code(exc: BaseException) -> str | None:

@@ -4,14 +4,18 @@ to the run URI when that is remote. Reads look in the cache first, then in the U
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
-from tenacity import Retrying, retry_if_not_exception_type, wait_exponential_jitter
+from tenacity import Retrying, wait_exponential_jitter
 
 from job.fsutil import DiskFull, json_bytes
-from job.storage.folders import LocalFolder, RemoteFolder, StorageError, StoreRefused, default_cache_dir, is_remote
+from job.storage.folders import (
+    LocalFolder, RemoteFolder, StorageError, StoreRefused, default_cache_dir, is_remote, retry_transient,
+)
 from job.storage.lease import Lease
 from job.storage.uploader import Uploader, Op, WorkerFolder, describe
 
@@ -161,18 +165,20 @@ class RunStore:
         return self.local.path(rel)
 
     # lifecycle
-    def preflight(self, connect_seconds: float) -> None:
+    def preflight(self, connect_seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
         """The working copy and the run URI can be written and read back. A remote that does not
         answer is retried for ``connect_seconds``: a run that may exist there must never be
         restarted from scratch because the store was briefly away. A store that refuses us for
-        good (StoreRefused) is not retried: the person who can fix it hears at once."""
+        good (StoreRefused) is not retried: the person who can fix it hears at once. ``sleep``
+        waits between tries (the job's own ends the wait on a stop signal)."""
         self.local.check()
         if not self.remote:
             return
         check = (lambda: self.remote.list_dir("")) if self.read_only else self.remote.check
         retrying = Retrying(
-            retry=retry_if_not_exception_type(StoreRefused),
+            retry=retry_transient,
             wait=wait_exponential_jitter(multiplier=0.5, max=10),
+            sleep=sleep,
             stop=lambda state: state.seconds_since_start >= connect_seconds,
             before_sleep=lambda state: log.warning(
                 "storage.unreachable", uri=self.uri, attempt=state.attempt_number,

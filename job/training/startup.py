@@ -5,7 +5,6 @@ change the math."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from job.checkpoint import Checkpoint, CheckpointReader
 from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys
 from job.distributed import Topology
-from job.monitoring.lifecycle import LeaseKeeper, stop_point
+from job.monitoring.lifecycle import WAITING_FOR_STORE, LeaseKeeper, sleep_unless_stopped
 from job.storage import Layout, RunStore, StorageError
 from job.storage.lease import Lease
 from job.training.stages import StagePlan
@@ -29,7 +28,7 @@ class ResumeRefused(ConfigError):
 def preflight(cfg: Config, store: RunStore) -> None:
     """Before any work: the run folder is reachable and writable, and the local disk can hold the
     data and the kept checkpoints."""
-    store.preflight(cfg.storage.connect_seconds)
+    store.preflight(cfg.storage.connect_seconds, sleep=sleep_unless_stopped(WAITING_FOR_STORE))
     d = cfg.data
     dataset_bytes = 0 if d.uri else d.num_samples * (d.frames * d.height * d.width + 8)
     # weights + two AdamW moments, for the kept checkpoints plus best and the one being written
@@ -53,12 +52,7 @@ def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[L
         yield None
         return
     ttl = cfg.storage.lease_seconds
-
-    def sleep_unless_stopped(seconds: float) -> None:  # SIGTERM ends the wait for another writer
-        time.sleep(seconds)
-        stop_point("waiting for the run's lease")
-
-    lease = Lease(store.run_folder, ttl, sleep=sleep_unless_stopped)
+    lease = Lease(store.run_folder, ttl, sleep=sleep_unless_stopped("waiting for the run's lease"))
     lease.acquire(wait_seconds=2 * ttl)
     store.lease = lease
     try:

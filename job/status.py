@@ -11,6 +11,7 @@ listing; checking its hashes would mean downloading it, which is ``verify``'s jo
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -479,6 +480,9 @@ def status_main(uri: str, as_json: bool, watch: float | None) -> int:
             report = read_run(uri)
             show(report, as_json)
             return report.exit_code
+        # Ctrl-C ends a watch even where SIGINT came ignored (a shell starts its background
+        # commands so, and Python then installs no handler of its own).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return watch_run(uri, as_json, watch)
     except KeyboardInterrupt:
         # Ctrl-C is how a person ends --watch: that is success, not an error.

@@ -304,11 +304,13 @@ def test_watch_ends_by_itself_on_a_completed_run(smoke_baseline):
     assert "completed" in result.stdout
 
 
-def watching(run: Path, *args: str) -> subprocess.Popen:
-    """``status --watch 0.2`` in the background, once it has printed its first report."""
+def watching(run: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
+    """``status --watch 0.2`` in the background, once it has printed its first report;
+    ``sigint_ignored``: started as a shell starts a background command (SIGINT ignored)."""
     proc = subprocess.Popen(
         job_command("status", str(run), "--watch", "0.2", *args), cwd=ROOT, env=job_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
     assert proc.stdout.readline().startswith("run:")
     return proc
@@ -324,8 +326,9 @@ def test_watch_follows_the_run_until_it_fails(tmp_path):
     assert "Traceback" not in err
 
 
-def test_ctrl_c_ends_a_watch_cleanly(tmp_path):
-    proc = watching(write_run(tmp_path, crafted_run("running")))
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_ctrl_c_ends_a_watch_cleanly(tmp_path, sigint_ignored):
+    proc = watching(write_run(tmp_path, crafted_run("running")), sigint_ignored=sigint_ignored)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, out + err

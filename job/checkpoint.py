@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import structlog
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
 from safetensors.numpy import save as save_arrays
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from job.fsutil import json_bytes

@@ -23,12 +23,13 @@ import time
 import torch
 from structlog.testing import capture_logs
 
-from job.checkpoint import RNGState
-from job.checkpointer import CheckpointManager
+from job.checkpoints.format import RNGState
+from job.checkpoints.manager import CheckpointManager
 from job.config import build_config
 from job.storage import Layout, RunStore
-from job.training.state import TrainState
-from job.training.task import build_optimizer, initial_tokenizer
+from job.checkpoints.train_state import TrainState
+from job.training.optim import build_optimizer
+from job.models.tokenizer import initial_tokenizer
 
 
 def populated(cfg):

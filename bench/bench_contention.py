@@ -28,8 +28,9 @@ import torch
 from bench_overhead import WARMUP_STEPS, bare_loop
 from common import emit, median, note, spread
 from job.config import build_config, steps_per_epoch
-from job.data import VideoDataset, generate_dataset
-from job.device import pick_device
+from job.data.dataset import VideoDataset
+from job.data.shards import generate_dataset
+from job.runtime.device import pick_device
 
 # Each runs until killed, at nice 19: the least claim on a CPU a process can make.
 LOADS = {

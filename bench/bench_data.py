@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from job.config import DataConfig
-from job.data import VideoDataset, generate_dataset
-from job.synthetic import generate_samples
+from job.data.dataset import VideoDataset
+from job.data.shards import generate_dataset
+from job.data.synthetic import generate_samples
 
 TARGET_SECONDS = 30.0
 BATCH_SIZE = 32

@@ -49,10 +49,13 @@ def main() -> None:
         return
 
     from job.config import build_config
-    from job.data import VideoDataset, generate_dataset
-    from job.device import autocast, pick_device
-    from job.training.state import epoch_order
-    from job.training.task import build_optimizer, initial_tokenizer, optimizer_step
+    from job.data.dataset import VideoDataset
+    from job.data.shards import generate_dataset
+    from job.runtime.device import autocast, pick_device
+    from job.training.order import epoch_order
+    from job.training.optim import build_optimizer
+    from job.models.tokenizer import initial_tokenizer
+    from job.training.task import optimizer_step
 
     preset = args.cpu_check or "default"
     cfg = build_config(preset, None, ["train.device=cpu"] if args.cpu_check else [])

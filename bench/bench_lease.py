@@ -33,7 +33,7 @@ from structlog.testing import capture_logs
 
 from common import ROOT, S3Server, emit, job_env, median, note, spread
 from job.config import build_config
-from job.fsutil import json_bytes
+from job.runtime.files import json_bytes
 from job.monitoring.progress import render_progress
 from job.storage import Layout, LocalFolder, RemoteFolder
 from job.storage.lease import RENEW_SHARE, Lease

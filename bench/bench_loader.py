@@ -29,9 +29,12 @@ import torch
 
 from common import emit, median, note, spread
 from job.config import build_config
-from job.data import VideoDataset, generate_dataset
-from job.device import pick_device
-from job.training.task import build_optimizer, initial_tokenizer, optimizer_step
+from job.data.dataset import VideoDataset
+from job.data.shards import generate_dataset
+from job.runtime.device import pick_device
+from job.training.optim import build_optimizer
+from job.models.tokenizer import initial_tokenizer
+from job.training.task import optimizer_step
 
 TARGET = 5.0
 

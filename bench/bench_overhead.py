@@ -56,12 +56,16 @@ from safetensors.torch import load_file
 import job.training.loop
 from common import KeepLogHandlers, S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
 from job.config import Config, build_config, steps_per_epoch
-from job.data import VideoDataset, generate_dataset
-from job.device import pick_device
+from job.data.dataset import VideoDataset
+from job.data.shards import generate_dataset
+from job.runtime.device import pick_device
 from job.storage import Layout, RunStore
 from job.training.loop import Trainer, train
-from job.training.state import epoch_order
-from job.training.task import TokenizerTask, build_optimizer, initial_tokenizer, optimizer_step
+from job.training.order import epoch_order
+from job.training.tasks.tokenizer import TokenizerTask
+from job.training.optim import build_optimizer
+from job.models.tokenizer import initial_tokenizer
+from job.training.task import optimizer_step
 
 TARGET = 1.05
 # Per preset: epochs and repeats that keep `make bench` within its budget on 2 cores.

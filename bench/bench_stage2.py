@@ -28,15 +28,17 @@ from pathlib import Path
 import torch
 
 from common import emit, median, note, spread
-from job.checkpoint import CheckpointReader, RNGState
-from job.checkpointer import FINAL, CheckpointManager
+from job.checkpoints.reader import CheckpointReader
+from job.checkpoints.format import RNGState
+from job.checkpoints.manager import FINAL, CheckpointManager
 from job.config import build_config
-from job.data import VideoDataset, generate_dataset
-from job.device import pick_device
+from job.data.dataset import VideoDataset
+from job.data.shards import generate_dataset
+from job.runtime.device import pick_device
 from job.storage import Layout, RunStore
-from job.training.stage2 import TransformerTask
-from job.training.state import TrainState
-from job.training.task import TokenizerTask
+from job.training.tasks.transformer import TransformerTask
+from job.checkpoints.train_state import TrainState
+from job.training.tasks.tokenizer import TokenizerTask
 
 
 def timed(work, count: int) -> float:

@@ -51,12 +51,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from bench_overhead import bare_loop, full_job, same_weights, set_up, warm_up
 from common import S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
-from job.checkpointer import FINAL, CheckpointManager
+from job.checkpoints.manager import FINAL, CheckpointManager
 from job.config import steps_per_epoch
-from job.data import VideoDataset
-from job.model import compute_loss
-from job.training.state import epoch_order
-from job.training.task import build_optimizer, initial_tokenizer
+from job.data.dataset import VideoDataset
+from job.models.tokenizer import compute_loss
+from job.training.order import epoch_order
+from job.training.optim import build_optimizer
+from job.models.tokenizer import initial_tokenizer
 
 # The default preset's model (job/config.py ModelConfig) on small's 8 x 32 x 32 frames, one
 # latent frame per frame as on every CPU preset.

@@ -9,19 +9,23 @@ before any work starts, and the command line turns that into exit 2.
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job.exits import EXIT_USAGE
 from job.presets import PRESETS
 
 
 class ConfigError(ValueError):
-    """A configuration a run cannot start with; the message names the offending key."""
+    """A configuration a run cannot start with, or a run that refuses it; the message names the
+    offending key."""
+
+    exit_code, summary = EXIT_USAGE, "refused"
 
 
 # The path families the synthetic data can draw (job.synthetic renders them, in this order).
@@ -202,6 +206,14 @@ def config_from_dict(values: dict[str, Any]) -> Config:
         set_value(config, key, value)
     validate(config)
     return config
+
+
+def get_value(config: Config | dict[str, Any], key: str) -> Any:
+    """The value of a dotted key, from a Config or from its dict form (a checkpoint's config)."""
+    value: Any = config
+    for part in key.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
 
 
 def set_value(config: Config, key: str, value: Any) -> None:

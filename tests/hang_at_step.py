@@ -8,7 +8,7 @@ import sys
 import threading
 
 from job.cli import main
-from job.training.task import TokenizerTask
+from job.training.tasks.tokenizer import TokenizerTask
 
 hang_at, steps, real_step = int(sys.argv[1]), [0], TokenizerTask.train_step
 

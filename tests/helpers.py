@@ -154,7 +154,7 @@ def final_model(run: Path) -> Path:
 
 def checkpoint_state(folder: Path) -> dict:
     """The JSON state a checkpoint folder holds (in state.safetensors' metadata)."""
-    from job.checkpoint import STATE_FILE, decode_state
+    from job.checkpoints.format import STATE_FILE, decode_state
 
     return decode_state((folder / STATE_FILE).read_bytes())[2]
 
@@ -162,7 +162,7 @@ def checkpoint_state(folder: Path) -> dict:
 def rewrite_state(folder: Path, state: dict, **manifest_fields: int) -> None:
     """Replace a checkpoint's JSON state (its tensors kept) and make the manifest match, with
     ``manifest_fields`` set too: a checkpoint whose hashes hold, with other content."""
-    from job.checkpoint import STATE_FILE, decode_state, encode_state
+    from job.checkpoints.format import STATE_FILE, decode_state, encode_state
 
     optimizer, rng, _ = decode_state((folder / STATE_FILE).read_bytes())
     data = encode_state(optimizer, rng, json.dumps(state).encode())

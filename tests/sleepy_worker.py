@@ -5,7 +5,7 @@ import hashlib
 import sys
 import time
 
-from job.worker import serve
+from job.runtime.workers import serve
 
 
 def handle(request: dict) -> dict:

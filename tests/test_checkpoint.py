@@ -12,16 +12,15 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from job.checkpoint import (
-    MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, CheckpointReader, ManifestMismatch, RNGState,
-    UnreadableCheckpoint, take_snapshot, tensor_file,
-)
-from job.checkpointer import FINAL, CheckpointManager, Diverged
+from job.checkpoints.format import MANIFEST_FILE, MODEL_FILE, STATE_FILE, RNGState, take_snapshot, tensor_file
+from job.checkpoints.reader import CheckpointError, CheckpointReader, ManifestMismatch, UnreadableCheckpoint
+from job.checkpoints.manager import FINAL, CheckpointManager, Diverged
 from job.config import build_config, set_value
-from job.fsutil import atomic_write_bytes
+from job.runtime.files import atomic_write_bytes
 from job.storage import Layout, RunStore
-from job.training.state import TrainState
-from job.training.task import build_optimizer, initial_tokenizer
+from job.checkpoints.train_state import TrainState
+from job.training.optim import build_optimizer
+from job.models.tokenizer import initial_tokenizer
 from tests.helpers import FakeClock, JobProcess
 
 pytestmark = pytest.mark.timeout(150)

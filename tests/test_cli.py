@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from job.cli import EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, main, run_mode
+from job.exits import EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
+from job.cli import main, run_mode
 from job.config import ConfigError
-from job.data import DataError
-from job.fsutil import DiskFull
-from job.monitoring.lifecycle import Stopped
+from job.data.shards import DataError
+from job.runtime.files import DiskFull
+from job.runtime.signals import Stopped
 from job.storage import StorageError
 from job.training.loop import Preempted
 from job.training.startup import ResumeRefused

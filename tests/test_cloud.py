@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from job.checkpoint import delete_checkpoint
+from job.checkpoints.reader import delete_checkpoint
 from job.storage import Layout, RunStore
 from tests.helpers import SMOKE, SMOKE_STAGE2_STEPS, SMOKE_STEPS, TOKENIZER_ONLY, JobProcess, log_events, poll_until, run_job, sha256
 
@@ -103,10 +103,11 @@ def test_a_bucket_checkpoint_without_manifest_or_with_a_wrong_hash_is_skipped(s3
 
 
 def smoke_manager(store: RunStore, step: int):
-    from job.checkpoint import RNGState
-    from job.checkpointer import CheckpointManager
-    from job.training.state import TrainState
-    from job.training.task import build_optimizer, initial_tokenizer
+    from job.checkpoints.format import RNGState
+    from job.checkpoints.manager import CheckpointManager
+    from job.checkpoints.train_state import TrainState
+    from job.training.optim import build_optimizer
+    from job.models.tokenizer import initial_tokenizer
 
     model = initial_tokenizer(SMOKE)
     optimizer, scheduler = build_optimizer(model, SMOKE, total_steps=10)
@@ -124,7 +125,7 @@ def record_sends(store: RunStore) -> list[str]:
 
 
 def test_remote_commit_order_is_files_then_manifest_then_latest(s3, tmp_path):
-    from job.checkpointer import FINAL
+    from job.checkpoints.manager import FINAL
 
     store = RunStore(s3.uri("order"), tmp_path / "cache")
     sent = record_sends(store)

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from job.cli import EXIT_BAD_DATA, EXIT_PREEMPTED, EXIT_USAGE
+from job.exits import EXIT_BAD_DATA, EXIT_PREEMPTED, EXIT_USAGE
 from job.config import build_config, split_sizes
-from job.monitoring.lifecycle import Watchdog
+from job.monitoring.watchdog import Watchdog
 from tests.helpers import ROOT, job_env, log_events
 
 pytestmark = pytest.mark.timeout(600)

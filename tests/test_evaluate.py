@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, checkpoint_state, job_env, log_events, rewrite_state, run_job
-from job.checkpoint import CheckpointReader
+from job.checkpoints.reader import CheckpointReader
 from job.config import config_from_dict
-from job.data import VideoDataset
-from job.evaluate import KINDS, load_best_checkpoint
+from job.data.dataset import VideoDataset
+from job.eval.reconstruction import KINDS
+from job.inference.load import load_best_checkpoint
 from job.storage import RunStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from job.checkpoint import DATA_FILES, FORMAT_VERSION
+from job.checkpoints.format import DATA_FILES, FORMAT_VERSION
 from job.config import build_config, split_sizes
 from tests.helpers import (
     FAKE_SECRET, HANG_AT_STEP, ROOT, JobProcess, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256,

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from job.monitoring.lifecycle import LeaseKeeper
+from job.monitoring.watchdog import LeaseKeeper
 from job.storage import Layout, LocalFolder, RemoteFolder, RunStore
 from job.storage.folders import WriteConflict
 from job.storage.lease import Lease, LeaseBusy, LeaseLapsed, LeaseLost, Machine
@@ -185,7 +185,7 @@ def test_an_upload_lane_of_a_writer_that_lost_its_lease_sends_nothing(tmp_path):
 
 
 def test_status_shows_who_holds_the_run_and_whether_it_still_does(tmp_path):
-    from job.status import read_run, report_json
+    from job.modes.status import read_run, report_json
 
     folder = LocalFolder(tmp_path / "run")
     folder.write_bytes(Layout.progress, json.dumps({"status": "running", "attempt": 3}).encode())
@@ -200,7 +200,7 @@ def test_status_shows_who_holds_the_run_and_whether_it_still_does(tmp_path):
 
 def test_a_cache_left_by_a_writer_that_lost_the_run_never_turns_the_bucket_back(s3, tmp_path):
     """Its checkpoints older than the bucket's latest are what the new writer pruned there."""
-    from job.checkpointer import mirror_unsent
+    from job.checkpoints.manager import mirror_unsent
 
     stage = Layout.tokenizer
     s3.put(f"run/{stage.latest}", json.dumps({"checkpoint": "step-00000010", "step": 10}).encode())

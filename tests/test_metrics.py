@@ -7,11 +7,9 @@ import math
 import pytest
 import torch
 
-from job.evaluate import symmetric_views
-from job.metrics import (
-    PSNR_CAP_DB, FrameScores, centroids, code_bits, confusion_matrix, fit_linear_probe, frame_ssim, psnr_from_mse,
-    score_frames, ssim_window, summarise,
-)
+from job.eval.probe import symmetric_views
+from job.eval.frame_metrics import PSNR_CAP_DB, FrameScores, centroids, frame_ssim, psnr_from_mse, score_frames, ssim_window, summarise
+from job.eval.probe import code_bits, confusion_matrix, fit_linear_probe
 
 pytestmark = pytest.mark.timeout(60)
 

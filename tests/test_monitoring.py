@@ -12,7 +12,8 @@ import signal
 import pytest
 import structlog
 
-from job.monitoring.lifecycle import StopRequest, Stopped, Watchdog, stop_point
+from job.runtime.signals import StopRequest, Stopped, stop_point
+from job.monitoring.watchdog import Watchdog
 from job.monitoring.logs import _SHARED_PROCESSORS, REDACTED, _formatter, redact
 from job.monitoring.progress import Heartbeat, Progress, render_progress
 from job.storage import Layout, RunStore

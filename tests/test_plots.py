@@ -15,8 +15,8 @@ import pytest
 import structlog.testing
 from matplotlib.image import imread
 
-from job.plot_worker import BackgroundPlots
-from job.plots import MAX_FRAMES_PER_ROW, loss_curves_png, reconstruction_grid_png
+from job.plots.background import BackgroundPlots
+from job.plots.charts import MAX_FRAMES_PER_ROW, loss_curves_png, reconstruction_grid_png
 from tests.helpers import ROOT, job_env
 
 pytestmark = pytest.mark.timeout(60)

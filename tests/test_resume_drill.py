@@ -18,8 +18,8 @@ import subprocess
 
 import pytest
 
-from job.checkpoint import MODEL_FILE, STATE_FILE, decode_state, encode_state
-from job.cli import EXIT_BAD_DATA, EXIT_USAGE
+from job.checkpoints.format import MODEL_FILE, STATE_FILE, decode_state, encode_state
+from job.exits import EXIT_BAD_DATA, EXIT_USAGE
 from tests.helpers import ENTRYPOINT, SMOKE_STAGE2_STEPS, SMOKE_STEPS, TRAINING, JobProcess, job_command, job_env, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

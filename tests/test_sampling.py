@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from tests.helpers import job_env, run_job
-from job.evaluate_stage2 import (
-    CONSTANT_VELOCITY, COPY_LAST, MODEL, PREDICTION_KINDS, constant_velocity_baseline, diversity, prediction_scores,
-    prediction_section, prediction_summary, presence, second_difference, shift_frames,
-)
-from job.metrics import PSNR_CAP_DB
-from job.sampling import animated_gif, strip_png
+from job.eval.prediction import CONSTANT_VELOCITY, COPY_LAST, PREDICTION_KINDS, constant_velocity_baseline, prediction_scores, prediction_section, prediction_summary, shift_frames
+from job.evaluate_stage2 import MODEL
+from job.eval.generation import diversity, presence, second_difference
+from job.eval.frame_metrics import PSNR_CAP_DB
+from job.plots.media import animated_gif, strip_png
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -80,7 +79,7 @@ def test_shift_frames_moves_by_sub_pixels_and_brings_in_black():
     frame = blob_videos(np.array([[[7.0, 7.0]]]))[:, 0]
     assert torch.allclose(shift_frames(frame, torch.tensor([[2.0, -3.0]])), torch.roll(frame, (2, -3), (1, 2)), atol=1e-5)
     half = shift_frames(frame, torch.tensor([[0.0, 0.5]]))
-    from job.metrics import centroids
+    from job.eval.frame_metrics import centroids
     assert float(centroids(half[:, None], 0.0)[0, 0, 1]) == pytest.approx(7.5, abs=1e-3)
     gone = shift_frames(frame, torch.tensor([[0.0, 40.0]]))
     assert float(gone.abs().max()) == 0.0

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from job.config import build_config
-from job.data import VideoDataset, generate_dataset
+from job.data.dataset import VideoDataset
+from job.data.shards import generate_dataset
 from job.storage import Layout
 from tests.helpers import TOKENIZER_ONLY, JobProcess, run_job
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from job.worker import WorkerGone, WorkerProcess
+from job.runtime.workers import WorkerGone, WorkerProcess
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,1 +1,1 @@
-"""Logs, progress and heartbeat, watchdog and signals: what lets a person trust a run from afar."""
+"""What lets a person trust a run from afar: logs, progress and heartbeat, the watchdog."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from job.fsutil import NO_SPACE, disk_full
+from job.runtime.files import NO_SPACE, disk_full
 from job.storage import Layout, RunStore
 
 # Fields stamped on every record of this process (mode, attempt, rank). A plain dict rather

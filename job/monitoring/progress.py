@@ -14,8 +14,8 @@ from typing import Any
 
 import structlog
 
-from job.fsutil import DiskFull
 from job.monitoring.logs import redact_environment_secrets
+from job.runtime.files import DiskFull
 from job.storage import Layout, RunStore
 
 STATUSES = ("starting", "running", "completed", "failed", "preempted", "stalled")

@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 
 from tenacity import retry_if_exception_type, retry_if_not_exception_type
 
-from job.fsutil import atomic_write_bytes
+from job.exits import EXIT_USAGE
+from job.runtime.files import atomic_write_bytes
 
 T = TypeVar("T")
 
@@ -30,7 +31,9 @@ class WriteConflict(RuntimeError):
 
 class StoreRefused(StorageError):
     """The store refuses us for good (wrong credentials, access denied, no such bucket): no retry
-    and no restart can change its answer, only a person (SPEC §3: exit 2)."""
+    and no restart can change its answer, only a person (exit 2)."""
+
+    exit_code, summary = EXIT_USAGE, "store refused"
 
 
 # The store's answers that no retry changes, by S3 error code, with what a person must fix. A

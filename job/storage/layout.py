@@ -52,15 +52,26 @@ class Layout:
     data_manifest = "data/manifest.json"
     verify_report = "verify/report.json"
     eval = "eval"
+    eval_report = "eval/report.json"
+    eval_markdown = "eval/report.md"
     samples = "samples"
+    samples_index = "samples/index.json"
     predictions = "predictions"
+    predictions_index = "predictions/index.json"
     checkpoint_manifest_file = MANIFEST_FILE
 
     tokenizer = StageLayout("checkpoints", "metrics.jsonl", "plots/loss.png", "plots/reconstruction.png", "")
     transformer = StageLayout(
         "stage2/checkpoints", "stage2/metrics.jsonl", "plots/stage2-loss.png", "plots/stage2-predictions.png", "stage2/"
     )
-    # The tokenizer's, by their SPEC §4 names.
+    stages = (tokenizer, transformer)  # in the order a run trains them
+
+    @classmethod
+    def stage_numbered(cls, number: Any) -> StageLayout:
+        """The layout of stage ``number`` (1, 2, ...); the first stage's for anything else."""
+        return cls.stages[number - 1] if isinstance(number, int) and 1 <= number <= len(cls.stages) else cls.stages[0]
+
+    # The tokenizer's, by their run-folder names (docs/run-folder.md).
     checkpoints = tokenizer.checkpoints
     latest = tokenizer.latest
     metrics = tokenizer.metrics

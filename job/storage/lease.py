@@ -31,7 +31,8 @@ from typing import Any
 
 import structlog
 
-from job.fsutil import json_bytes
+from job.exits import EXIT_TRY_LATER
+from job.runtime.files import json_bytes
 from job.storage.folders import Folder, WriteConflict
 from job.storage.layout import Layout
 
@@ -44,9 +45,13 @@ RENEW_SHARE = 0.25  # renewals every quarter TTL: three tries fit before the dea
 class LeaseError(RuntimeError):
     """This process may not write the run (exit 75: a restart later resumes it)."""
 
+    exit_code, summary = EXIT_TRY_LATER, "this process may not write the run"
+
 
 class LeaseBusy(LeaseError):
     """Another live writer holds the run."""
+
+    summary = "another writer holds the run"
 
 
 class LeaseLost(LeaseError):

@@ -12,12 +12,18 @@ from typing import Any
 import structlog
 from tenacity import Retrying, wait_exponential_jitter
 
-from job.fsutil import DiskFull, json_bytes
+from job.runtime.files import DiskFull, json_bytes
 from job.storage.folders import (
-    LocalFolder, RemoteFolder, StorageError, StoreRefused, default_cache_dir, is_remote, retry_transient,
+    LocalFolder,
+    RemoteFolder,
+    StorageError,
+    StoreRefused,
+    default_cache_dir,
+    is_remote,
+    retry_transient,
 )
 from job.storage.lease import Lease
-from job.storage.uploader import Uploader, Op, WorkerFolder, describe
+from job.storage.uploader import Op, Uploader, WorkerFolder, describe
 
 log = structlog.get_logger("job.storage")
 

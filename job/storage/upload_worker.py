@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from job.runtime.workers import serve
 from job.storage.folders import RemoteFolder
-from job.worker import serve
 
 
 def handler(folder: RemoteFolder):

@@ -15,12 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    wait_exponential_jitter,
+)
 
+from job.runtime.workers import WorkerError, WorkerGone, WorkerProcess
 from job.storage.folders import Folder, StorageError, delete_remote_tree
 from job.storage.layout import Layout
 from job.storage.lease import LeaseLost
-from job.worker import WorkerError, WorkerGone, WorkerProcess
 
 log = structlog.get_logger("job.storage")
 

@@ -1,8 +1,9 @@
-"""``train``: the story of one attempt of a run (SPEC §7), readable top to bottom.
+"""``train``: the story of one attempt of a run, readable top to bottom (docs/architecture.md).
 
 1. Preflight the run folder, number the attempt, find the newest valid checkpoint, refuse a
    resume that would change the math.
-2. Make sure the dataset exists; build the task (model, optimizer, schedule).
+2. Make sure the dataset exists; for each stage, build its task (the model) and the optimizer
+   and schedule.
 3. Restore every stateful part the checkpoint holds: weights, optimizer, schedule, random
    states, the train state (position inside the epoch, metrics history, best, attempt).
 4. Train: batches in a per-epoch order that is a pure function of (seed, epoch), so that a
@@ -19,32 +20,43 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import structlog
+import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from job.checkpoint import Checkpoint, CheckpointReader, RNGState
-from job.checkpointer import FINAL, SIGNAL, CheckpointManager, Diverged, mirror_unsent
-from job.config import Config
-from job.data import prepare_dataset_in_turn
-from job.device import pick_device
-from job.distributed import Topology
-from job.fsutil import DiskFull
-from job.monitoring.lifecycle import StopRequest, Stopped, Watchdog, stop_requests
+from job.checkpoints.format import RNGState
+from job.checkpoints.manager import FINAL, SIGNAL, CheckpointManager, Diverged, mirror_unsent
+from job.checkpoints.reader import Checkpoint, CheckpointReader, SourceRef
+from job.checkpoints.train_state import TrainState
+from job.config import Config, get_value
+from job.data.dataset import VideoDataset, prepare_dataset_in_turn
 from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
-from job.plot_worker import BackgroundPlots
+from job.monitoring.watchdog import Watchdog
+from job.plots.background import BackgroundPlots
+from job.runtime.device import autocast, pick_device
+from job.runtime.distributed import Topology
+from job.runtime.files import DiskFull
+from job.runtime.signals import Stopped, StopRequest, stop_requests
 from job.storage import Layout, RunStore, StorageError
 from job.storage.lease import Lease, LeaseError
-from job.training.stage2 import (
-    TokenizerMismatch, TokenizerRef, TransformerTask, refuse_other_tokenizer, stage1_tokenizer,
-)
-from job.training.stages import StagePlan, stage_plans
+from job.training.optim import build_optimizer, optimizer_step
+from job.training.order import epoch_order
+from job.training.stages import Stage, Task, TaskInputs, stages_of
 from job.training.startup import (
-    agree_on_start, preflight, recorded_attempt, refuse_math_changes, refuse_to_start_over, writer_lease,
+    agree_on_start,
+    preflight,
+    recorded_attempt,
+    refuse_math_changes,
+    refuse_other_source,
+    refuse_to_orphan_later_stages,
+    refuse_to_start_over,
+    writer_lease,
 )
-from job.training.state import TrainState, epoch_order
-from job.training.task import Task, TokenizerTask
 
 log = structlog.get_logger("job.train")
 
@@ -71,22 +83,22 @@ def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None
 
 def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, lease: Lease | None) -> None:
     """The attempt proper, once this process may write the run (``lease``; None on other ranks)."""
-    plans = stage_plans(cfg)
+    stages = stages_of(cfg)
     attempt, publish_log = 0, lambda: None
     if topology.is_writer:
         attempt = recorded_attempt(store, lease) + 1
         lease.note_attempt(attempt)
         publish_log = RunLog(store, attempt).publish  # before the checkpoint search, so its warnings land there
-        for plan in plans:
-            mirror_unsent(store, plan.layout)  # what a previous attempt committed locally but could not upload
+        for stage in stages:
+            mirror_unsent(store, stage.layout)  # what a previous attempt committed locally but could not upload
     # The first stage's checkpoint is found, and a change of math refused, before any data work.
-    attempt, resume = find_resume_point(cfg, store, topology, device, plans[0], attempt)
-    if len(plans) > 1 and topology.is_writer:
-        refuse_to_orphan_stage2(store, plans[0], resume.previous, cfg)
+    attempt, resume = find_resume_point(cfg, store, topology, device, stages[0], attempt)
+    if topology.is_writer:
+        refuse_to_orphan_later_stages(store, stages, resume.previous, cfg)
     bind_run_context(attempt=attempt)
     store.write_json(Layout.config, cfg.to_dict())
 
-    progress = Progress(store, attempt=attempt, stages=len(plans), **stage_progress(cfg, plans[0], resume.previous))
+    progress = Progress(store, attempt=attempt, stages=len(stages), **stage_progress(cfg, stages[0], resume.previous))
     progress.update(status="starting")
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
@@ -98,14 +110,11 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
                 on_stall=lambda: flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds),
             )
             plots = BackgroundPlots(store.write_bytes)
-            stages = Attempt(cfg, store, topology, device, attempt, dataset, progress, stop, watchdog, plots, publish_log)
+            shared = Attempt(cfg, store, topology, device, attempt, dataset, progress, stop, watchdog, plots)
             try:
                 with watchdog:
-                    stages.run_stage(plans[0], resume, lambda total: TokenizerTask(
-                        cfg, dataset, device, total, topology.distributed,
-                    ))
-                    if len(plans) > 1:
-                        stages.run_transformer_stage(plans[1])
+                    for stage in stages:
+                        shared.run_stage(stage, resume if stage is stages[0] else None)
                 plots.close(timeout=cfg.storage.signal_flush_seconds)  # the final plots
             finally:
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
@@ -132,45 +141,43 @@ class ResumePoint:
 
 
 def find_resume_point(
-    cfg: Config, store: RunStore, topology: Topology, device, plan: StagePlan, attempt: int,
+    cfg: Config, store: RunStore, topology: Topology, device, stage: Stage, attempt: int,
 ) -> tuple[int, ResumePoint]:
     """The stage's newest valid checkpoint (rank 0 picks, every rank loads it), after refusing a
     resume whose config changes the stage's math."""
-    reader = CheckpointReader(store, plan.layout)
+    reader = CheckpointReader(store, stage.layout)
     inventory, previous = {}, None
     if topology.is_writer:
         inventory = reader.inventory()  # now, while the run URI has just answered
         previous = reader.load_newest_valid(list(inventory))
     attempt, previous = agree_on_start(reader, topology, device, attempt, previous)
     if previous is not None:
-        refuse_math_changes(previous.state["config"], cfg, plan.math_sections)
+        refuse_math_changes(previous.state["config"], cfg, stage.math_sections)
     elif topology.is_writer:
-        refuse_to_start_over(store, plan, inventory)
+        refuse_to_start_over(store, stage, inventory)
     return attempt, ResumePoint(inventory, previous)
 
 
-def refuse_to_orphan_stage2(store: RunStore, tokenizer: StagePlan, previous: Checkpoint | None, cfg: Config) -> None:
-    """A tokenizer trained for other epochs than the one stage 2 learned from (train.epochs
-    raised) would leave stage 2's checkpoints orphaned: refuse before any work rather than after.
-    (Redoing lost tokenizer steps is fine: the same steps give the same weights.)"""
-    if previous is None or previous.step >= tokenizer.total_steps(cfg):
-        return
-    stage2 = CheckpointReader(store, Layout.transformer).load_newest_valid()
-    learned_from = stage2.state["config"]["train"]["epochs"] if stage2 else cfg.train.epochs
-    if learned_from != cfg.train.epochs:
-        raise TokenizerMismatch(
-            f"refusing to train the tokenizer for {cfg.train.epochs} epochs: stage 2 ({stage2.name}) learned from "
-            f"the tokenizer of a {learned_from}-epoch run; use a new --run-uri, or delete "
-            f"{Layout.transformer.checkpoints}/ to train stage 2 again on the longer-trained tokenizer"
-        )
+def source_checkpoint(store: RunStore, topology: Topology, device, stage: Stage, attempt: int) -> Checkpoint | None:
+    """The checkpoint whose model ``stage`` learns from: the best one of the stage before it by
+    validation loss, as that finished stage records it (rank 0 picks, every rank loads it)."""
+    if stage.learns_from is None:
+        return None
+    reader = CheckpointReader(store, stage.learns_from.layout)
+    chosen = None
+    if topology.is_writer:
+        newest = reader.load_newest_valid()
+        chosen = newest if newest.best in (None, newest.name) else reader.load(newest.best)
+    return agree_on_start(reader, topology, device, attempt, chosen)[1]
 
 
-def stage_progress(cfg: Config, plan: StagePlan, previous: Checkpoint | None) -> dict:
+def stage_progress(cfg: Config, stage: Stage, previous: Checkpoint | None) -> dict:
     """The progress fields that say where a stage stands."""
     done = previous.state if previous else {"step": 0, "epoch": 0}
+    epochs = stage.epochs(cfg)
     return {
-        "stage": plan.number, "stage_name": plan.name, "epochs": plan.epochs, "total_steps": plan.total_steps(cfg),
-        "step": done["step"], "epoch": min(done["epoch"] + 1, plan.epochs),
+        "stage": stage.number, "stage_name": stage.name, "epochs": epochs, "total_steps": stage.total_steps(cfg),
+        "step": done["step"], "epoch": min(done["epoch"] + 1, epochs),
         "last_checkpoint": previous.name if previous else None, "loss": None, "eta_seconds": None,
         "samples_per_second": None,
     }
@@ -185,35 +192,43 @@ class Attempt:
     topology: Topology
     device: object
     attempt: int
-    dataset: object
+    dataset: VideoDataset
     progress: Progress
     stop: StopRequest
     watchdog: Watchdog
     plots: BackgroundPlots
-    publish_log: object
 
-    def run_stage(self, plan: StagePlan, resume: ResumePoint, build_task) -> None:
-        """Build the stage's task, restore every part from its newest checkpoint, and train it
-        to its last epoch."""
-        cfg, previous = self.cfg, resume.previous
-        total_steps = plan.total_steps(cfg)
-        task = build_task(total_steps)
+    def run_stage(self, stage: Stage, resume: ResumePoint | None) -> None:
+        """Find the stage's newest checkpoint (unless ``resume`` already is it), build its task,
+        restore every part, and train it to its last epoch."""
+        cfg, store, topology, device = self.cfg, self.store, self.topology, self.device
+        source = source_checkpoint(store, topology, device, stage, self.attempt)
+        if resume is None:
+            _, resume = find_resume_point(cfg, store, topology, device, stage, self.attempt)
+        previous = resume.previous
+        identity = {stage.learns_from.name: SourceRef.of(source).as_dict()} if source is not None else {}
+        if previous is not None and identity:
+            refuse_other_source(stage, previous, identity)
+        total_steps = stage.total_steps(cfg)
+        task = stage.build_task(TaskInputs(cfg, self.dataset, device, source, self.watchdog.touch))
+        optimizer, scheduler = build_optimizer(
+            task.model, cfg, total_steps, lr=get_value(cfg, stage.lr_key), warmup_steps=get_value(cfg, stage.warmup_steps_key),
+        )
         state = TrainState()
-        parts = {"model": task.model, "optimizer": task.optimizer, "scheduler": task.scheduler, "rng": RNGState(),
-                 "train": state}
+        parts = {"model": task.model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": state}
         if previous is not None:
             previous.restore(parts)
             log.info(
-                "train.resumed", stage=plan.number, checkpoint=previous.name, step=state.step, epoch=state.epoch,
+                "train.resumed", stage=stage.number, checkpoint=previous.name, step=state.step, epoch=state.epoch,
                 sample_in_epoch=state.sample_in_epoch,
             )
         else:
-            log.info("train.fresh_start", stage=plan.number, total_steps=total_steps)
+            log.info("train.fresh_start", stage=stage.number, total_steps=total_steps)
         state.attempt = self.attempt
-        write_metrics(self.store, plan.layout.metrics, state.metrics)
-        self.progress.update(**stage_progress(cfg, plan, previous))
+        write_metrics(store, stage.layout.metrics, state.metrics)
+        self.progress.update(**stage_progress(cfg, stage, previous))
         if state.step >= total_steps:
-            log.info("train.already_complete", stage=plan.number, step=state.step, total_steps=total_steps)
+            log.info("train.already_complete", stage=stage.number, step=state.step, total_steps=total_steps)
             return
 
         def committed(name: str) -> None:  # on the checkpoint writer's thread
@@ -222,31 +237,15 @@ class Attempt:
             self.progress.remember(last_checkpoint=name)
 
         checkpoints = CheckpointManager(
-            self.store, plan.layout, cfg.checkpoint, parts, extra={"config": cfg.to_dict(), **task.identity},
+            store, stage.layout, cfg.checkpoint, parts, extra={"config": cfg.to_dict(), **identity},
             inventory=resume.inventory, on_commit=committed,
         )
         try:
-            Trainer(cfg, plan, task, state, checkpoints, self.progress, self.topology, self.stop, self.watchdog,
-                    self.plots).run(total_steps)
+            Trainer(cfg, stage, task, self.dataset, optimizer, scheduler, state, checkpoints, self.progress, topology, self.stop,
+                    self.watchdog, self.plots).run(total_steps)
         finally:
             checkpoints.close()
         self.progress.update(step=state.step, eta_seconds=0)
-
-    def run_transformer_stage(self, plan: StagePlan) -> None:
-        """Stage 2, on the codes of the finished tokenizer's best checkpoint."""
-        cfg, store = self.cfg, self.store
-        reader = CheckpointReader(store, Layout.tokenizer)
-        tokenizer = None
-        if self.topology.is_writer:
-            newest = reader.load_newest_valid()
-            tokenizer = stage1_tokenizer(reader, newest)
-        _, tokenizer = agree_on_start(reader, self.topology, self.device, self.attempt, tokenizer)
-        _, resume = find_resume_point(cfg, store, self.topology, self.device, plan, self.attempt)
-        if resume.previous is not None:
-            refuse_other_tokenizer(resume.previous.state.get("tokenizer"), TokenizerRef.of(tokenizer))
-        self.run_stage(plan, resume, lambda total: TransformerTask(
-            cfg, self.dataset, self.device, total, self.topology.distributed, tokenizer, touch=self.watchdog.touch,
-        ))
 
 
 class Trainer:
@@ -254,15 +253,22 @@ class Trainer:
     and plots they trigger."""
 
     def __init__(
-        self, cfg: Config, plan: StagePlan, task: Task, state: TrainState, checkpoints: CheckpointManager,
+        self, cfg: Config, stage: Stage, task: Task, dataset: VideoDataset, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, checkpoints: CheckpointManager,
         progress: Progress, topology: Topology, stop: StopRequest, watchdog: Watchdog, plots: BackgroundPlots,
     ):
-        self.cfg, self.plan, self.task, self.state, self.checkpoints = cfg, plan, task, state, checkpoints
+        self.cfg, self.stage, self.task, self.state, self.checkpoints = cfg, stage, task, state, checkpoints
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.progress, self.topology, self.stop, self.watchdog, self.plots = progress, topology, stop, watchdog, plots
         self.store = checkpoints.store
-        self.train_indices = task.dataset.split("train")
-        val = task.dataset.split("val")
-        self.val_indices = val[: cfg.train.val_batches * plan.batch_size] if cfg.train.val_batches else val
+        self.device = next(task.model.parameters()).device
+        # DDP averages gradients across ranks; saving, validating and plotting use the bare model.
+        self.train_model = DistributedDataParallel(task.model) if topology.distributed else task.model
+        self.precision = autocast(self.device, cfg)
+        self.batch_size, self.epochs = stage.batch_size(cfg), stage.epochs(cfg)
+        self.train_indices = dataset.split("train")
+        val = dataset.split("val")
+        self.val_indices = val[: cfg.train.val_batches * self.batch_size] if cfg.train.val_batches else val
         self.picture_indices = val[: len(cfg.data.classes)]  # one validation video per class
         self.rate = RateMeter()
         self.last_progress_write = 0.0
@@ -273,26 +279,25 @@ class Trainer:
         self.last_plot: dict[str, float] = {}
 
     def run(self, total_steps: int) -> None:
-        cfg, plan, state, topology = self.cfg, self.plan, self.state, self.topology
-        batch_size = plan.batch_size
+        cfg, state, topology, batch_size = self.cfg, self.state, self.topology, self.batch_size
         self.progress.update(status="running")
-        while state.epoch < plan.epochs:
+        while state.epoch < self.epochs:
             epoch_started = time.monotonic()
-            order = epoch_order(cfg.seed, state.epoch, len(self.train_indices), plan.order_stream)
+            order = epoch_order(cfg.seed, state.epoch, len(self.train_indices), self.stage.order_stream)
             while state.sample_in_epoch < len(order):
                 batch = order[state.sample_in_epoch : state.sample_in_epoch + batch_size]
                 mine = batch[topology.rank :: topology.world_size]
-                loss = self.task.train_step(self.train_indices[mine])
+                loss = self.step(self.train_indices[mine])
                 if not math.isfinite(loss):
                     self.diverged(loss)
                 state.step += 1
                 state.sample_in_epoch += len(batch)
                 state.epoch_loss_sum += loss
                 state.epoch_batches += 1
-                state.count_samples(topology.gather_indices(mine, self.task.device))
+                state.count_samples(topology.gather_indices(mine, self.device))
                 self.watchdog.touch()
                 self.report_batch(loss, total_steps)
-                if topology.any_rank(self.stop.requested, self.task.device):
+                if topology.any_rank(self.stop.requested, self.device):
                     self.save(SIGNAL)
                     raise Preempted(f"stopped by {self.stop.signal_name or 'a peer rank'} at step {state.step}")
                 if state.sample_in_epoch < len(order):
@@ -301,13 +306,29 @@ class Trainer:
                         self.save(reason)
             self.finish_epoch(time.monotonic() - epoch_started, total_steps)
 
+    def step(self, indices: np.ndarray) -> float:
+        return optimizer_step(
+            lambda: self.task.loss(self.train_model, indices), self.task.model, self.optimizer, self.scheduler,
+            self.cfg.optim.grad_clip, self.precision,
+        )
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The model in eval mode, without gradients, under the run's autocast, for a moment."""
+        model = self.task.model
+        model.eval()
+        try:
+            with torch.no_grad(), self.precision:
+                yield
+        finally:
+            model.train()
+
     def diverged(self, loss: float) -> None:
         """Stop: every later step and checkpoint would be NaN too (the checkpointer refuses them)."""
         last = self.progress.fields["last_checkpoint"]
-        lr_key = "stage2.lr" if self.plan.number == 2 else "optim.lr"
-        lower = f"lower the learning rate ({lr_key}={self.task.scheduler.base_lrs[0]:g})"
+        lower = f"lower the learning rate ({self.stage.lr_key}={self.scheduler.base_lrs[0]:g})"
         raise Diverged(
-            f"stage {self.plan.number} ({self.plan.name}) diverged: the training loss is {loss} at step "
+            f"stage {self.stage.number} ({self.stage.name}) diverged: the training loss is {loss} at step "
             f"{self.state.step + 1}; " + (
                 f"the newest checkpoint stays {last}; {lower} in a new --run-uri (a resume keeps the run's own)"
                 if last else f"no checkpoint was saved; {lower} and start again"
@@ -316,7 +337,8 @@ class Trainer:
 
     def finish_epoch(self, seconds: float, total_steps: int) -> None:
         state = self.state
-        val = self.task.validate(self.val_indices, touch=self.watchdog.touch)
+        with self.evaluating():
+            val = self.task.validate(self.val_indices, touch=self.watchdog.touch)
         record = {
             "epoch": state.epoch + 1,
             "step": state.step,
@@ -324,23 +346,23 @@ class Trainer:
             "samples_complete": state.epoch_complete(len(self.train_indices)),
             "train_loss": state.epoch_loss_sum / max(1, state.epoch_batches),
             **val,
-            "lr": self.task.scheduler.get_last_lr()[0],
+            "lr": self.scheduler.get_last_lr()[0],
             "seconds": round(seconds, 3),
             "attempt": state.attempt,
             "time": utc_now(),
         }
         state.metrics.append(record)
         state.start_next_epoch()
-        write_metrics(self.store, self.plan.layout.metrics, state.metrics)
+        write_metrics(self.store, self.stage.layout.metrics, state.metrics)
         final = state.step >= total_steps
-        log.info("train.epoch", stage=self.plan.number, **record)
-        self.progress.update(epoch=min(state.epoch + 1, self.plan.epochs), loss=record["train_loss"])
+        log.info("train.epoch", stage=self.stage.number, **record)
+        self.progress.update(epoch=min(state.epoch + 1, self.epochs), loss=record["train_loss"])
         reason = FINAL if final else self.checkpoints.due(at_epoch_end=True)
         if reason:
             self.save(reason, val_loss=val["val_loss"])
         # After the checkpoint: the final one is committed before the plot worker (a Python
         # process importing matplotlib, at a run's first plot) competes with its commit.
-        loss_plot = self.plan.layout.loss_plot
+        loss_plot = self.stage.layout.loss_plot
         if self.topology.is_writer and self.plot_due(loss_plot, final):  # the only rank that stores it
             self.plots.submit(loss_plot, "loss_curves", metrics=list(state.metrics))
 
@@ -348,9 +370,10 @@ class Trainer:
         if not self.topology.is_writer:
             return
         name = self.checkpoints.save(reason, val_loss)
-        picture = self.plan.layout.picture_plot
+        picture = self.stage.layout.picture_plot
         if reason != SIGNAL and self.plot_due(picture, final=reason == FINAL):
-            plot, arguments = self.task.picture(self.picture_indices, f"{self.plan.name} {name}")
+            with self.evaluating():
+                plot, arguments = self.task.picture(self.picture_indices, f"{self.stage.name} {name}")
             self.plots.submit(picture, plot, **arguments)
 
     def plot_due(self, rel: str, final: bool) -> bool:
@@ -363,17 +386,17 @@ class Trainer:
         return False
 
     def report_batch(self, loss: float, total_steps: int) -> None:
-        state, cfg, plan = self.state, self.cfg, self.plan
-        self.rate.add(state.step * plan.batch_size)
+        state, cfg, stage, batch_size = self.state, self.cfg, self.stage, self.batch_size
+        self.rate.add(state.step * batch_size)
         if state.step % cfg.train.log_every_batches and state.step != total_steps:
             return
         rate = self.rate.rate()
-        eta = self.rate.eta((total_steps - state.step) * plan.batch_size)
+        eta = self.rate.eta((total_steps - state.step) * batch_size)
         log.info(
-            "train.progress", stage=plan.number, epoch=state.epoch + 1, epochs=plan.epochs,
-            batch=math.ceil(state.sample_in_epoch / plan.batch_size), batches=plan.steps_per_epoch(cfg),
+            "train.progress", stage=stage.number, epoch=state.epoch + 1, epochs=self.epochs,
+            batch=math.ceil(state.sample_in_epoch / batch_size), batches=stage.steps_per_epoch(cfg),
             step=state.step, total_steps=total_steps, loss=round(loss, 6),
-            lr=self.task.scheduler.get_last_lr()[0], samples_per_second=rate and round(rate, 1),
+            lr=self.scheduler.get_last_lr()[0], samples_per_second=rate and round(rate, 1),
             eta=eta and format_duration(eta),
         )
         now = time.monotonic()

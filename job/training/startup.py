@@ -11,18 +11,24 @@ from typing import Any
 
 import torch
 
-from job.checkpoint import Checkpoint, CheckpointReader
-from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys
-from job.distributed import Topology
-from job.monitoring.lifecycle import WAITING_FOR_STORE, LeaseKeeper, sleep_unless_stopped
+from job.checkpoints.reader import Checkpoint, CheckpointReader
+from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys, get_value
+from job.models.tokenizer import tokenizer_parameters
+from job.monitoring.watchdog import LeaseKeeper
+from job.runtime.distributed import Topology
+from job.runtime.signals import WAITING_FOR_STORE, sleep_unless_stopped
 from job.storage import Layout, RunStore, StorageError
 from job.storage.lease import Lease
-from job.training.stages import StagePlan
-from job.training.task import tokenizer_parameters
+from job.training.stages import Stage
 
 
 class ResumeRefused(ConfigError):
     """The run folder holds a run whose math differs from the requested config (exit 2)."""
+
+
+class SourceChanged(ResumeRefused):
+    """A stage's checkpoints learned from another checkpoint of the stage before it than the
+    one the run has now (exit 2)."""
 
 
 def preflight(cfg: Config, store: RunStore) -> None:
@@ -96,18 +102,51 @@ def refuse_math_changes(saved_config: dict[str, Any], cfg: Config, sections: tup
         )
 
 
-def refuse_to_start_over(store: RunStore, plan: StagePlan, inventory: dict[str, bool]) -> None:
+def refuse_to_start_over(store: RunStore, stage: Stage, inventory: dict[str, bool]) -> None:
     """No checkpoint of the stage is valid. Starting from scratch is right when none was ever
     committed (an attempt killed before its first save leaves progress, config, logs and perhaps
     a folder without a manifest: nothing to lose). But a committed one (a manifest, or the
     latest.json written after it) that no longer verifies is a damaged run: training over it
     would bury the evidence and overwrite what may still be restored, so refuse (exit 2)."""
     committed = sorted(name for name, has_manifest in inventory.items() if has_manifest)
-    if not committed and not store.exists(plan.layout.latest):
+    if not committed and not store.exists(stage.layout.latest):
         return
-    found = f"committed checkpoint(s) {', '.join(committed)}" if committed else plan.layout.latest
+    found = f"committed checkpoint(s) {', '.join(committed)}" if committed else stage.layout.latest
     raise ResumeRefused(
-        f"refusing to start {plan.name} over: {plan.layout.checkpoints}/ holds {found}, but none is valid "
+        f"refusing to start {stage.name} over: {stage.layout.checkpoints}/ holds {found}, but none is valid "
         f"(the checkpoint.skipped warnings say why; `verify` checks each one). Restore them, or delete "
-        f"{plan.layout.checkpoints}/ (or use a new --run-uri) to train from scratch"
+        f"{stage.layout.checkpoints}/ (or use a new --run-uri) to train from scratch"
     )
+
+
+def refuse_other_source(stage: Stage, previous: Checkpoint, identity: dict[str, Any]) -> None:
+    """A stage's checkpoints learned from one checkpoint of the stage before it; resuming them
+    over any other would mix two models' outputs."""
+    key = stage.learns_from.name
+    saved = previous.state.get(key)
+    if saved != identity[key]:
+        raise SourceChanged(
+            f"refusing to resume stage {stage.number}: its checkpoints learned from {key} {saved}, but the run's "
+            f"{key} is {identity[key]} (stage {stage.learns_from.number} changed); use a new --run-uri, or delete "
+            f"{stage.layout.checkpoints.rsplit('/', 1)[0]}/ to train stage {stage.number} again"
+        )
+
+
+def refuse_to_orphan_later_stages(
+    store: RunStore, stages: list[Stage], previous: Checkpoint | None, cfg: Config,
+) -> None:
+    """Training the first stage for other epochs than a later stage learned from (its epochs
+    raised) would leave the later stage's checkpoints orphaned: refuse before any work rather
+    than after. (Redoing lost steps is fine: the same steps give the same weights.)"""
+    first = stages[0]
+    if previous is None or previous.step >= first.total_steps(cfg):
+        return
+    for stage in stages[1:]:
+        later = CheckpointReader(store, stage.layout).load_newest_valid()
+        learned_from = get_value(later.state["config"], first.epochs_key) if later else first.epochs(cfg)
+        if learned_from != first.epochs(cfg):
+            raise SourceChanged(
+                f"refusing to train the {first.name} for {first.epochs(cfg)} epochs: stage {stage.number} ({later.name}) "
+                f"learned from the {first.name} of a {learned_from}-epoch run; use a new --run-uri, or delete "
+                f"{stage.layout.checkpoints}/ to train stage {stage.number} again on the longer-trained {first.name}"
+            )

@@ -1,0 +1,1 @@
+"""Checkpoints: their format, reading them back verified, and writing them on a cadence."""

@@ -1,0 +1,90 @@
+"""How good generated videos are, each number beside the same number for real test videos: class
+accuracy by the probe trained on real videos, object presence, smoothness and diversity."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from job.data.shards import VISIBLE_PIXEL
+from job.eval.frame_metrics import centroids
+from job.eval.prediction import ENCODE_BATCH
+from job.eval.probe import LinearProbe, code_bits
+
+
+def presence(frames: torch.Tensor) -> float | None:
+    """Share of frames (N, T, H, W) whose brightest pixel, in 8 bits, reaches VISIBLE_PIXEL."""
+    if not frames.numel():
+        return None
+    brightest = torch.round(frames.float().amax(dim=(-2, -1)) * 255.0)
+    return float((brightest >= VISIBLE_PIXEL).double().mean())
+
+
+def second_difference(frames: torch.Tensor, threshold: float) -> float | None:
+    """Mean |c[t+1] - 2 c[t] + c[t-1]| (px) of the frames' centroids; NaN terms left out."""
+    if frames.shape[1] < 3 or not len(frames):
+        return None
+    c = centroids(frames, threshold).double()
+    value = float((c[:, 2:] - 2 * c[:, 1:-1] + c[:, :-2]).norm(dim=-1).nanmean())
+    return value if math.isfinite(value) else None
+
+
+def diversity(frames: torch.Tensor) -> float | None:
+    """Mean absolute pixel difference over all pairs of the videos (N, T, H, W)."""
+    if len(frames) < 2:
+        return None
+    flat = frames.flatten(1).double()
+    pairs = list(itertools.combinations(range(len(flat)), 2))
+    return float(sum(float((flat[i] - flat[j]).abs().mean()) for i, j in pairs) / len(pairs))
+
+
+def encode_frames(tokenizer, frames: torch.Tensor, device: torch.device) -> torch.Tensor:
+    codes = [tokenizer.encode(frames[s : s + ENCODE_BATCH, None].to(device)).cpu() for s in range(0, len(frames), ENCODE_BATCH)]
+    return torch.cat(codes) if codes else torch.zeros(0, *tokenizer.latent_shape(), dtype=torch.long)
+
+
+def generation_section(
+    generated: torch.Tensor, generated_labels: torch.Tensor, generated_codes: torch.Tensor,
+    real: torch.Tensor, real_labels: torch.Tensor, real_codes: torch.Tensor,
+    probe: LinearProbe, classes: tuple[str, ...], codebook_bits: int, threshold: float,
+) -> dict[str, Any]:
+    """Frames (N, T, H, W) of generated and real (test) videos, their codes, and the probe
+    trained on the codes of the train split."""
+    def predict(codes: torch.Tensor) -> torch.Tensor:
+        return probe.predict(code_bits(codes.to(probe.weight.device), codebook_bits)).cpu()
+
+    recognised = predict(generated_codes) == generated_labels
+    real_right = predict(real_codes) == real_labels
+    per_class = {}
+    for class_id, name in enumerate(classes):
+        mine, theirs = generated_labels == class_id, real_labels == class_id
+        per_class[name] = {
+            "generated": int(mine.sum()),
+            "accuracy": float(recognised[mine].double().mean()) if bool(mine.any()) else None,
+            "real_accuracy": float(real_right[theirs].double().mean()) if bool(theirs.any()) else None,
+            "presence": presence(generated[mine]), "real_presence": presence(real[theirs]),
+            "smoothness_px": second_difference(generated[mine], threshold),
+            "real_smoothness_px": second_difference(real[theirs], threshold),
+            "diversity": diversity(generated[mine]), "real_diversity": diversity(real[theirs]),
+        }
+    def mean_of(key: str) -> float | None:
+        values = [c[key] for c in per_class.values() if c[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    return {
+        "videos": len(generated),
+        "accuracy": float(recognised.double().mean()) if len(generated) else None,
+        "chance": 1.0 / len(classes),
+        "real_accuracy": float(real_right.double().mean()) if len(real) else None,
+        "real_videos": len(real),
+        "presence": presence(generated), "real_presence": presence(real),
+        "smoothness_px": second_difference(generated, threshold), "real_smoothness_px": second_difference(real, threshold),
+        "diversity": mean_of("diversity"), "real_diversity": mean_of("real_diversity"),
+        "per_class": per_class,
+        "classifier": "evaluate's linear probe on the LFQ bits of the train split's codes (each video under the "
+        "frame's symmetries); generated videos are re-encoded by the same tokenizer",
+    }

@@ -1,0 +1,98 @@
+"""What `evaluate` holds a tokenizer to (docs/quality.md): each goal with its value, its target
+and whether it is met, stated against the all-black baseline where a fixed number would mislead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from job.eval.prediction import CONSTANT_VELOCITY, GENERATION_ACCURACY_TARGET, NONLINEAR_CLASSES
+
+# Keys of the report's metrics: the model and the baselines scored by the same code.
+MODEL, BLACK = "model", "baseline_black"
+
+# The tokenizer's goals (see goals()). The centroid goal also needs the object to be found:
+# missing it must not pass for precision.
+MIN_PSNR_GAIN_DB = 10.0  # over all-black
+MIN_SSIM = 0.95  # and above all-black's
+MIN_FOREGROUND_PSNR_GAIN_DB = 15.0  # over all-black
+MAX_CENTROID_ERROR_PX = 0.5
+MAX_CENTROID_MISS_RATE = 0.01
+MIN_CLASSIFIER_ACCURACY = 0.98
+MIN_CODEBOOK_USAGE = 0.5
+# The order goals() lists them in; report.json sorts its keys, so a reread report needs it.
+GOAL_NAMES = (
+    "psnr_above_black_db", "ssim", "foreground_psnr_above_black_db", "centroid_error_px", "classifier_accuracy",
+    "codebook_usage",
+)
+
+
+def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The tokenizer's goals, each with its value, its target and whether it is met.
+
+    Each one is stated against the all-black baseline where a fixed number would mislead: on
+    frames that are >95% black, black alone scores a high PSNR and SSIM.
+    """
+    model, black = report["metrics"][MODEL], report["metrics"][BLACK]
+    ssim = goal(model["ssim"], MIN_SSIM, ">=")
+    ssim["baseline_black"] = black["ssim"]
+    ssim["met"] = ssim["met"] and black["ssim"] is not None and model["ssim"] > black["ssim"]
+    centroid = goal(model["centroid_error_px"], MAX_CENTROID_ERROR_PX, "<=")
+    miss_rate = model["centroid_miss_rate"]
+    centroid["miss_rate"] = miss_rate
+    centroid["max_miss_rate"] = MAX_CENTROID_MISS_RATE
+    centroid["met"] = centroid["met"] and miss_rate is not None and miss_rate <= MAX_CENTROID_MISS_RATE
+    return {
+        "psnr_above_black_db": goal(_gain(model, black, "psnr_db"), MIN_PSNR_GAIN_DB, ">="),
+        "ssim": ssim,
+        "foreground_psnr_above_black_db": goal(
+            _gain(model, black, "foreground_psnr_db"), MIN_FOREGROUND_PSNR_GAIN_DB, ">="
+        ),
+        "centroid_error_px": centroid,
+        "classifier_accuracy": goal(report["classifier"]["accuracy"], MIN_CLASSIFIER_ACCURACY, ">="),
+        "codebook_usage": goal(report["codebook"]["usage"], MIN_CODEBOOK_USAGE, ">="),
+    }
+
+
+def _gain(model: dict[str, Any], baseline: dict[str, Any], key: str) -> float | None:
+    if model[key] is None or baseline[key] is None:
+        return None
+    return model[key] - baseline[key]
+
+
+def ordered_goals(report_goals: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The goals in GOAL_NAMES order, then any others (a report from other code) by name."""
+    rank = {name: i for i, name in enumerate(GOAL_NAMES)}
+    return sorted(report_goals.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
+def goal(value: float | None, target: float, comparison: str) -> dict[str, Any]:
+    if value is None:
+        met = False
+    else:
+        met = value >= target if comparison == ">=" else value <= target
+    return {"value": value, "target": target, "comparison": comparison, "met": met}
+
+
+def _below_baseline(by_kind: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    model, baseline = by_kind[MODEL], by_kind[CONSTANT_VELOCITY]
+    miss_rate = model["centroid_misses"] / model["object_frames"] if model["object_frames"] else None
+    result = goal(model["centroid_error_px"], baseline["centroid_error_px"] or 0.0, "<")
+    result["met"] = (
+        model["centroid_error_px"] is not None and baseline["centroid_error_px"] is not None
+        and model["centroid_error_px"] < baseline["centroid_error_px"]
+        and miss_rate is not None and miss_rate <= MAX_CENTROID_MISS_RATE
+    )
+    result.update(baseline="constant velocity", miss_rate=miss_rate, max_miss_rate=MAX_CENTROID_MISS_RATE)
+    return result
+
+
+def stage2_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Generated videos recognised as their class; predicted centroids closer than the
+    constant-velocity baseline's, overall and on each non-linear class (with at most the
+    stage-1 goal's miss rate, so that missing the object does not pass for precision)."""
+    goals = {"generated_class_accuracy": goal(generation["accuracy"], GENERATION_ACCURACY_TARGET, ">=")}
+    goals["prediction_centroid_below_constant_velocity"] = _below_baseline(prediction["overall"])
+    for name in NONLINEAR_CLASSES:
+        if name in prediction["per_class"]:
+            goals[f"prediction_centroid_below_constant_velocity_{name}"] = _below_baseline(prediction["per_class"][name])
+    return goals

@@ -1,0 +1,87 @@
+"""The linear probe: multinomial logistic regression on the LFQ bits of a video's codes, trained on
+real videos; how evaluate measures what the codes say about the class, and which class a
+generated video shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+
+def code_bits(codes: torch.Tensor, codebook_bits: int) -> torch.Tensor:
+    """LFQ codes (N, t, h, w) -> their bits as +-1, flattened: (N, t*h*w*codebook_bits).
+
+    LFQ makes each code from the signs of ``codebook_bits`` latent channels, so the bits are the
+    quantized latent itself; a code's integer value has no meaningful order."""
+    shifts = torch.arange(codebook_bits, device=codes.device)
+    bits = (codes.long().unsqueeze(-1) >> shifts) & 1
+    return (2.0 * bits - 1.0).flatten(1)
+
+
+@dataclass
+class LinearProbe:
+    """Multinomial logistic regression on standardised features."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor  # (classes, features)
+    bias: torch.Tensor
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features - self.mean) / self.scale) @ self.weight.T + self.bias
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits(features).argmax(dim=1)
+
+
+def fit_linear_probe(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 1e-2, iterations: int = 300
+) -> LinearProbe:
+    """Cross-entropy plus ``l2 / 2 * |W|^2``, minimised by full-batch L-BFGS from zero weights.
+
+    Deterministic without a seed: nothing is random (zero start, no mini-batches). The L2 term
+    keeps the problem well posed when, as here, there are more features than samples and the
+    classes are separable, where unregularised weights would grow without bound."""
+    features = features.float()
+    mean = features.mean(dim=0)
+    # Constant features (the background's bits) become 0 rather than 0/0.
+    scale = features.std(dim=0, correction=0).clamp_min(1e-6)
+    standardised = (features - mean) / scale
+    weight = torch.zeros(num_classes, features.shape[1], device=features.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=features.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(standardised @ weight.T + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():  # callers evaluate under no_grad
+        optimizer.step(closure)
+    return LinearProbe(mean, scale, weight.detach(), bias.detach())
+
+
+def confusion_matrix(true: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (num_classes, num_classes): rows the true class, columns the predicted one
+    (torchmetrics', whose arguments come the other way round)."""
+    return multiclass_confusion_matrix(predicted.long(), true.long(), num_classes=num_classes)
+
+
+def symmetric_views(videos: torch.Tensor) -> list[torch.Tensor]:
+    """``videos`` (..., H, W) under each symmetry of the frame: the 8 rotations by quarter turns
+    and mirror images of a square frame, the 4 of a rectangle (identity, two mirrors, half turn).
+
+    The data are drawn invariant under these (job.synthetic: the path spins uniformly about the
+    optical axis, tilts and shifts are symmetric about 0, the blob is round, the principal point
+    is the frame's centre), so each view is another sample of the same class. The classifier
+    learns from all of them: a linear probe on codes at fixed positions needs a template for
+    every orientation, and 8x the train videos cover them (docs/quality.md)."""
+    turns = (0, 1, 2, 3) if videos.shape[-1] == videos.shape[-2] else (0, 2)
+    rotated = [torch.rot90(videos, k, dims=(-2, -1)) for k in turns]
+    return rotated + [view.flip(-1) for view in rotated]

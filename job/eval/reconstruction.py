@@ -1,0 +1,155 @@
+"""The tokenizer's side of ``evaluate``: one pass over the train split (the mean-frame baseline and the
+codes the probe learns from), one over the test split (the model and both baselines through
+the same per-frame metric code), per-class numbers, the probe's test accuracy and the example
+images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from job.config import Config
+from job.data.dataset import VideoDataset
+from job.eval.frame_metrics import FrameScores, score_frames, summarise
+from job.eval.goals import BLACK
+from job.eval.prediction import MODEL
+from job.eval.probe import LinearProbe, code_bits, confusion_matrix, fit_linear_probe, symmetric_views
+from job.models.tokenizer import VideoTokenizer
+from job.plots.charts import reconstruction_grid_png
+from job.runtime.signals import stop_point
+from job.storage import Layout, RunStore
+
+EXAMPLES_PER_CLASS = 3
+
+
+# What each set of frames is scored as; the baselines go through the same metric code as the model.
+MEAN_FRAME = "baseline_mean_frame"
+
+
+KINDS = (MODEL, BLACK, MEAN_FRAME)
+
+
+def batches(dataset: VideoDataset, indices: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(indices), batch_size):
+        stop_point("evaluating")  # the report is written only at the end
+        yield dataset.get(indices[start : start + batch_size])
+
+
+def reconstruct(model: VideoTokenizer, videos: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, reconstruction (N, T, H, W)) through the tokenizer's public encode -> decode path."""
+    codes = model.encode(videos.to(device))
+    return codes, model.decode(codes)[:, 0].float()
+
+
+@dataclass
+class TrainPass:
+    mean_frame: torch.Tensor  # (T, H, W): the per-pixel mean over the train split
+    codes: torch.Tensor  # (N * views, t, h, w): every train video under each of symmetric_views
+    labels: torch.Tensor  # (N * views,)
+    videos: int  # N
+    views: int
+
+
+@torch.no_grad()
+def scan_train_split(model: VideoTokenizer, dataset: VideoDataset, cfg: Config, device: torch.device) -> TrainPass:
+    indices = dataset.split("train")
+    total = torch.zeros(model.input_shape, dtype=torch.float64)
+    codes, labels = [], []
+    for videos, batch_labels in batches(dataset, indices, cfg.train.batch_size):
+        total += videos[:, 0].sum(dim=0, dtype=torch.float64)
+        views = symmetric_views(videos)
+        codes += [model.encode(view.to(device)).cpu() for view in views]
+        labels += [batch_labels] * len(views)
+    return TrainPass((total / len(indices)).float(), torch.cat(codes), torch.cat(labels), len(indices), len(views))
+
+
+def fit_code_probe(train_pass: TrainPass, cfg: Config, device: torch.device) -> LinearProbe:
+    """The code classifier: a linear probe on the LFQ bits of the train pass's codes, fitted on
+    ``device`` (8 views of 8,000 videos are GBs of features on the GPU preset)."""
+    features = code_bits(train_pass.codes.to(device), cfg.model.codebook_bits)
+    return fit_linear_probe(features, train_pass.labels.to(device), len(cfg.data.classes))
+
+
+@dataclass
+class TestPass:
+    scores: dict[str, FrameScores]  # by kind (model and baselines)
+    codes: torch.Tensor
+    labels: torch.Tensor
+    indices: np.ndarray  # dataset indices of the test samples, in order
+
+
+@torch.no_grad()
+def score_test_split(
+    model: VideoTokenizer, dataset: VideoDataset, cfg: Config, device: torch.device, mean_frame: torch.Tensor
+) -> TestPass:
+    indices = dataset.split("test")
+    threshold = cfg.model.foreground_threshold
+    mean_frame = mean_frame.to(device)
+    scores: dict[str, list[FrameScores]] = {kind: [] for kind in KINDS}
+    codes, labels = [], []
+    for videos, batch_labels in batches(dataset, indices, cfg.train.batch_size):
+        batch_codes, recon = reconstruct(model, videos, device)
+        target = videos[:, 0].to(device)
+        candidates = {MODEL: recon, BLACK: torch.zeros_like(target), MEAN_FRAME: mean_frame.expand_as(target)}
+        for kind, candidate in candidates.items():
+            scores[kind].append(score_frames(candidate, target, threshold).cpu())
+        codes.append(batch_codes.cpu())
+        labels.append(batch_labels)
+    return TestPass({k: FrameScores.cat(v) for k, v in scores.items()}, torch.cat(codes), torch.cat(labels), indices)
+
+
+def per_class_metrics(test_pass: TestPass, classes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    result = {}
+    for class_id, name in enumerate(classes):
+        samples = test_pass.labels == class_id
+        result[name] = {"samples": int(samples.sum())}
+        result[name].update({kind: summarise(test_pass.scores[kind].select(samples)) for kind in KINDS})
+    return result
+
+
+def classify_codes(probe: LinearProbe, train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> dict[str, Any]:
+    """Can the codes tell the trajectories apart? The code probe, scored on the test split's codes."""
+    classes = list(cfg.data.classes)
+    bits = cfg.model.codebook_bits
+    predicted = probe.predict(code_bits(test_pass.codes.to(probe.weight.device), bits)).cpu()
+    confusion = confusion_matrix(test_pass.labels, predicted, len(classes))
+    t, h, w = test_pass.codes.shape[1:]
+    return {
+        "accuracy": float((predicted == test_pass.labels).double().mean()),
+        "chance": 1.0 / len(classes),
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+        "features": f"LFQ code bits as +-1 at every latent position, standardised: {t}x{h}x{w} positions x {bits} bits"
+        f" = {t * h * w * bits} features",
+        "probe": "multinomial logistic regression, L2 1e-2, full-batch L-BFGS from zero weights (deterministic), "
+        f"trained on each train video under the frame's {train_pass.views} symmetries (rotations, mirror images)",
+        "train_samples": train_pass.videos,
+        "train_views": train_pass.views,
+        "test_samples": len(test_pass.labels),
+    }
+
+
+@torch.no_grad()
+def write_example_images(
+    store: RunStore, model: VideoTokenizer, dataset: VideoDataset, test_pass: TestPass, cfg: Config,
+    device: torch.device, checkpoint_name: str,
+) -> dict[str, str]:
+    """eval/<class>.png: the first few test samples of each class, original | reconstruction | error."""
+    images = {}
+    for class_id, name in enumerate(cfg.data.classes):
+        chosen = test_pass.indices[(test_pass.labels == class_id).numpy()][:EXAMPLES_PER_CLASS]
+        if not len(chosen):
+            continue
+        videos, _ = dataset.get(chosen)
+        _, recon = reconstruct(model, videos, device)
+        png = reconstruction_grid_png(
+            videos[:, 0].numpy(), recon.cpu().numpy(), [f"{name} #{i}" for i in chosen],
+            f"{name}, test split, {checkpoint_name}: original | reconstruction | error",
+        )
+        images[name] = f"{Layout.eval}/{name}.png"
+        store.write_bytes(images[name], png)
+    return images

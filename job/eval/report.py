@@ -1,0 +1,258 @@
+"""The evaluation report for a person: eval/report.md's tables and images, and the summary on
+stdout (the demo ends with it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from job.eval.frame_metrics import PSNR_CAP_DB, ssim_window
+from job.eval.goals import BLACK, ordered_goals
+from job.eval.prediction import CONSTANT_VELOCITY, COPY_LAST, MODEL, PREDICTION_KINDS
+from job.eval.reconstruction import KINDS, MEAN_FRAME
+from job.storage import Layout, RunStore
+
+KIND_TITLES = {MODEL: "model", BLACK: "all-black", MEAN_FRAME: "mean-frame"}
+
+
+def formatted(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def metrics_table(by_kind: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| metric | " + " | ".join(KIND_TITLES[k] for k in KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
+    for key, title, pattern in METRIC_ROWS:
+        lines.append(f"| {title} | " + " | ".join(formatted(by_kind[k][key], pattern) for k in KINDS) + " |")
+    return lines
+
+
+def confusion_table(classifier: dict[str, Any]) -> list[str]:
+    classes = classifier["classes"]
+    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for name, row in zip(classes, classifier["confusion_matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(count) for count in row) + " |")
+    return lines
+
+
+def goals_table(report_goals: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| goal | value | target | met |", "|---|---|---|---|"]
+    for name, g in ordered_goals(report_goals):
+        target = f"{g['comparison']} {g['target']:g}"
+        if "max_miss_rate" in g:
+            target += f", miss rate <= {g['max_miss_rate']:.0%} (now {formatted(g['miss_rate'], '{:.1%}')})"
+        if "baseline_black" in g:
+            target += f", above all-black ({formatted(g['baseline_black'], '{:.3f}')})"
+        lines.append(f"| {name} | {formatted(g['value'], '{:.3f}')} | {target} | {'yes' if g['met'] else 'no'} |")
+    return lines
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    frames, height, width = report["video_shape"]
+    classifier, codebook = report["classifier"], report["codebook"]
+    lines = [
+        f"# Evaluation of {report['checkpoint']} (step {report['checkpoint_step']})",
+        "",
+        f"Model: {report['checkpoint_choice']}. Data: the test split, never trained on: {report['samples']} videos of "
+        f"{frames} frames of {height}x{width}. Evaluated on {report['device']} in {report['seconds']:.1f} s, "
+        f"{report['created_at']}.",
+        "",
+        "Every number stands next to two baselines scored by the same code: an all-black frame, and the per-pixel "
+        "mean frame of the train split. On frames that are >95% black, a PSNR close to the all-black one means the "
+        "model has not learnt the object.",
+        "",
+        "## Reconstruction, all test frames",
+        "",
+        *metrics_table(report["metrics"]),
+        "",
+        "## Per class",
+    ]
+    for name, by_kind in report["per_class"].items():
+        lines += ["", f"### {name} ({by_kind['samples']} test videos)", "", *metrics_table(by_kind)]
+        if name in report["images"]:
+            # report.md lives in eval/ beside the images: links relative to it work in a bucket and a checkout.
+            lines += ["", f"![{name}]({name}.png)"]
+    lines += [
+        "",
+        "## Codebook (test codes)",
+        "",
+        f"Usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes; perplexity {codebook['perplexity']:.1f} "
+        f"over {codebook['tokens']} tokens.",
+        "",
+        "## Can the codes classify the trajectories?",
+        "",
+        f"Test accuracy **{classifier['accuracy']:.1%}** (chance {classifier['chance']:.1%}); "
+        f"{classifier['probe']}, trained on the codes of {classifier['train_samples']} train videos. "
+        f"Features: {classifier['features']}.",
+        "",
+        *confusion_table(classifier),
+        "",
+        "## Goals (issue #12; reported, not asserted)",
+        "",
+        *goals_table(report["goals"]),
+        "",
+        "## Definitions",
+        "",
+        f"- PSNR per frame with data range 1, averaged over frames; MSE floored at 1e-10, so a perfect frame scores "
+        f"{PSNR_CAP_DB:.0f} dB. 'PSNR of the mean MSE' is 10 log10(1 / MSE over all frames).",
+        f"- SSIM per 2D frame (torchmetrics), Gaussian window {ssim_window(height, width)[0]} px; not a 3D volume.",
+        "- Foreground: pixels of the original brighter than the model's foreground_threshold; foreground PSNR is "
+        "per frame, over frames that have such pixels.",
+        "- Centroid: intensity-weighted mean position of the pixels above that threshold. The error is the distance "
+        "between the original's and the reconstruction's, over frames whose original shows the object; a "
+        "reconstruction without such pixels is a miss (miss rate), not an error. The all-black baseline misses all.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def text_table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as left-aligned columns for a terminal; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
+
+
+def summary_text(report: dict[str, Any], uri: str) -> str:
+    """The model beside both baselines, then every goal: the first thing to read after a run."""
+
+    m = report["metrics"]
+    metric_rows = [["", *(KIND_TITLES[kind] for kind in KINDS)]]
+    for key, title, pattern in SUMMARY_ROWS:
+        metric_rows.append([title, *(formatted(m[kind][key], pattern) for kind in KINDS)])
+    goal_rows = [["goal", "value", "target", "met"]]
+    for name, g in ordered_goals(report["goals"]):
+        goal_rows.append([name, formatted(g["value"], "{:.3f}"), f"{g['comparison']} {g['target']:g}",
+                          "yes" if g["met"] else "NO"])
+    classifier, codebook = report["classifier"], report["codebook"]
+    met = [name for name, g in report["goals"].items() if g["met"]]
+    return "\n".join([
+        f"evaluate: {report['checkpoint']} on {report['samples']} test videos, {report['seconds']:.1f} s",
+        *text_table(metric_rows),
+        f"codebook usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes, "
+        f"perplexity {codebook['perplexity']:.1f}",
+        f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})",
+        *stage2_summary_lines(report),
+        *text_table(goal_rows),
+        f"goals met: {len(met)}/{len(report['goals'])}",
+        f"report: {uri.rstrip('/')}/{Layout.eval_markdown}",
+    ])
+
+
+def print_summary(uri: str) -> None:
+    """Print the summary of the run's last evaluation again (``make demo`` ends with it)."""
+    store = RunStore(uri, read_only=True)
+    report = store.read_json(Layout.eval_report)
+    if report is None:
+        raise SystemExit(f"no {Layout.eval_report} in {uri}: run `python -m job evaluate` first")
+    print(summary_text(report, store.uri), flush=True)
+
+
+def stage2_summary_lines(report: dict[str, Any]) -> list[str]:
+    """One line each for the stdout summary."""
+    generation, prediction = report.get("generation"), report.get("prediction")
+    if generation is None:
+        return []
+    if "skipped" in generation:
+        return [f"generation: {generation['skipped']}", f"prediction: {prediction['skipped']}"]
+    o = prediction["overall"]
+
+    def kind(k: str) -> str:
+        return f"{formatted(o[k]['psnr_db'], '{:.2f}')} dB / {formatted(o[k]['centroid_error_px'], '{:.3f}')} px"
+
+    return [
+        f"generation: {generation['videos']} videos recognised as their class {formatted(generation['accuracy'], '{:.1%}')} "
+        f"(chance {generation['chance']:.1%}, real test videos {formatted(generation['real_accuracy'], '{:.1%}')}); "
+        f"object present in {formatted(generation['presence'], '{:.1%}')} of frames "
+        f"(real {formatted(generation['real_presence'], '{:.1%}')})",
+        f"prediction of frames {prediction['given_frames']}+ on {prediction['videos']} test videos, PSNR / centroid "
+        f"error: model {kind(MODEL)}, copy-last {kind(COPY_LAST)}, constant-velocity {kind(CONSTANT_VELOCITY)}",
+    ]
+
+
+def stage2_markdown(report: dict[str, Any]) -> str:
+    generation, prediction = report.get("generation"), report.get("prediction")
+    if generation is None:
+        return ""
+    if "skipped" in generation:
+        return "\n".join(["## Stage 2: generation and prediction", "", generation["skipped"], ""])
+    f = formatted
+    lines = [
+        "## Stage 2: class-conditional generation",
+        "",
+        f"Stage-2 {generation['checkpoint']} (step {generation['checkpoint_step']}, "
+        f"{'finished' if generation['complete'] else 'NOT finished'}), tokenizer {generation['tokenizer_checkpoint']}; "
+        f"{generation['samples_per_class']} videos per class, {generation['steps']} decoding steps, temperature "
+        f"{generation['temperature']:g}, seed {generation['seed']}. Real: the {generation['real_videos']} test videos.",
+        "",
+        f"Recognised as their class: **{f(generation['accuracy'], '{:.1%}')}** (chance {generation['chance']:.1%}; the "
+        f"same classifier on real test videos {f(generation['real_accuracy'], '{:.1%}')}). {generation['classifier']}.",
+        "",
+        "| class | recognised | real | presence | real | smoothness (px) | real | diversity | real |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {**generation["per_class"], "all": {
+        "accuracy": generation["accuracy"], "real_accuracy": generation["real_accuracy"],
+        "presence": generation["presence"], "real_presence": generation["real_presence"],
+        "smoothness_px": generation["smoothness_px"], "real_smoothness_px": generation["real_smoothness_px"],
+        "diversity": generation["diversity"], "real_diversity": generation["real_diversity"],
+    }}
+    for name, c in rows.items():
+        lines.append(
+            f"| {name} | {f(c['accuracy'], '{:.1%}')} | {f(c['real_accuracy'], '{:.1%}')} | {f(c['presence'], '{:.1%}')} | "
+            f"{f(c['real_presence'], '{:.1%}')} | {f(c['smoothness_px'], '{:.3f}')} | {f(c['real_smoothness_px'], '{:.3f}')} | "
+            f"{f(c['diversity'], '{:.4f}')} | {f(c['real_diversity'], '{:.4f}')} |"
+        )
+    lines += [
+        "",
+        "Presence: share of frames whose brightest pixel (8 bits) reaches the data's visibility threshold. Smoothness: "
+        "mean |second difference| of the object centroids over time. Diversity: mean absolute pixel difference between "
+        "two videos of a class, over all pairs. (\"all\": presence and smoothness over all videos, diversity the mean of "
+        "the classes'.)",
+        "",
+        "## Stage 2: frame prediction",
+        "",
+        f"{prediction['videos']} test videos; frames 0-{prediction['given_frames'] - 1} given (as the tokenizer's codes), "
+        f"frames {prediction['given_frames']}+ predicted. Baselines from the true given frames, scored by the same code: "
+        "copy-last repeats the last given frame; constant-velocity moves it along its centroid velocity over the last two "
+        "given frames (bilinear sub-pixel shift).",
+        "",
+    ]
+    for title, by_kind in (("all classes", prediction["overall"]), *prediction["per_class"].items()):
+        frames = [p["frame"] for p in by_kind[MODEL]["per_frame"]]
+        lines += [
+            f"### {title}",
+            "",
+            "| | " + " | ".join(f"frame {t}" for t in frames) + " | mean | misses |",
+            "|---" * (len(frames) + 3) + "|",
+        ]
+        for k in PREDICTION_KINDS:
+            s = by_kind[k]
+            lines.append(f"| {k} PSNR (dB) | " + " | ".join(f(p["psnr_db"], "{:.2f}") for p in s["per_frame"])
+                         + f" | {f(s['psnr_db'], '{:.2f}')} | |")
+            lines.append(f"| {k} centroid error (px) | "
+                         + " | ".join(f(p["centroid_error_px"], "{:.3f}") for p in s["per_frame"])
+                         + f" | {f(s['centroid_error_px'], '{:.3f}')} | {s['centroid_misses']} / {s['object_frames']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# (key in a metrics summary, row title, how to format it)
+METRIC_ROWS = (
+    ("psnr_db", "PSNR (dB, mean over frames)", "{:.2f}"),
+    ("psnr_of_mean_mse_db", "PSNR of the mean MSE (dB)", "{:.2f}"),
+    ("mse", "MSE", "{:.3g}"),
+    ("ssim", "SSIM (per frame)", "{:.4f}"),
+    ("foreground_psnr_db", "foreground PSNR (dB)", "{:.2f}"),
+    ("centroid_error_px", "centroid error (px)", "{:.3f}"),
+    ("centroid_miss_rate", "centroid miss rate", "{:.1%}"),
+)
+
+
+# The rows of the summary that evaluate prints last (and `make demo` prints again at its end).
+SUMMARY_ROWS = (
+    ("psnr_db", "PSNR (dB)", "{:.2f}"),
+    ("ssim", "SSIM", "{:.4f}"),
+    ("foreground_psnr_db", "foreground PSNR (dB)", "{:.2f}"),
+    ("centroid_error_px", "centroid error (px)", "{:.3f}"),
+    ("centroid_miss_rate", "centroid miss rate", "{:.1%}"),
+)

@@ -1,0 +1,69 @@
+"""MaskGIT (Chang et al. 2022): the mask schedule and iterative parallel decoding, as pure
+functions of a logits function, so that decoding is tested without a trained model.
+
+One schedule serves both sides: training masks ``schedule(u)`` of a sample's tokens for a
+uniform ``u``, and decoding leaves ``schedule((step + 1) / steps)`` of the unknown tokens
+masked after each step, so that the model is trained on exactly the mask ratios it meets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+Ratio = TypeVar("Ratio", float, torch.Tensor)
+
+
+def cosine_schedule(progress: Ratio) -> Ratio:
+    """The share of tokens still masked at ``progress`` in [0, 1] (1 at 0, 0 at 1): MaskGIT's
+    cosine schedule. A float for a float, a tensor (elementwise) for a tensor."""
+    if isinstance(progress, torch.Tensor):
+        return torch.cos(0.5 * math.pi * progress)
+    return math.cos(0.5 * math.pi * progress)
+
+
+def decode(
+    tokens: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    mask_id: int,
+    steps: int,
+    schedule: Callable[[float], float] = cosine_schedule,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Fill the ``mask_id`` positions of ``tokens`` (B, L) int64 by iterative parallel decoding.
+
+    ``logits_fn(tokens)`` gives (B, L, V) logits for the current tokens. Each step samples every
+    unknown token from the softmax at ``temperature``, keeps them, then masks again the least
+    confident of this step's choices so that ``floor(schedule((step + 1) / steps) * unknown)``
+    stay masked; tokens fixed by an earlier step, and the given ones, never change. Confidence
+    is the log-probability of the sampled token plus Gumbel noise scaled by ``temperature`` and
+    annealed to 0 over the steps (early steps explore, late ones commit). All draws come from
+    ``generator`` (torch's global one if None): the same generator state gives the same tokens.
+    Returns the (B, L) tokens, none of them masked.
+    """
+    batch, length = tokens.shape
+    device = tokens.device
+    total = (tokens == mask_id).sum(1)
+    for step in range(steps):
+        logits = logits_fn(tokens).float()
+        probs = F.softmax(logits / max(temperature, 1e-6), dim=-1)
+        sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(batch, length)
+        confidence = probs.gather(-1, sampled[..., None]).squeeze(-1).log()
+        noise = -torch.log(-torch.log(torch.rand(confidence.shape, generator=generator, device=device) + 1e-20) + 1e-20)
+        confidence = confidence + temperature * (1 - (step + 1) / steps) * noise
+        still_masked = tokens == mask_id
+        tokens = torch.where(still_masked, sampled, tokens)
+        left = (schedule((step + 1) / steps) * total).floor().long()
+        if step + 1 == steps or not bool((left > 0).any()):
+            break
+        # Re-mask the least confident of this step's choices; earlier choices stay.
+        confidence = confidence.masked_fill(~still_masked, math.inf)
+        ranks = confidence.argsort(dim=1).argsort(dim=1)
+        tokens = torch.where(ranks < left[:, None], torch.full_like(tokens, mask_id), tokens)
+    return tokens

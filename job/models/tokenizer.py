@@ -1,0 +1,364 @@
+"""A MAGVIT-style video tokenizer: 3D-conv encoder, lookup-free quantization (LFQ), 3D-conv decoder.
+
+The encoder maps a grey video (B, 1, T, H, W) in [0, 1] to ``codebook_bits`` channels per latent
+voxel; LFQ turns each channel into one bit, so every latent voxel is one integer code in
+[0, 2**codebook_bits). The decoder maps the +-1 bit vectors back to a video.
+
+Determinism: nothing here draws random numbers after construction (no dropout; LFQ with
+``frac_per_sample_entropy=1`` uses every token instead of a random subset), and every op has a
+deterministic CPU kernel, so a kill/resume reproduces the weights byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vector_quantize_pytorch import LFQ
+from vector_quantize_pytorch.lookup_free_quantization import LossBreakdown
+
+from job.config import Config, DataConfig, ModelConfig
+
+# Sharpness of LFQ's soft code assignment in its entropy terms. The library's default, pinned
+# here so that a new library default cannot silently change the math of a resumed run.
+LFQ_INV_TEMPERATURE = 100.0
+
+
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor  # (B, 1, T, H, W) in [0, 1]
+    codes: torch.Tensor  # (B, t, h, w) int64 in [0, 2**codebook_bits)
+    entropy_loss: torch.Tensor  # per-sample entropy - diversity_gamma * batch entropy, unweighted
+    commitment_loss: torch.Tensor  # unweighted; zero outside training mode
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups is the usual choice; the small presets have fewer channels than that, and any
+    # divisor of the channel count keeps the layer valid.
+    return nn.GroupNorm(math.gcd(channels, 32), channels)
+
+
+def _conv3(in_channels: int, out_channels: int, stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv3d:
+    return nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+
+
+def _scale_factors(temporal: bool) -> tuple[int, int, int]:
+    return (2 if temporal else 1, 2, 2)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, plus a (projected) skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _group_norm(in_channels),
+            nn.SiLU(),
+            _conv3(in_channels, out_channels),
+            _group_norm(out_channels),
+            nn.SiLU(),
+            _conv3(out_channels, out_channels),
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3x3 conv: halves H and W, and T when ``temporal``."""
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.conv = _conv3(channels, channels, stride=_scale_factors(temporal))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W, and T when ``temporal``, in one of two ways (``model.upsample``):
+
+    - ``repeat``: a 3x3x3 conv at the lower resolution, then nearest-neighbour repetition. Every
+      sub-position of a latent voxel gets the same feature vector, so where two frames share one
+      latent (temporal downsampling) both frames are drawn from one vector: the decoder shows the
+      object of one frame as a ghost in the other.
+    - ``subpixel``: a 3x3x3 conv to ``out_channels`` per sub-position, then depth-to-space (a
+      "pixel shuffle" in 3D): every output frame and pixel gets features of its own. The conv is
+      initialised as ICNR (Aitken et al. 2017): all sub-positions start with identical weights, so
+      a fresh layer computes exactly what ``repeat`` does and cannot start with checkerboards.
+
+    Both run their conv at the lower resolution, where it is 4-8x cheaper, and both end in an
+    expand/permute + reshape, whose backward is a plain gather or sum: deterministic on every device.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temporal: bool, mode: str = "repeat") -> None:
+        super().__init__()
+        self.factors = _scale_factors(temporal)
+        self.mode = mode
+        self.out_channels = out_channels
+        if mode == "subpixel":
+            positions = math.prod(self.factors)
+            self.conv = _conv3(in_channels, out_channels * positions)
+            with torch.no_grad():  # ICNR: one kernel per output channel, shared by its sub-positions
+                self.conv.weight.copy_(self.conv.weight[:out_channels].repeat_interleave(positions, dim=0))
+                self.conv.bias.copy_(self.conv.bias[:out_channels].repeat_interleave(positions, dim=0))
+        elif mode == "repeat":
+            self.conv = _conv3(in_channels, out_channels)
+        else:
+            raise ValueError(f"unknown upsample mode {mode!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        b, _, t, h, w = x.shape
+        ft, fh, fw = self.factors
+        c = self.out_channels
+        if self.mode == "subpixel":
+            # Channel c * (ft*fh*fw) + sub-position -> that sub-position of channel c.
+            shuffled = x.reshape(b, c, ft, fh, fw, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+            return shuffled.reshape(b, c, t * ft, h * fh, w * fw)
+        repeated = x[:, :, :, None, :, None, :, None].expand(b, c, t, ft, h, fh, w, fw)
+        return repeated.reshape(b, c, t * ft, h * fh, w * fw)
+
+
+def _stage_widths(model: ModelConfig) -> list[int]:
+    return [model.channels * mult for mult in model.channel_mults]
+
+
+def _is_temporal(downsampling_index: int, model: ModelConfig) -> bool:
+    # The first `temporal_downsample` resolution changes (counted from the input) also halve T.
+    return downsampling_index < model.temporal_downsample
+
+
+def _output_head(in_channels: int, out_channels: int) -> nn.Sequential:
+    # A 1x1x1 conv: the residual block before it already mixes neighbours, and oneDNN runs a
+    # 3x3x3 conv to a single output channel about ten times slower than its arithmetic suggests.
+    return nn.Sequential(_group_norm(in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, kernel_size=1))
+
+
+class Encoder(nn.Module):
+    """Stem conv, then per stage its residual blocks (the first one widens) and a downsampling."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        super().__init__()
+        widths = _stage_widths(model)
+        layers: list[nn.Module] = [_conv3(1, widths[0])]
+        channels = widths[0]
+        for stage, width in enumerate(widths):
+            for _ in range(model.res_blocks):
+                layers.append(ResBlock(channels, width))
+                channels = width
+            if stage < len(widths) - 1:
+                layers.append(Downsample(width, temporal=_is_temporal(stage, model)))
+        layers.append(_output_head(widths[-1], model.codebook_bits))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.layers(video)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder, deepest stage first; each upsampling narrows to the next stage's width."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        super().__init__()
+        widths = _stage_widths(model)
+        layers: list[nn.Module] = [_conv3(model.codebook_bits, widths[-1])]
+        for stage in reversed(range(len(widths))):
+            if stage < len(widths) - 1:
+                # Undoes the encoder's downsampling between this stage and the next one.
+                layers.append(
+                    Upsample(widths[stage + 1], widths[stage], _is_temporal(stage, model), model.upsample)
+                )
+            layers.extend(ResBlock(widths[stage], widths[stage]) for _ in range(model.res_blocks))
+        head = _output_head(widths[0], 1)
+        with torch.no_grad():  # a shift, not a draw: the other weights stay what the seed makes them
+            head[-1].bias.add_(model.output_bias_init)
+        layers.append(head)
+        self.layers = nn.Sequential(*layers)
+        self.output = model.output
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return output_activation(self.layers(latent), self.output)
+
+
+def output_activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The decoder's last step, mapping its output to [0, 1] (``model.output``).
+
+    - ``sigmoid``: smooth, but it reaches 0 only at -infinity: a black background ends as a faint
+      haze whose SSIM luminance term is far from 1 (0.02 instead of 0 scores about 0.2).
+    - ``clamp``: clamp to [0, 1] with a straight-through gradient (the gradient of the identity).
+      Black is exactly 0 for any output <= 0, so the background can be right, not nearly right;
+      and a pixel clamped to 0 that should be bright still gets the gradient that raises it (a
+      plain clamp would give it none).
+    """
+    if kind == "sigmoid":
+        return torch.sigmoid(x)
+    if kind == "clamp":
+        return x + (x.clamp(0.0, 1.0) - x).detach()
+    raise ValueError(f"unknown output activation {kind!r}")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode for a moment, restoring its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+# --- the tokenizer --------------------------------------------------------------------------
+
+
+class VideoTokenizer(nn.Module):
+    def __init__(self, model: ModelConfig, data: DataConfig) -> None:
+        super().__init__()
+        self.config = model
+        self.input_shape = (data.frames, data.height, data.width)
+        self.codebook_size = 2**model.codebook_bits
+        self.encoder = Encoder(model)
+        # The library's own loss weighting and diversity_gamma are bypassed: forward reads the
+        # unweighted parts from the loss breakdown and combines them with the config's values.
+        # commitment_loss_weight only has to be > 0 for LFQ to compute the commitment term.
+        self.quantizer = LFQ(
+            dim=model.codebook_bits,
+            codebook_size=self.codebook_size,
+            entropy_loss_weight=1.0,
+            commitment_loss_weight=1.0,
+            frac_per_sample_entropy=1.0,
+        )
+        self.decoder = Decoder(model)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        frames, height, width = self.input_shape
+        spatial = 2 ** (len(self.config.channel_mults) - 1)
+        return frames // 2**self.config.temporal_downsample, height // spatial, width // spatial
+
+    def forward(self, video: torch.Tensor) -> TokenizerOutput:
+        self._check_video(video)
+        quantized, codes, breakdown = self._quantize(self.encoder(video))
+        entropy_loss = breakdown.per_sample_entropy - self.config.diversity_gamma * breakdown.batch_entropy
+        return TokenizerOutput(
+            recon=self.decoder(quantized),
+            codes=codes,
+            entropy_loss=entropy_loss,
+            commitment_loss=breakdown.commitment,
+        )
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Integer codes (B, t, h, w) int64; the same codes forward gives, in either mode."""
+        self._check_video(video)
+        # Eval mode skips LFQ's entropy terms, which would only cost time here.
+        with _eval_mode(self.quantizer):
+            _, codes, _ = self._quantize(self.encoder(video))
+        return codes
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Video (B, 1, T, H, W) in [0, 1] from integer codes (B, t, h, w)."""
+        if codes.ndim != 4 or tuple(codes.shape[1:]) != self.latent_shape():
+            t, h, w = self.latent_shape()
+            raise ValueError(f"expected codes of shape (B, {t}, {h}, {w}), got {tuple(codes.shape)}")
+        return self.decoder(self.quantizer.indices_to_codes(codes))
+
+    def _quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LossBreakdown]:
+        (quantized, codes, _), breakdown = self.quantizer(
+            latent, inv_temperature=LFQ_INV_TEMPERATURE, return_loss_breakdown=True
+        )
+        return quantized, codes.long(), breakdown
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        if video.ndim != 5 or video.shape[1] != 1 or tuple(video.shape[2:]) != self.input_shape:
+            frames, height, width = self.input_shape
+            raise ValueError(f"expected video of shape (B, 1, {frames}, {height}, {width}), got {tuple(video.shape)}")
+
+
+# --- losses and statistics ------------------------------------------------------------------
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """Foreground-balanced error (``model.recon_loss``: squared or absolute), averaged over the batch.
+
+    Frames are >95% black, so a plain MSE is won by an all-black output. Here the object pixels
+    (target > foreground_threshold) of each sample get a fixed share ``foreground_balance`` of
+    its loss and the background pixels the rest, whatever their counts: missing the object costs
+    as much as a haze over the whole background. A sample without object pixels (or without
+    background) gives its whole loss to the part it has.
+    """
+    difference = recon.float() - target.float()
+    error = (difference.abs() if model.recon_loss == "l1" else difference.pow(2)).flatten(1)
+    is_object = (target > model.foreground_threshold).flatten(1).to(error.dtype)
+    is_background = 1.0 - is_object
+    object_error, has_object = _masked_mean(error, is_object)
+    background_error, has_background = _masked_mean(error, is_background)
+    object_weight = model.foreground_balance * has_object
+    background_weight = (1.0 - model.foreground_balance) * has_background
+    weighted = object_weight * object_error + background_weight * background_error
+    per_sample = weighted / (object_weight + background_weight)
+    return per_sample.mean()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean of ``values`` where ``mask`` is 1, and whether the row had any such entry."""
+    count = mask.sum(dim=1)
+    mean = (values * mask).sum(dim=1) / count.clamp(min=1.0)
+    return mean, (count > 0).to(values.dtype)
+
+
+def compute_loss(
+    out: TokenizerOutput, target: torch.Tensor, model: ModelConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total training loss and its float parts for logging (``mse`` is plain MSE, for reference)."""
+    recon = reconstruction_loss(out.recon, target, model)
+    total = (
+        recon
+        + model.entropy_loss_weight * out.entropy_loss
+        + model.commitment_loss_weight * out.commitment_loss
+    )
+    mse = F.mse_loss(out.recon.detach().float(), target.float())
+    # One device-to-host copy for all parts instead of one synchronisation each.
+    values = torch.stack([total, recon, out.entropy_loss, out.commitment_loss, mse]).detach().float().tolist()
+    return total, dict(zip(("loss", "recon", "entropy", "commitment", "mse"), values, strict=True))
+
+
+def trained_tokenizer(
+    weights: dict[str, torch.Tensor], model: ModelConfig, data: DataConfig, device: torch.device | str = "cpu"
+) -> VideoTokenizer:
+    """A tokenizer with saved weights, in eval mode: every key must match (strict)."""
+    tokenizer = VideoTokenizer(model, data)
+    tokenizer.load_state_dict(weights, strict=True)
+    return tokenizer.to(device).eval()
+
+
+def codebook_stats(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Fraction of codebook entries used at least once, and the perplexity of the code histogram."""
+    counts = torch.bincount(codes.flatten().long().cpu(), minlength=codebook_size).double()
+    probs = counts[counts > 0] / counts.sum()
+    entropy = -(probs * probs.log()).sum()
+    return {
+        "usage": (counts > 0).sum().item() / codebook_size,
+        "perplexity": entropy.exp().item(),
+    }
+
+
+def initial_tokenizer(cfg: Config) -> VideoTokenizer:
+    """The weights a run starts from: a pure function of the seed."""
+    torch.manual_seed(cfg.seed)
+    return VideoTokenizer(cfg.model, cfg.data)
+
+
+def tokenizer_parameters(cfg: Config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in VideoTokenizer(cfg.model, cfg.data).parameters())

@@ -1,0 +1,167 @@
+"""MAGVIT stage 2 (SPEC §15): a bidirectional transformer over the frozen tokenizer's codes,
+trained with MaskGIT's masked-token objective, and MaskGIT's iterative parallel decoding.
+
+A video is its t x h x w token grid, flattened in time-major order; the class (or "none") is
+an embedding added to every token. One model does three tasks (MAGVIT's multi-task setup): generation
+without condition, class-conditional generation, and frame prediction, where the tokens of the
+first latent frames are given (visible) and the rest are masked. Training masks a cosine-
+scheduled share of the tokens that are not given and learns to predict them; sampling starts
+from all of them masked and, over ``steps`` rounds, keeps the most confident predictions and
+masks the rest again.
+
+Attention is factorized, as in video transformers such as ViViT and TimeSformer: each block
+attends within every latent frame (space), then across frames at every position (time), then
+applies its MLP. On a `small` video's 2,048 tokens that trained 1.1x (width 64) to 1.6x (width
+32) faster on 2 CPU cores than full attention over all tokens (a one-off measurement in the same
+process, load average 4); every token still reaches every other in two hops. The attention itself is PyTorch's own
+``nn.MultiheadAttention`` (scaled-dot-product kernels, deterministic on the CPU under
+``torch.use_deterministic_algorithms``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from job.config import Config, Stage2Config
+from job.models.maskgit import cosine_schedule, decode
+from job.models.tokenizer import VideoTokenizer
+
+# Tasks of a training sample, and the class id that means "no class".
+UNCONDITIONAL, CLASS_CONDITIONAL, PREDICTION = 0, 1, 2
+
+
+@dataclass
+class MaskedBatch:
+    """What the transformer sees and what it must predict."""
+
+    tokens: torch.Tensor  # (B, L) int64: code ids, MASK where hidden
+    classes: torch.Tensor  # (B,) int64: class id, or num_classes for none
+    targets: torch.Tensor  # (B, L) int64: the true codes
+    masked: torch.Tensor  # (B, L) bool: positions the loss is computed on
+
+
+class FactorizedBlock(nn.Module):
+    """Pre-norm residual block: attention within each latent frame, attention across the frames
+    at each position, then a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, latent_shape: tuple[int, int, int]):
+        super().__init__()
+        self.frames, self.positions = latent_shape[0], latent_shape[1] * latent_shape[2]
+        self.space_norm, self.time_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.space = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.time = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        t, hw = self.frames, self.positions
+        h = self.space_norm(x).reshape(batch * t, hw, dim)  # one sequence per latent frame
+        x = x + self.space(h, h, h, need_weights=False)[0].reshape(batch, length, dim)
+        h = self.time_norm(x).reshape(batch, t, hw, dim).transpose(1, 2).reshape(batch * hw, t, dim)
+        attended = self.time(h, h, h, need_weights=False)[0]  # one sequence per position
+        x = x + attended.reshape(batch, hw, t, dim).transpose(1, 2).reshape(batch, length, dim)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def masked_token_loss(logits: torch.Tensor, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the masked positions (MaskGIT's objective), and the share of them
+    predicted right. ``batch`` must be on the logits' device."""
+    picked, truth = logits[batch.masked].float(), batch.targets[batch.masked]
+    return F.cross_entropy(picked, truth), (picked.argmax(-1) == truth).float().mean()
+
+
+class MaskedVideoTransformer(nn.Module):
+    def __init__(self, cfg: Stage2Config, codebook_size: int, latent_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.codebook_size = codebook_size
+        self.mask_id = codebook_size  # one id past the codebook
+        self.latent_shape = tuple(latent_shape)
+        self.num_classes = num_classes
+        self.length = math.prod(latent_shape)
+        self.token_embedding = nn.Embedding(codebook_size + 1, cfg.dim)
+        self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
+        self.position = nn.Parameter(torch.zeros(1, self.length, cfg.dim))
+        nn.init.normal_(self.position, std=0.02)
+        self.blocks = nn.Sequential(*(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape) for _ in range(cfg.depth)))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, codebook_size)
+
+    def forward(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, codebook_size) for every token position."""
+        x = self.token_embedding(tokens) + self.position + self.class_embedding(classes)[:, None]
+        return self.head(self.norm(self.blocks(x)))
+
+    # --- training ------------------------------------------------------------------------------
+
+    def given_positions(self, frames: int) -> torch.Tensor:
+        """(L,) bool: the tokens of the first ``frames`` latent frames."""
+        t, h, w = self.latent_shape
+        given = torch.zeros(t, h * w, dtype=torch.bool)
+        given[:frames] = True
+        return given.flatten()
+
+    def mask_for_training(
+        self, codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> MaskedBatch:
+        """A task per sample (drawn with the configured weights), then MaskGIT's cosine masking of
+        the tokens that task does not give. Draws from ``generator``, by default torch's global
+        one, which every checkpoint saves, so a resumed run draws the same masks."""
+        batch = len(codes)
+        targets = codes.flatten(1)
+        weights = torch.tensor([self.cfg.unconditional_weight, self.cfg.class_weight, self.cfg.predict_weight])
+        tasks = torch.multinomial(weights, batch, replacement=True, generator=generator)
+        none = torch.full_like(labels, self.num_classes)
+        classes = torch.where(tasks == CLASS_CONDITIONAL, labels, none)
+        given = self.given_positions(self.predict_frames())[None].expand(batch, -1) & (tasks == PREDICTION)[:, None]
+        candidates = ~given
+        ratio = cosine_schedule(torch.rand(batch, generator=generator))  # the share of them to mask
+        counts = (ratio * candidates.sum(1)).ceil().clamp(min=1)
+        scores = torch.rand(batch, self.length, generator=generator).masked_fill(~candidates, 2.0)  # given: never masked
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        masked = ranks < counts[:, None]
+        return MaskedBatch(targets.masked_fill(masked, self.mask_id), classes, targets, masked)
+
+    def predict_frames(self) -> int:
+        """Latent frames given in the prediction task: the configured number, or half."""
+        return self.cfg.predict_latent_frames or self.latent_shape[0] // 2
+
+    # --- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self, classes: torch.Tensor, given: torch.Tensor | None = None, given_frames: int = 0,
+        steps: int | None = None, temperature: float | None = None, generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Codes (B, t, h, w) by MaskGIT's iterative decoding. ``classes`` (B,): a class id, or
+        ``num_classes`` for none; ``given`` (B, t, h, w): codes whose first ``given_frames``
+        latent frames are kept as they are (frame prediction)."""
+        batch, device = len(classes), classes.device
+        tokens = torch.full((batch, self.length), self.mask_id, dtype=torch.long, device=device)
+        if given is not None and given_frames:
+            keep = self.given_positions(given_frames).to(device)
+            tokens[:, keep] = given.flatten(1)[:, keep]
+        decoded = decode(
+            tokens, lambda current: self(current, classes), mask_id=self.mask_id,
+            steps=steps or self.cfg.sample_steps, schedule=cosine_schedule, generator=generator,
+            temperature=self.cfg.temperature if temperature is None else temperature,
+        )
+        return decoded.view(batch, *self.latent_shape)
+
+
+def initial_transformer(cfg: Config, tokenizer: VideoTokenizer) -> MaskedVideoTransformer:
+    """The initial weights: a pure function of the seed."""
+    torch.manual_seed(cfg.seed)
+    return MaskedVideoTransformer(cfg.stage2, tokenizer.codebook_size, tokenizer.latent_shape(), len(cfg.data.classes))
+
+
+def trained_transformer(weights: dict[str, torch.Tensor], cfg: Config, tokenizer: VideoTokenizer,
+                        device: torch.device | str = "cpu") -> MaskedVideoTransformer:
+    model = MaskedVideoTransformer(cfg.stage2, tokenizer.codebook_size, tokenizer.latent_shape(), len(cfg.data.classes))
+    model.load_state_dict(weights, strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""One module per command-line mode: ``run(cfg, store)`` tells its story, ``main`` opens the run for it."""

@@ -1,0 +1,163 @@
+"""``evaluate`` (SPEC §11): how good the run's best model is, on the test split, next to baselines.
+
+1. Load the best checkpoint (verified against its manifest); the model is rebuilt from the
+   checkpoint's own config, so a wrong ``--preset`` cannot mismatch it.
+2. One pass over the train split: the per-pixel mean frame (a baseline) and the codes the
+   classifier learns from: those of every train video under each symmetry of the frame that
+   the data are drawn invariant under (``symmetric_views``). The test split is never trained on.
+3. One pass over the test split: encode -> decode, and the same per-frame metrics (job.metrics)
+   for the model, an all-black frame and the mean frame, overall and per class.
+4. Codebook usage on the test codes; a linear probe on the LFQ bits of the train codes, scored
+   on the test codes; side-by-side PNGs per class.
+5. eval/report.json, eval/report.md, a summary on stdout. Goals are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+import torch
+
+from job.checkpoints.reader import CheckpointReader
+from job.config import Config
+from job.data.dataset import VideoDataset, prepare_dataset
+from job.eval.frame_metrics import summarise
+from job.eval.generation import encode_frames, generation_section
+from job.eval.goals import goals, stage2_goals
+from job.eval.prediction import MODEL, prediction_section
+from job.eval.probe import LinearProbe
+from job.eval.reconstruction import (
+    KINDS,
+    TestPass,
+    classify_codes,
+    fit_code_probe,
+    per_class_metrics,
+    scan_train_split,
+    score_test_split,
+    write_example_images,
+)
+from job.eval.report import report_markdown, stage2_markdown, summary_text
+from job.exits import EXIT_OK
+from job.inference.load import NoTrainedStage2, evaluation_config, load_best_checkpoint, load_stage2
+from job.inference.videos import (
+    encode_all,
+    generate_class_videos,
+    given_video_frames,
+    predict_test_videos,
+    prediction_indices,
+)
+from job.models.tokenizer import codebook_stats, trained_tokenizer
+from job.modes.common import open_run
+from job.monitoring.progress import utc_now
+from job.runtime.device import pick_device
+from job.storage import Layout, RunStore
+
+log = structlog.get_logger("job.evaluate")
+
+
+
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    started = time.monotonic()
+    checkpoint, choice = load_best_checkpoint(CheckpointReader(store))
+    run_cfg = evaluation_config(checkpoint, cfg)
+    device = pick_device(run_cfg)
+    model = trained_tokenizer(checkpoint.model, run_cfg.model, run_cfg.data, device)
+    dataset = prepare_dataset(run_cfg, store)
+    log.info("evaluate.start", checkpoint=checkpoint.name, choice=choice, device=str(device))
+
+    train_pass = scan_train_split(model, dataset, run_cfg, device)
+    test_pass = score_test_split(model, dataset, run_cfg, device, train_pass.mean_frame)
+    probe = fit_code_probe(train_pass, run_cfg, device)
+    report = {
+        "checkpoint": checkpoint.name,
+        "checkpoint_step": checkpoint.manifest["step"],
+        "checkpoint_choice": choice,
+        "split": "test",
+        "samples": len(test_pass.labels),
+        "video_shape": list(model.input_shape),
+        "device": str(device),
+        "metrics": {kind: summarise(test_pass.scores[kind]) for kind in KINDS},
+        "per_class": per_class_metrics(test_pass, run_cfg.data.classes),
+        "codebook": {
+            **codebook_stats(test_pass.codes, model.codebook_size),
+            "codebook_size": model.codebook_size,
+            "tokens": test_pass.codes.numel(),
+        },
+        "classifier": classify_codes(probe, train_pass, test_pass, run_cfg),
+        "images": write_example_images(store, model, dataset, test_pass, run_cfg, device, checkpoint.name),
+    }
+    report["goals"] = goals(report)
+    add_stage2_sections(report, cfg, store, dataset, probe, test_pass, device)  # generation, prediction, their goals
+    report["seconds"] = round(time.monotonic() - started, 2)
+    report["created_at"] = utc_now()
+    store.write_json(Layout.eval_report, report)
+    store.write_text(Layout.eval_markdown, report_markdown(report) + stage2_markdown(report))
+    model_metrics = report["metrics"][MODEL]
+    log.info(
+        "evaluate.done", checkpoint=checkpoint.name, psnr_db=model_metrics["psnr_db"],
+        centroid_error_px=model_metrics["centroid_error_px"], accuracy=report["classifier"]["accuracy"],
+        goals_met=sum(g["met"] for g in report["goals"].values()), seconds=report["seconds"],
+    )
+    print(summary_text(report, store.uri), flush=True)
+    return report
+
+
+# --- model and data -------------------------------------------------------------------------
+
+
+# --- the parts of the report ------------------------------------------------------------------
+
+
+# --- presentation -------------------------------------------------------------------------------
+
+
+def add_stage2_sections(
+    report: dict[str, Any], cfg: Config, store: RunStore, dataset: VideoDataset, probe: LinearProbe,
+    test_pass: TestPass, device: torch.device,
+) -> None:
+    """Adds ``generation``, ``prediction`` and their goals to ``report``; a note in both when
+    the run has no trained stage 2."""
+    try:
+        model = load_stage2(cfg, store, device)
+    except NoTrainedStage2 as exc:
+        note = f"skipped: no trained stage 2 ({exc})"
+        log.info("evaluate.stage2_skipped", reason=str(exc))
+        report["generation"] = {"skipped": note}
+        report["prediction"] = {"skipped": note}
+        return
+    started = time.monotonic()
+    s2, run_cfg = cfg.stage2, model.cfg
+    classes, threshold = run_cfg.data.classes, run_cfg.model.foreground_threshold
+    tokenizer = model.tokenizer
+    test_indices = dataset.split("test")
+    if model.tokenizer_checkpoint.name == report["checkpoint"]:
+        test_codes = test_pass.codes  # evaluate's probe is this tokenizer's
+    else:  # stage 2 learned from another stage-1 checkpoint: its own tokenizer's codes, its own probe
+        probe = fit_code_probe(scan_train_split(tokenizer, dataset, run_cfg, device), run_cfg, device)
+        test_codes = encode_all(tokenizer, dataset, test_indices, run_cfg.train.batch_size, device)
+    real, real_labels = dataset.get(test_indices)
+    generated, generated_labels = generate_class_videos(model, s2.samples_per_class, s2.sample_steps, s2.temperature,
+                                                        s2.sample_seed)
+    generation = generation_section(
+        generated, generated_labels, encode_frames(tokenizer, generated, device), real[:, 0], real_labels, test_codes,
+        probe, classes, run_cfg.model.codebook_bits, threshold,
+    )
+    given = given_video_frames(model)
+    predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos), cfg)
+    prediction = prediction_section(predicted, truth, labels, classes, given, threshold)
+    settings = {
+        "checkpoint": model.checkpoint.name, "checkpoint_step": model.checkpoint.step, "complete": model.complete,
+        "tokenizer_checkpoint": model.tokenizer_checkpoint.name, "steps": s2.sample_steps,
+        "temperature": s2.temperature, "seed": s2.sample_seed,
+    }
+    report["generation"] = {**settings, "samples_per_class": s2.samples_per_class, **generation}
+    report["prediction"] = {**settings, **prediction}
+    report["goals"].update(stage2_goals(report["generation"], report["prediction"]))
+    report["stage2_seconds"] = round(time.monotonic() - started, 2)
+
+
+def main(cfg: Config, run_uri: str, cache_dir: str | None) -> int:
+    open_run(run, cfg, run_uri, cache_dir)
+    return EXIT_OK

@@ -1,0 +1,504 @@
+"""``python -m job status RUN_URI [--json] [--watch SECONDS]`` (SPEC §9): where a run stands,
+read from its run folder alone.
+
+Meant for a laptop with only requirements-status.txt installed, answering in about the time a
+bare s3fs listing takes (bench/bench_status.py):
+nothing here may import torch or numpy, directly or through job.training, job.checkpoint,
+job.model or job.data. A checkpoint is judged by the sizes its manifest promises, from one
+listing; checking its hashes would mean downloading it, which is ``verify``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import Any, Callable, TypeVar
+
+from tenacity import Retrying, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+
+from job.monitoring.progress import format_duration, render_progress
+from job.storage import Layout, StoreRefused, open_folder
+from job.storage.folders import retry_transient
+from job.storage.layout import StageLayout, is_plain_file_name
+
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_NO_RUN = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+DEFAULT_HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_BEATS = 3
+TREND_EPOCHS = 5
+# progress.json's times are whole seconds, and two machines' clocks differ by a second or two
+# even under NTP: a heartbeat ahead of our clock by less than this is simply fresh.
+CLOCK_TOLERANCE_SECONDS = 5.0
+LIVE_STATUSES = ("starting", "running")
+FINAL_STATUSES = ("completed", "failed", "stalled")  # --watch stops on these: nothing more will happen
+
+EXIT_CODES = {
+    "healthy": EXIT_HEALTHY,
+    "completed": EXIT_HEALTHY,
+    "stale": EXIT_UNHEALTHY,
+    "failed": EXIT_UNHEALTHY,
+    "stalled": EXIT_UNHEALTHY,
+    "preempted": EXIT_UNHEALTHY,
+    "unknown": EXIT_UNHEALTHY,  # progress.json missing, unreadable or with a status we do not know
+    "no such run": EXIT_NO_RUN,
+    "unreachable": EXIT_NO_RUN,
+    "refused": EXIT_NO_RUN,  # wrong credentials, access denied, no such bucket
+}
+# A store that does not answer (a 503, a reset) is asked again briefly, as the job does, before
+# status says "unreachable"; a person waits for the answer, so only this long.
+RETRY_ATTEMPTS = 3
+RETRY_SECONDS = 2.0
+
+T = TypeVar("T")
+
+
+# --- reading the run folder --------------------------------------------------------------
+
+
+class Unreachable(Exception):
+    """The run folder did not answer; the message is the store's own words."""
+
+
+class Refused(Unreachable):
+    """The store answered that it will never let us read this run folder (and what to fix)."""
+
+
+class RunFolder:
+    """Read-only access to a run folder in which any failure of the store (a refused connection,
+    missing credentials, a denied request, an unreadable disk) becomes ``Unreachable``, so that
+    status answers "unreachable: <reason>" and never a traceback."""
+
+    def __init__(self, uri: str):
+        self.folder = _asking_store(open_folder, uri)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        return _asking_store(self.folder.read_bytes, rel)
+
+    def read_json(self, rel: str, notes: list[str]) -> Any | None:
+        """The parsed file, or None when it is missing or not JSON (then ``notes`` says so)."""
+        data = self.read_bytes(rel)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            notes.append(f"{rel} is not valid JSON ({exc})")
+            return None
+
+    def list_dir(self, rel: str) -> list[str]:
+        return _asking_store(self.folder.list_dir, rel)
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        """Name -> size of the files directly in folder ``rel``, from one listing."""
+        return _asking_store(self.folder.file_sizes, rel)
+
+
+def _asking_store(call: Callable[..., T], *args: Any) -> T:
+    retrying = Retrying(
+        retry=retry_transient,
+        stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(RETRY_SECONDS),
+        wait=wait_exponential_jitter(multiplier=0.2, max=1.0),
+        reraise=True,
+    )
+    try:
+        return retrying(call, *args)
+    except StoreRefused as exc:
+        raise Refused(str(exc)) from exc
+    except Exception as exc:  # whatever else the store's client raises, the answer is the same
+        raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+
+
+# --- judging what was read ---------------------------------------------------------------
+
+
+@dataclass
+class RunReport:
+    uri: str
+    checked_at: datetime
+    health: str
+    problem: str | None = None  # why the run could not be read or judged
+    progress: dict[str, Any] | None = None
+    heartbeat_age: float | None = None
+    stale_after: float = STALE_AFTER_BEATS * DEFAULT_HEARTBEAT_SECONDS
+    newest_checkpoint: dict[str, Any] | None = None
+    latest: Any = None
+    loss_trend: dict[str, Any] | None = None
+    writer: dict[str, Any] | None = None  # who holds the run's lease (lease.json), if anyone did
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.health]
+
+    @property
+    def status(self) -> str | None:
+        return self.progress.get("status") if self.progress else None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+def read_run(uri: str, now: datetime | None = None) -> RunReport:
+    now = now or datetime.now(timezone.utc)
+    try:
+        return assess_run(RunFolder(uri), uri, now)
+    except Refused as exc:
+        return RunReport(uri, now, "refused", problem=f"refused: {exc}")
+    except Unreachable as exc:
+        return RunReport(uri, now, "unreachable", problem=f"unreachable: {exc}")
+
+
+def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
+    progress_bytes = run.read_bytes(Layout.progress)
+    checkpoint_names = run.list_dir(Layout.checkpoints)
+    if progress_bytes is None and not checkpoint_names:
+        problem = f"no such run: neither {Layout.progress} nor {Layout.checkpoints}/ at {uri}"
+        return RunReport(uri, now, "no such run", problem=problem)
+
+    notes: list[str] = []
+    progress, problem = parse_progress(progress_bytes)
+    # The stage the run is in has the checkpoints and losses worth showing.
+    stage = Layout.stage_numbered((progress or {}).get("stage"))
+    if stage is not Layout.stages[0]:
+        checkpoint_names = run.list_dir(stage.checkpoints)
+    report = RunReport(
+        uri, now, "unknown",
+        stale_after=STALE_AFTER_BEATS * heartbeat_interval(run.read_json(Layout.config, notes)),
+        newest_checkpoint=newest_committed_checkpoint(run, stage, checkpoint_names, notes),
+        latest=run.read_json(stage.latest, notes),
+        loss_trend=loss_trend(run.read_bytes(stage.metrics), notes),
+        writer=writer_summary(run.read_json(Layout.lease, notes), now),
+        notes=notes,
+    )
+    report.progress, report.problem = progress, problem
+    if report.progress is not None:
+        report.heartbeat_age = age_seconds(report.progress.get("heartbeat_at"), now)
+        report.health = judge_health(report.status, report.heartbeat_age, report.stale_after)
+    return report
+
+
+def writer_summary(lease: Any, now: datetime) -> dict[str, Any] | None:
+    """The lease's holder and whether it still holds the run: ``holding`` until its expires_at
+    (by this machine's clock, so only as exact as the clocks agree), else ``expired``, or
+    ``released`` by a writer that ended."""
+    if not isinstance(lease, dict):
+        return None
+    expires_in = age_seconds(lease.get("expires_at"), now)
+    if lease.get("released_at"):
+        state = "released"
+    elif expires_in is not None and expires_in < 0:
+        state = "holding"
+    else:
+        state = "expired"
+    keys = ("attempt", "host", "pid", "acquired_at", "renewed_at", "expires_at", "released_at")
+    return {**{k: lease.get(k) for k in keys}, "state": state}
+
+
+def parse_progress(data: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The progress fields, or None and what is wrong with the file."""
+    if data is None:
+        return None, f"no {Layout.progress} (the run has checkpoints but has not reported progress)"
+    try:
+        progress = json.loads(data)
+    except ValueError as exc:
+        return None, f"{Layout.progress} is not valid JSON ({exc}); a partial or corrupt write?"
+    if not isinstance(progress, dict):
+        return None, f"{Layout.progress} holds a {type(progress).__name__}, not an object"
+    return progress, None
+
+
+def heartbeat_interval(config: Any) -> float:
+    try:
+        seconds = float(config["monitor"]["heartbeat_seconds"])
+    except (TypeError, KeyError, ValueError):
+        return DEFAULT_HEARTBEAT_SECONDS
+    return seconds if seconds > 0 else DEFAULT_HEARTBEAT_SECONDS
+
+
+def age_seconds(timestamp: Any, now: datetime) -> float | None:
+    if not isinstance(timestamp, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:  # the job writes UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (now - moment).total_seconds()
+
+
+def judge_health(status: Any, heartbeat_age: float | None, stale_after: float) -> str:
+    if status in LIVE_STATUSES:
+        # No readable heartbeat proves nothing is alive.
+        fresh = heartbeat_age is not None and heartbeat_age <= stale_after
+        return "healthy" if fresh else "stale"
+    if status in ("completed", "failed", "stalled", "preempted"):
+        return status
+    return "unknown"
+
+
+def newest_committed_checkpoint(
+    run: RunFolder, stage: StageLayout, names: list[str], notes: list[str]
+) -> dict[str, Any] | None:
+    """The stage's newest checkpoint whose manifest exists and whose listed files all exist with
+    the manifest's sizes; each newer one that falls short is named in ``notes``."""
+    latest_file = PurePosixPath(stage.latest).name
+    for name in sorted((n for n in names if n != latest_file), reverse=True):
+        manifest = run.read_json(stage.checkpoint_manifest(name), notes)
+        problem = commit_problem(manifest, run.file_sizes(stage.checkpoint_dir(name)) if manifest else {})
+        if problem is None:
+            return {
+                "name": name,
+                "folder": stage.checkpoint_dir(name),
+                "step": manifest.get("step"),
+                "epoch": manifest.get("epoch"),
+                "created_at": manifest.get("created_at"),
+                "committed": True,
+                "sizes_match": True,
+                "verify": verify_result(run.read_json(Layout.verify_report, notes), stage.label + name),
+            }
+        notes.append(f"skipped checkpoint {name}: {problem}")
+    return None
+
+
+def commit_problem(manifest: Any, sizes: dict[str, int]) -> str | None:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        return f"no readable {Layout.checkpoint_manifest_file} (not committed)"
+    foreign = [name for name in manifest["files"] if not is_plain_file_name(name)]
+    if foreign:  # what every reader refuses (job.checkpoint): the checkpoint is invalid
+        return f"its manifest names {foreign[0]!r}, not a plain file of its folder"
+    for filename, entry in sorted(manifest["files"].items()):
+        expected = entry.get("size") if isinstance(entry, dict) else None
+        if filename not in sizes:
+            return f"{filename} is missing"
+        if sizes[filename] != expected:
+            return f"{filename} has {sizes[filename]} bytes, its manifest says {expected}"
+    return None
+
+
+def verify_result(report: Any, checkpoint: str) -> dict[str, Any] | None:
+    """What verify/report.json says, and whether it covers ``checkpoint``: a report written
+    before that checkpoint existed vouches only for older ones."""
+    if not isinstance(report, dict) or not isinstance(report.get("passed"), bool):
+        return None
+    checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
+    return {
+        "passed": report["passed"],
+        "covers_checkpoint": checkpoint in {c.get("name", "").split(" ", 1)[-1] for c in checks},
+        "failed_checks": [str(c.get("name")) for c in checks if c.get("passed") is False],
+    }
+
+
+def loss_trend(metrics: bytes | None, notes: list[str]) -> dict[str, Any] | None:
+    """The last few epochs' losses, and whether val_loss went down across them."""
+    by_epoch = epoch_records(metrics or b"", notes)
+    if not by_epoch:
+        return None
+    recent = [
+        {"epoch": e, "train_loss": by_epoch[e].get("train_loss"), "val_loss": by_epoch[e].get("val_loss")}
+        for e in sorted(by_epoch)[-TREND_EPOCHS:]
+    ]
+    val = [r["val_loss"] for r in recent if _is_number(r["val_loss"])]
+    all_val = [(r.get("val_loss"), e) for e, r in by_epoch.items() if _is_number(r.get("val_loss"))]
+    best_val, best_epoch = min(all_val) if all_val else (None, None)
+    return {
+        "recent": recent,
+        # Ends of the window rather than the last two epochs: one noisy epoch should not flip it.
+        "val_improving": val[-1] < val[0] if len(val) >= 2 else None,
+        "best_val_loss": best_val,
+        "best_epoch": best_epoch,
+    }
+
+
+def epoch_records(metrics: bytes, notes: list[str]) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl by epoch; a resume that repeated an epoch counts with its last record."""
+    records: dict[int, dict[str, Any]] = {}
+    unreadable = 0
+    for line in metrics.decode(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            unreadable += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records[record["epoch"]] = record
+    if unreadable:
+        notes.append(f"{unreadable} line(s) of {Layout.metrics} are not valid JSON")
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --- showing it --------------------------------------------------------------------------
+
+
+def report_json(report: RunReport) -> dict[str, Any]:
+    """The raw progress fields plus what status derived from the whole run folder."""
+    return {
+        **(report.progress or {}),
+        "uri": report.uri,
+        "checked_at": report.checked_at.isoformat(timespec="seconds"),
+        "health": report.health,
+        "exit_code": report.exit_code,
+        "problem": report.problem,
+        "stale": report.health == "stale",
+        "heartbeat_age_seconds": None if report.heartbeat_age is None else round(report.heartbeat_age, 1),
+        "stale_after_seconds": report.stale_after,
+        "newest_checkpoint": report.newest_checkpoint,
+        "latest": report.latest,
+        "loss_trend": report.loss_trend,
+        "writer": report.writer,
+        "notes": report.notes,
+    }
+
+
+def report_text(report: RunReport) -> str:
+    if report.health in ("no such run", "unreachable", "refused"):
+        return f"{report.uri}: {report.problem}\n"
+    lines = [_row("run:", report.uri)]
+    headline = health_headline(report)
+    if headline:
+        lines += ["", f"!!! {headline}", ""]
+    if report.progress is not None:
+        lines += render_progress(report.progress).splitlines()
+        lines.append(_row("heartbeat age:", heartbeat_text(report)))
+    lines += checkpoint_lines(report.newest_checkpoint)
+    if isinstance(report.latest, dict):
+        lines.append(_row("latest.json:", str(report.latest.get("checkpoint"))))
+    lines += loss_trend_lines(report.loss_trend)
+    if report.writer:
+        w = report.writer
+        lines.append(_row("writer:", f"attempt {w['attempt']} on {w['host']} (pid {w['pid']}), {w['state']} "
+                                     f"(renewed {w['renewed_at']})"))
+    lines += [_row("note:", note) for note in report.notes]
+    shown = report.health.upper() if report.exit_code else report.health
+    lines.append(_row("health:", f"{shown} (exit {report.exit_code})"))
+    return "\n".join(lines) + "\n"
+
+
+def health_headline(report: RunReport) -> str | None:
+    """One line a person cannot miss, for a run that is not fine."""
+    progress = report.progress or {}
+    error = progress.get("error") or "no error recorded"
+    if report.health == "stale":
+        silence = "has no readable heartbeat" if report.heartbeat_age is None else (
+            f"has not beaten for {format_duration(report.heartbeat_age)}"
+        )
+        return (
+            f"STALE: the run says {report.status} but {silence} (limit {STALE_AFTER_BEATS} heartbeat intervals, "
+            f"{format_duration(report.stale_after)}); the job is probably dead or hung"
+        )
+    if report.health == "preempted":
+        return "PREEMPTED: stopped by SIGTERM after saving; not healthy until a restart resumes it"
+    if report.health in ("failed", "stalled"):
+        return f"{report.health.upper()}: {error}"
+    if report.health == "unknown":
+        return f"UNKNOWN: {report.problem or f'status {report.status!r} is not one the job writes'}"
+    return None
+
+
+def heartbeat_text(report: RunReport) -> str:
+    limit = f"stale after {format_duration(report.stale_after)} while running"
+    if report.heartbeat_age is None:
+        return f"unknown (no readable heartbeat_at; {limit})"
+    if report.heartbeat_age < -CLOCK_TOLERANCE_SECONDS:
+        return f"in the future by {format_duration(-report.heartbeat_age)} (clock skew?; {limit})"
+    return f"{format_duration(report.heartbeat_age)} old ({limit})"
+
+
+def checkpoint_lines(checkpoint: dict[str, Any] | None) -> list[str]:
+    if checkpoint is None:
+        return [_row("checkpoint:", "no committed checkpoint yet")]
+    return [
+        _row("checkpoint:", f"{checkpoint['name']}, the newest committed one (step {checkpoint['step']}, "
+                            f"epoch {checkpoint['epoch']}, {checkpoint['created_at']})"),
+        _row("", f"committed, sizes match; {verify_text(checkpoint['verify'])}"),
+    ]
+
+
+def verify_text(verify: dict[str, Any] | None) -> str:
+    if verify is None:
+        return "not verified"
+    if not verify["passed"]:
+        return f"verify FAILED ({', '.join(verify['failed_checks']) or f'see {Layout.verify_report}'})"
+    return "verify passed" if verify["covers_checkpoint"] else "verify passed, but for older checkpoints only"
+
+
+def loss_trend_lines(trend: dict[str, Any] | None) -> list[str]:
+    if trend is None:
+        return [_row("loss trend:", "no epoch finished yet")]
+    lines = [_row("loss trend:", f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>10}")]
+    for r in trend["recent"]:
+        lines.append(_row("", f"{r['epoch']:>5}  {_loss(r['train_loss']):>10}  {_loss(r['val_loss']):>10}"))
+    improving = {True: "improving", False: "NOT improving", None: "too few epochs to tell"}[trend["val_improving"]]
+    summary = f"val_loss {improving} over the last {len(trend['recent'])} epoch(s)"
+    if trend["best_epoch"] is not None:
+        summary += f"; best {_loss(trend['best_val_loss'])} at epoch {trend['best_epoch']}"
+    lines.append(_row("", summary))
+    return lines
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.5f}" if _is_number(value) else "-"
+
+
+def _row(label: str, value: str) -> str:
+    # The same column as render_progress, so that the lines read as one table.
+    return f"{label:<17}{value}"
+
+
+def show(report: RunReport, json_output: bool, clear_screen: bool = False) -> None:
+    if clear_screen:
+        sys.stdout.write("\033[H\033[2J")
+    # One line per report, so that --watch --json is a JSON-lines stream.
+    sys.stdout.write(json.dumps(report_json(report)) + "\n" if json_output else report_text(report))
+    sys.stdout.flush()
+
+
+# --- the mode ----------------------------------------------------------------------------
+
+
+def main(uri: str, as_json: bool, watch: float | None) -> int:
+    """Print where the run at ``uri`` stands; with ``watch``, again every ``watch`` seconds until
+    the run ends or Ctrl-C. Returns the exit code (0 healthy or completed, 1 not healthy,
+    2 no such run or unreachable)."""
+    try:
+        if watch is None:
+            report = read_run(uri)
+            show(report, as_json)
+            return report.exit_code
+        # Ctrl-C ends a watch even where SIGINT came ignored (a shell starts its background
+        # commands so, and Python then installs no handler of its own).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return watch_run(uri, as_json, watch)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a person ends --watch: that is success, not an error.
+        return EXIT_HEALTHY if watch is not None else EXIT_INTERRUPTED
+
+
+def watch_run(uri: str, as_json: bool, every: float) -> int:
+    clear_screen = not as_json and sys.stdout.isatty()
+    # A blank line between reports in a log or a pipe; a terminal is cleared instead.
+    between_reports = "" if clear_screen or as_json else "\n"
+    separator = ""
+    while True:
+        report = read_run(uri)
+        sys.stdout.write(separator)
+        show(report, as_json, clear_screen)
+        if report.finished:
+            return report.exit_code
+        separator = between_reports
+        time.sleep(every)

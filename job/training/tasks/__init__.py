@@ -1,0 +1,1 @@
+"""One task per stage: its model, the loss of a batch, its validation and its picture."""

@@ -24,7 +24,7 @@ demo: venv
 	$(BIN)/python -m job verify --preset small --run-uri $(DEMO_RUN)
 	$(BIN)/python -m job evaluate --preset small --run-uri $(DEMO_RUN)
 	$(BIN)/python -m job status $(DEMO_RUN)
-	$(BIN)/python -c 'import sys; from job.evaluate import print_summary; print_summary(sys.argv[1])' $(DEMO_RUN)
+	$(BIN)/python -c 'import sys; from job.eval.report import print_summary; print_summary(sys.argv[1])' $(DEMO_RUN)
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -25,11 +25,11 @@ from structlog.testing import capture_logs
 
 from job.checkpoints.format import RNGState
 from job.checkpoints.manager import CheckpointManager
-from job.config import build_config
-from job.storage import Layout, RunStore
 from job.checkpoints.train_state import TrainState
-from job.training.optim import build_optimizer
+from job.config import build_config
 from job.models.tokenizer import initial_tokenizer
+from job.storage import Layout, RunStore
+from job.training.optim import build_optimizer
 
 
 def populated(cfg):

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_overhead import WARMUP_STEPS, bare_loop
 from common import emit, median, note, spread
+
 from job.config import build_config, steps_per_epoch
 from job.data.dataset import VideoDataset
 from job.data.shards import generate_dataset

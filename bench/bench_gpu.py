@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import emit, median, note, spread
+from common import emit, median, note, spread, tokenizer_step
 
 
 def main() -> None:
@@ -51,11 +50,10 @@ def main() -> None:
     from job.config import build_config
     from job.data.dataset import VideoDataset
     from job.data.shards import generate_dataset
-    from job.runtime.device import autocast, pick_device
-    from job.training.order import epoch_order
-    from job.training.optim import build_optimizer
     from job.models.tokenizer import initial_tokenizer
-    from job.training.task import optimizer_step
+    from job.runtime.device import autocast, pick_device
+    from job.training.optim import build_optimizer
+    from job.training.order import epoch_order
 
     preset = args.cpu_check or "default"
     cfg = build_config(preset, None, ["train.device=cpu"] if args.cpu_check else [])
@@ -93,8 +91,8 @@ def main() -> None:
             variants[which] = (model, forward, optimizer, scheduler, autocast(device, cfg))
 
         def step(which: str, videos: torch.Tensor) -> float:
-            _model, forward, optimizer, scheduler, precision = variants[which]
-            return optimizer_step(forward, optimizer, scheduler, videos, cfg, precision)  # the job's own step
+            model, forward, optimizer, scheduler, precision = variants[which]
+            return tokenizer_step(model, optimizer, scheduler, videos, cfg, precision, forward)  # the job's own step
 
         def block(which: str, steps: int, loader: bool) -> float:
             """Samples/s over ``steps`` steps."""

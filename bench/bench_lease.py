@@ -29,12 +29,12 @@ import time
 import uuid
 from pathlib import Path
 
+from common import ROOT, S3Server, emit, job_env, median, note, spread
 from structlog.testing import capture_logs
 
-from common import ROOT, S3Server, emit, job_env, median, note, spread
 from job.config import build_config
-from job.runtime.files import json_bytes
 from job.monitoring.progress import render_progress
+from job.runtime.files import json_bytes
 from job.storage import Layout, LocalFolder, RemoteFolder
 from job.storage.lease import RENEW_SHARE, Lease
 

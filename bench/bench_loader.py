@@ -26,15 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit, median, note, spread, tokenizer_step
 
-from common import emit, median, note, spread
 from job.config import build_config
 from job.data.dataset import VideoDataset
 from job.data.shards import generate_dataset
+from job.models.tokenizer import initial_tokenizer
 from job.runtime.device import pick_device
 from job.training.optim import build_optimizer
-from job.models.tokenizer import initial_tokenizer
-from job.training.task import optimizer_step
 
 TARGET = 5.0
 
@@ -54,7 +53,7 @@ def train_rate(cfg, model, optimizer, scheduler, batches: list[torch.Tensor]) ->
     """Samples/s of the training step on batches already in memory."""
     started = time.perf_counter()
     for videos in batches:
-        optimizer_step(model, optimizer, scheduler, videos, cfg)
+        tokenizer_step(model, optimizer, scheduler, videos, cfg)
     return sum(len(v) for v in batches) / (time.perf_counter() - started)
 
 

@@ -30,7 +30,7 @@ each repeat runs the variants back to back (ABBA order); "ratio" is of the media
 "ratio_of_fastest" of the fastest runs (least disturbed by other processes on a shared
 machine). After the first repeat the two final models are compared: the same weights mean the
 same arithmetic was done. To say where the extra time goes, the job's methods are timed
-(Trainer.save, TokenizerTask.train_step and validate, ...; see TIMED), each thread's CPU seconds are read from /proc, and so are
+(Trainer.save, Trainer.step, TokenizerTask.validate, ...; see TIMED), each thread's CPU seconds are read from /proc, and so are
 the CPU seconds of the job's helper process (the plot worker, among "ended child processes")
 and of the S3 server, which shares this machine's cores
 with the job as a real bucket would not. bench_contention.py says what such work on another
@@ -51,21 +51,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import KeepLogHandlers, S3Server, ThreadCPU, emit, job_logging_to, median, note, spread, tokenizer_step
 from safetensors.torch import load_file
 
 import job.training.loop
-from common import KeepLogHandlers, S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
 from job.config import Config, build_config, steps_per_epoch
 from job.data.dataset import VideoDataset
 from job.data.shards import generate_dataset
+from job.models.tokenizer import initial_tokenizer
 from job.runtime.device import pick_device
 from job.storage import Layout, RunStore
 from job.training.loop import Trainer, train
+from job.training.optim import build_optimizer
 from job.training.order import epoch_order
 from job.training.tasks.tokenizer import TokenizerTask
-from job.training.optim import build_optimizer
-from job.models.tokenizer import initial_tokenizer
-from job.training.task import optimizer_step
 
 TARGET = 1.05
 # Per preset: epochs and repeats that keep `make bench` within its budget on 2 cores.
@@ -120,7 +119,7 @@ class Timers:
 # train() calls them by those names.
 TIMED_LOOP = (
     (Trainer, "run", "run"),  # the training phase: first step to final checkpoint
-    (TokenizerTask, "train_step", "train_step"),
+    (Trainer, "step", "train_step"),
     (TokenizerTask, "validate", "validate"),
     (Trainer, "save", "save"),  # snapshot + background commit start + reconstruction picture
     (Trainer, "report_batch", "report_batch"),
@@ -130,7 +129,7 @@ TIMED_LOOP = (
 TIMED_SETUP = (
     (job.training.loop, "preflight", "preflight"),
     (job.training.loop, "prepare_dataset_in_turn", "prepare_dataset_in_turn"),
-    (TokenizerTask, "__init__", "build_training"),  # model, AdamW, schedule
+    (TokenizerTask, "__init__", "build_training"),  # the model
 )
 SETUP_PARTS = tuple(label for _, _, label in TIMED_SETUP)
 TIMERS = Timers()
@@ -168,7 +167,7 @@ def bare_epochs(
                 return
             began = time.perf_counter()
             videos, _ = dataset.get(train_indices[order[start : start + batch_size]])
-            optimizer_step(model, optimizer, scheduler, videos, cfg)
+            tokenizer_step(model, optimizer, scheduler, videos, cfg)
             steps.append(time.perf_counter() - began)
         val_started = time.perf_counter()
         parts["train_step"] += val_started - step_started

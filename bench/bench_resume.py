@@ -48,18 +48,18 @@ import uuid
 from pathlib import Path
 
 import torch
+from common import ROOT, S3Server, emit, job_env, job_logging_to, median, note, spread
 from safetensors.torch import load as load_tensors
 
-from common import ROOT, S3Server, emit, job_env, job_logging_to, median, note, spread
 from job.checkpoints.format import MODEL_FILE, STATE_FILE, RNGState, decode_state
-from job.checkpoints.reader import Checkpoint, CheckpointReader
 from job.checkpoints.manager import CheckpointManager
+from job.checkpoints.reader import Checkpoint, CheckpointReader
+from job.checkpoints.train_state import TrainState
 from job.config import build_config, steps_per_epoch
 from job.data.dataset import prepare_dataset
-from job.storage import Layout, RunStore
-from job.checkpoints.train_state import TrainState
-from job.training.optim import build_optimizer
 from job.models.tokenizer import initial_tokenizer
+from job.storage import Layout, RunStore
+from job.training.optim import build_optimizer
 
 PRESET = "small"
 STOP_AFTER_STEPS = 25  # the first attempt is stopped with SIGTERM after this many steps

@@ -3,7 +3,7 @@ against a baseline measured in the same process. One JSON line per preset.
 
     python bench/bench_stage2.py [--presets small,smoke] [--repeats N] [--steps N]
 
-- training: the job's stage-2 step (TransformerTask.train_step: MaskGIT masking, forward,
+- training: the job's stage-2 step (TransformerTask.loss through optimizer_step: MaskGIT masking, forward,
   cross-entropy, backward, clip, AdamW, schedule) on the preset's stage-2 batch size, in
   samples/s, against the tokenizer's step (stage 1) on its batch size in the same process:
   the ratio says what stage 2 costs per sample relative to stage 1.
@@ -26,19 +26,20 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import emit, median, note, spread
-from job.checkpoints.reader import CheckpointReader
+
 from job.checkpoints.format import RNGState
 from job.checkpoints.manager import FINAL, CheckpointManager
+from job.checkpoints.reader import CheckpointReader
+from job.checkpoints.train_state import TrainState
 from job.config import build_config
 from job.data.dataset import VideoDataset
 from job.data.shards import generate_dataset
 from job.runtime.device import pick_device
 from job.storage import Layout, RunStore
-from job.training.tasks.transformer import TransformerTask
-from job.checkpoints.train_state import TrainState
+from job.training.optim import build_optimizer, optimizer_step
 from job.training.tasks.tokenizer import TokenizerTask
+from job.training.tasks.transformer import TransformerTask
 
 
 def timed(work, count: int) -> float:
@@ -51,13 +52,20 @@ def timed(work, count: int) -> float:
 def initial_tokenizer_checkpoint(cfg, task: TokenizerTask, folder: Path):
     """The untrained tokenizer as a committed checkpoint, which is what TransformerTask reads."""
     store = RunStore(str(folder))
-    parts = {"model": task.model, "optimizer": task.optimizer, "scheduler": task.scheduler, "rng": RNGState(),
-             "train": TrainState()}
+    optimizer, scheduler = build_optimizer(task.model, cfg, 10_000)
+    parts = {"model": task.model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState()}
     manager = CheckpointManager(store, Layout.tokenizer, cfg.checkpoint, parts, extra={"config": cfg.to_dict()},
                                 inventory={})
     manager.save(FINAL)
     manager.close()
     return CheckpointReader(store).load_newest_valid()
+
+
+def job_step(task, cfg, lr=None, warmup_steps=None):
+    """The job's training step for a task: its loss, then job.training.optim.optimizer_step."""
+    optimizer, scheduler = build_optimizer(task.model, cfg, 10_000, lr, warmup_steps)
+    return lambda indices: optimizer_step(lambda: task.loss(task.model, indices), task.model, optimizer, scheduler,
+                                          cfg.optim.grad_clip)
 
 
 def bench_preset(preset: str, work: Path, repeats: int, steps: int) -> None:
@@ -66,9 +74,10 @@ def bench_preset(preset: str, work: Path, repeats: int, steps: int) -> None:
     generate_dataset(cfg.data, work / preset / "data")
     dataset = VideoDataset(work / preset / "data", cfg.data)
     train = dataset.split("train")
-    tokenizer_task = TokenizerTask(cfg, dataset, device, total_steps=10_000, distributed=False)
+    tokenizer_task = TokenizerTask(cfg, dataset, device)
     checkpoint = initial_tokenizer_checkpoint(cfg, tokenizer_task, work / preset / "run")
-    task = TransformerTask(cfg, dataset, device, total_steps=10_000, distributed=False, tokenizer_checkpoint=checkpoint)
+    task = TransformerTask(cfg, dataset, device, checkpoint)
+    tokenizer_step, transformer_step = job_step(tokenizer_task, cfg), job_step(task, cfg, cfg.stage2.lr, cfg.stage2.warmup_steps)
     model = task.model
     classes = torch.arange(len(cfg.data.classes), device=device)
     generator = torch.Generator().manual_seed(0)
@@ -76,11 +85,11 @@ def bench_preset(preset: str, work: Path, repeats: int, steps: int) -> None:
 
     def tokenizer_steps() -> None:
         for i in range(steps):
-            tokenizer_task.train_step(train[i * s1_batch % len(train):][:s1_batch])
+            tokenizer_step(train[i * s1_batch % len(train):][:s1_batch])
 
     def transformer_steps() -> None:
         for i in range(steps):
-            task.train_step(train[i * s2_batch % len(train):][:s2_batch])
+            transformer_step(train[i * s2_batch % len(train):][:s2_batch])
 
     def sample() -> None:
         with torch.no_grad():

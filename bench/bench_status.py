@@ -89,7 +89,7 @@ def split_in_process(uri: str, env: dict[str, str]) -> dict[str, float]:
     script = (
         "import time, json\n"
         "t0 = time.perf_counter()\n"
-        "from job.status import read_run\n"
+        "from job.modes.status import read_run\n"
         "t1 = time.perf_counter()\n"
         f"report = read_run({uri!r})\n"
         "t2 = time.perf_counter()\n"

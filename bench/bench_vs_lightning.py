@@ -47,17 +47,16 @@ from urllib.parse import unquote, urlsplit
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-
 from bench_overhead import bare_loop, full_job, same_weights, set_up, warm_up
 from common import S3Server, ThreadCPU, emit, job_logging_to, median, note, spread
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
 from job.checkpoints.manager import FINAL, CheckpointManager
 from job.config import steps_per_epoch
 from job.data.dataset import VideoDataset
-from job.models.tokenizer import compute_loss
-from job.training.order import epoch_order
+from job.models.tokenizer import compute_loss, initial_tokenizer
 from job.training.optim import build_optimizer
-from job.models.tokenizer import initial_tokenizer
+from job.training.order import epoch_order
 
 # The default preset's model (job/config.py ModelConfig) on small's 8 x 32 x 32 frames, one
 # latent frame per frame as on every CPU preset.

@@ -315,3 +315,14 @@ class ThreadCPU:
                 totals[name] = totals.get(name, 0.0) + ticks / hz
         totals["ended child processes"] = _children_cpu() - self._children_start
         self.seconds = {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+def tokenizer_step(model, optimizer, scheduler, videos, cfg, precision=None, forward=None) -> float:
+    """The job's own training step (job.training.optim.optimizer_step) on the tokenizer's loss,
+    as TokenizerTask.loss gives it; ``forward``: a compiled wrapper of ``model``, if any."""
+    from job.models.tokenizer import compute_loss
+    from job.training.optim import optimizer_step
+
+    forward = forward or model
+    return optimizer_step(lambda: compute_loss(forward(videos), videos, cfg.model)[0], model, optimizer, scheduler,
+                          cfg.optim.grad_clip, precision)

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
     exit_code, summary = EXIT_USAGE, "refused"
 
 
-# The path families the synthetic data can draw (job.synthetic renders them, in this order).
+# The path families the synthetic data can draw (job.data.synthetic renders them, in this order).
 TRAJECTORY_CLASSES: tuple[str, ...] = ("linear", "circular", "helical", "parabolic", "sinusoidal")
 
 

@@ -1,4 +1,4 @@
-"""The presets (SPEC §3): `smoke` for tests and fault drills (seconds), `small` for the CPU demo
+"""The presets (README.md, "Command line"): `smoke` for tests and fault drills (seconds), `small` for the CPU demo
 (minutes on 2 cores), `default` for the GPU run. Each is a set of dotted overrides of the
 dataclass defaults in job.config."""
 

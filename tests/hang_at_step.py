@@ -8,9 +8,9 @@ import sys
 import threading
 
 from job.cli import main
-from job.training.tasks.tokenizer import TokenizerTask
+from job.training.loop import Trainer
 
-hang_at, steps, real_step = int(sys.argv[1]), [0], TokenizerTask.train_step
+hang_at, steps, real_step = int(sys.argv[1]), [0], Trainer.step
 
 
 def train_step(self, indices):
@@ -20,5 +20,5 @@ def train_step(self, indices):
     return real_step(self, indices)
 
 
-TokenizerTask.train_step = train_step
+Trainer.step = train_step
 sys.exit(main(sys.argv[2:]))

@@ -13,14 +13,14 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from job.checkpoints.format import MANIFEST_FILE, MODEL_FILE, STATE_FILE, RNGState, take_snapshot, tensor_file
-from job.checkpoints.reader import CheckpointError, CheckpointReader, ManifestMismatch, UnreadableCheckpoint
 from job.checkpoints.manager import FINAL, CheckpointManager, Diverged
+from job.checkpoints.reader import CheckpointError, CheckpointReader, ManifestMismatch, UnreadableCheckpoint
+from job.checkpoints.train_state import TrainState
 from job.config import build_config, set_value
+from job.models.tokenizer import initial_tokenizer
 from job.runtime.files import atomic_write_bytes
 from job.storage import Layout, RunStore
-from job.checkpoints.train_state import TrainState
 from job.training.optim import build_optimizer
-from job.models.tokenizer import initial_tokenizer
 from tests.helpers import FakeClock, JobProcess
 
 pytestmark = pytest.mark.timeout(150)

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from job.exits import EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 from job.cli import main, run_mode
 from job.config import ConfigError
 from job.data.shards import DataError
+from job.exits import EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 from job.runtime.files import DiskFull
 from job.runtime.signals import Stopped
 from job.storage import StorageError

@@ -13,7 +13,17 @@ import pytest
 
 from job.checkpoints.reader import delete_checkpoint
 from job.storage import Layout, RunStore
-from tests.helpers import SMOKE, SMOKE_STAGE2_STEPS, SMOKE_STEPS, TOKENIZER_ONLY, JobProcess, log_events, poll_until, run_job, sha256
+from tests.helpers import (
+    SMOKE,
+    SMOKE_STAGE2_STEPS,
+    SMOKE_STEPS,
+    TOKENIZER_ONLY,
+    JobProcess,
+    log_events,
+    poll_until,
+    run_job,
+    sha256,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,8 +116,8 @@ def smoke_manager(store: RunStore, step: int):
     from job.checkpoints.format import RNGState
     from job.checkpoints.manager import CheckpointManager
     from job.checkpoints.train_state import TrainState
-    from job.training.optim import build_optimizer
     from job.models.tokenizer import initial_tokenizer
+    from job.training.optim import build_optimizer
 
     model = initial_tokenizer(SMOKE)
     optimizer, scheduler = build_optimizer(model, SMOKE, total_steps=10)

@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from job.config import Config, ConfigError, build_config, diff_keys, MATH_SECTIONS
+from job.config import MATH_SECTIONS, Config, ConfigError, build_config, diff_keys
 from tests.helpers import job_env, run_job
 
 pytestmark = pytest.mark.timeout(120)

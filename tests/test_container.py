@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from job.exits import EXIT_BAD_DATA, EXIT_PREEMPTED, EXIT_USAGE
 from job.config import build_config, split_sizes
+from job.exits import EXIT_BAD_DATA, EXIT_PREEMPTED, EXIT_USAGE
 from job.monitoring.watchdog import Watchdog
 from tests.helpers import ROOT, job_env, log_events
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from job.config import TRAJECTORY_CLASSES, DataConfig, split_sizes
-from job.data.shards import MANIFEST_NAME, VISIBLE_PIXEL, DataError, generate_dataset, validate_samples
 from job.data.dataset import VideoDataset
+from job.data.shards import MANIFEST_NAME, VISIBLE_PIXEL, DataError, generate_dataset, validate_samples
 from job.data.synthetic import generate_samples
 from job.runtime.files import sha256_file
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, checkpoint_state, job_env, log_events, rewrite_state, run_job
 from job.checkpoints.reader import CheckpointReader
 from job.config import config_from_dict
 from job.data.dataset import VideoDataset
 from job.eval.reconstruction import KINDS
 from job.inference.load import load_best_checkpoint
 from job.storage import RunStore
+from tests.helpers import ROOT, checkpoint_state, job_env, log_events, rewrite_state, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -179,7 +179,7 @@ def test_summary_on_stdout(evaluated):
     met = sum(goal["met"] for goal in report["goals"].values())
     assert f"goals met: {met}/{len(report['goals'])}" in stdout
     # `make demo` prints the same summary again at its end, from report.json.
-    again = run_job_python(f"from job.evaluate import print_summary; print_summary({str(run)!r})")
+    again = run_job_python(f"from job.eval.report import print_summary; print_summary({str(run)!r})")
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() in stdout
 

@@ -18,7 +18,17 @@ import pytest
 from job.checkpoints.format import DATA_FILES, FORMAT_VERSION
 from job.config import build_config, split_sizes
 from tests.helpers import (
-    FAKE_SECRET, HANG_AT_STEP, ROOT, JobProcess, assert_workers_end, final_model, job_command, job_env, log_events, run_job, sha256,
+    FAKE_SECRET,
+    HANG_AT_STEP,
+    ROOT,
+    JobProcess,
+    assert_workers_end,
+    final_model,
+    job_command,
+    job_env,
+    log_events,
+    run_job,
+    sha256,
     worker_processes,
 )
 
@@ -31,7 +41,7 @@ def start(run: Path, *extra: str) -> JobProcess:
     return JobProcess.job("train", "--preset", "smoke", "--run-uri", str(run), *extra)
 
 
-PLOT_WORKER = "job.plot_worker"
+PLOT_WORKER = "job.plots.worker"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

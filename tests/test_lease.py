@@ -18,7 +18,15 @@ from job.storage import Layout, LocalFolder, RemoteFolder, RunStore
 from job.storage.folders import WriteConflict
 from job.storage.lease import Lease, LeaseBusy, LeaseLapsed, LeaseLost, Machine
 from job.storage.uploader import Lane, Op
-from tests.helpers import TOKENIZER_ONLY, FakeClock, JobProcess, assert_workers_end, poll_until, run_job, worker_processes
+from tests.helpers import (
+    TOKENIZER_ONLY,
+    FakeClock,
+    JobProcess,
+    assert_workers_end,
+    poll_until,
+    run_job,
+    worker_processes,
+)
 
 UPLOAD_WORKER = "job.storage.upload_worker"
 

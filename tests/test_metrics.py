@@ -7,9 +7,17 @@ import math
 import pytest
 import torch
 
-from job.eval.probe import symmetric_views
-from job.eval.frame_metrics import PSNR_CAP_DB, FrameScores, centroids, frame_ssim, psnr_from_mse, score_frames, ssim_window, summarise
-from job.eval.probe import code_bits, confusion_matrix, fit_linear_probe
+from job.eval.frame_metrics import (
+    PSNR_CAP_DB,
+    FrameScores,
+    centroids,
+    frame_ssim,
+    psnr_from_mse,
+    score_frames,
+    ssim_window,
+    summarise,
+)
+from job.eval.probe import code_bits, confusion_matrix, fit_linear_probe, symmetric_views
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from job.config import ConfigError, ModelConfig, build_config, config_from_dict
-from job.models.tokenizer import Upsample, VideoTokenizer, codebook_stats, compute_loss, output_activation, reconstruction_loss
+from job.models.tokenizer import (
+    Upsample,
+    VideoTokenizer,
+    codebook_stats,
+    compute_loss,
+    output_activation,
+    reconstruction_loss,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,10 +12,10 @@ import signal
 import pytest
 import structlog
 
-from job.runtime.signals import StopRequest, Stopped, stop_point
-from job.monitoring.watchdog import Watchdog
 from job.monitoring.logs import _SHARED_PROCESSORS, REDACTED, _formatter, redact
 from job.monitoring.progress import Heartbeat, Progress, render_progress
+from job.monitoring.watchdog import Watchdog
+from job.runtime.signals import Stopped, StopRequest, stop_point
 from job.storage import Layout, RunStore
 from tests.helpers import FakeClock
 

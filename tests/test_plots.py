@@ -128,7 +128,7 @@ def test_renders_from_threads_without_pyplot_or_torch():
     code = (
         "import sys\n"
         "from concurrent.futures import ThreadPoolExecutor\n"
-        "from job.plots import loss_curves_png\n"
+        "from job.plots.charts import loss_curves_png\n"
         "metrics = [{'epoch': e, 'train_loss': 1 / e} for e in range(1, 6)]\n"
         "with ThreadPoolExecutor(4) as pool:\n"
         "    images = list(pool.map(loss_curves_png, [metrics] * 8))\n"

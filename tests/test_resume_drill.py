@@ -20,7 +20,16 @@ import pytest
 
 from job.checkpoints.format import MODEL_FILE, STATE_FILE, decode_state, encode_state
 from job.exits import EXIT_BAD_DATA, EXIT_USAGE
-from tests.helpers import ENTRYPOINT, SMOKE_STAGE2_STEPS, SMOKE_STEPS, TRAINING, JobProcess, job_command, job_env, run_job
+from tests.helpers import (
+    ENTRYPOINT,
+    SMOKE_STAGE2_STEPS,
+    SMOKE_STEPS,
+    TRAINING,
+    JobProcess,
+    job_command,
+    job_env,
+    run_job,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 KILLS = 4

@@ -14,12 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import job_env, run_job
-from job.eval.prediction import CONSTANT_VELOCITY, COPY_LAST, PREDICTION_KINDS, constant_velocity_baseline, prediction_scores, prediction_section, prediction_summary, shift_frames
-from job.evaluate_stage2 import MODEL
-from job.eval.generation import diversity, presence, second_difference
+from job.config import build_config
 from job.eval.frame_metrics import PSNR_CAP_DB
+from job.eval.generation import diversity, presence, second_difference
+from job.eval.prediction import (
+    CONSTANT_VELOCITY,
+    COPY_LAST,
+    MODEL,
+    PREDICTION_KINDS,
+    constant_velocity_baseline,
+    prediction_scores,
+    prediction_section,
+    prediction_summary,
+    shift_frames,
+)
+from job.modes.sample import run as sample
 from job.plots.media import animated_gif, strip_png
+from job.storage import RunStore
+from tests.helpers import job_env, run_job
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -181,14 +193,10 @@ def test_sample_is_deterministic_for_a_seed(stage2_run, tmp_path):
               for a, b in zip(index["videos"], other["videos"])]
     assert any(differ), "another seed gave the very same videos"
     # The same seed again, in this process: the same bytes as the command's.
-    from job.config import build_config
-    from job.sampling import run_sample
-    from job.storage import RunStore
-
     cfg = build_config("smoke", None, ["stage2.samples_per_class=3"])
     store = RunStore.for_job(str(copy), None, cfg.storage)
     try:
-        run_sample(cfg, store)
+        sample(cfg, store)
     finally:
         store.close()
         torch.use_deterministic_algorithms(False)  # pick_device turned it on for this process

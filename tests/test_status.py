@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, job_command, job_env, run_job
 from job.cli import main
+from tests.helpers import ROOT, free_port, job_command, job_env, run_job
 
 pytestmark = pytest.mark.timeout(120)
 

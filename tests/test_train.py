@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    SMOKE, SMOKE_STAGE2_STEPS as STAGE2_STEPS, SMOKE_STEPS, checkpoint_state, final_model, log_events, rewrite_state, run_job,
+    SMOKE,
+    SMOKE_STEPS,
+    checkpoint_state,
+    final_model,
+    log_events,
+    rewrite_state,
+    run_job,
     sha256,
+)
+from tests.helpers import (
+    SMOKE_STAGE2_STEPS as STAGE2_STEPS,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from job.config import build_config
+from job.modes.verify import run as run_verify
 from job.storage import RunStore
-from job.verify import run_verify
 from tests.helpers import ROOT, checkpoint_state, job_command, job_env, log_events, rewrite_state, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

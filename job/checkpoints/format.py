@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §4, §7, §10): the format, the manifest rules, and reading them back.
+"""Checkpoints (docs/run-folder.md; docs/storage.md): the format, the manifest rules, and reading them back.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding the state of a run's stateful
 parts (``PARTS``):
@@ -15,7 +15,7 @@ parts (``PARTS``):
 Nothing here unpickles: tensors go through safetensors, the rest through JSON. Checkpoints of
 format 1 (optimizer, rng and state as three files) are not read: they are
 refused as unreadable, naming their format. Writing (when, which ones to keep, in which order)
-is ``job.checkpointer``'s.
+is ``job.checkpoints.manager``'s.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Writing checkpoints (SPEC §7, §10), as torchtitan's CheckpointManager does: it holds the run's
+"""Writing checkpoints (docs/run-folder.md; docs/storage.md), as torchtitan's CheckpointManager does: it holds the run's
 stateful parts, decides when a checkpoint is due (epochs, steps, minutes), tracks the best by
 validation loss, commits in the background in the order files, manifest, latest.json, and
 prunes what a newer committed checkpoint has replaced.

@@ -1,4 +1,4 @@
-"""Where a run stands, as a stateful part of every checkpoint (SPEC §7): the step, the position
+"""Where a run stands, as a stateful part of every checkpoint (docs/run-folder.md): the step, the position
 inside the epoch, the metrics history, the best checkpoint and the attempt counter.
 
 A resumed run sees exactly the batches the uninterrupted one would have: the order of an epoch

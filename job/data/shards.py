@@ -1,4 +1,4 @@
-"""Datasets on disk (SPEC §5): validation, shards and their manifest, reading, and the data of a run.
+"""Datasets on disk (docs/model-and-data.md): validation, shards and their manifest, reading, and the data of a run.
 
 On disk a dataset is a folder of ``.npy`` shards (uint8 videos, int64 labels) and a
 ``manifest.json`` written last, which records every file's sha256 and size. A run's dataset is

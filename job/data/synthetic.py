@@ -1,4 +1,4 @@
-"""Synthetic trajectory videos (SPEC §5): how one sample is made.
+"""Synthetic trajectory videos (docs/model-and-data.md): how one sample is made.
 
 A sample is a small bright blob moving along a 3D path (one path family per class), seen
 through a pinhole camera as ``frames`` grayscale images. Sample ``i`` is a pure function of

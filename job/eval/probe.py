@@ -77,7 +77,7 @@ def symmetric_views(videos: torch.Tensor) -> list[torch.Tensor]:
     """``videos`` (..., H, W) under each symmetry of the frame: the 8 rotations by quarter turns
     and mirror images of a square frame, the 4 of a rectangle (identity, two mirrors, half turn).
 
-    The data are drawn invariant under these (job.synthetic: the path spins uniformly about the
+    The data are drawn invariant under these (job.data.synthetic: the path spins uniformly about the
     optical axis, tilts and shifts are symmetric about 0, the blob is round, the principal point
     is the frame's centre), so each view is another sample of the same class. The classifier
     learns from all of them: a linear probe on codes at fixed positions needs a template for

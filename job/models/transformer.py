@@ -1,4 +1,4 @@
-"""MAGVIT stage 2 (SPEC §15): a bidirectional transformer over the frozen tokenizer's codes,
+"""MAGVIT stage 2 (docs/generation.md): a bidirectional transformer over the frozen tokenizer's codes,
 trained with MaskGIT's masked-token objective, and MaskGIT's iterative parallel decoding.
 
 A video is its t x h x w token grid, flattened in time-major order; the class (or "none") is

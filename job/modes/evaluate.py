@@ -1,11 +1,11 @@
-"""``evaluate`` (SPEC §11): how good the run's best model is, on the test split, next to baselines.
+"""``evaluate`` (docs/evaluation.md): how good the run's best model is, on the test split, next to baselines.
 
 1. Load the best checkpoint (verified against its manifest); the model is rebuilt from the
    checkpoint's own config, so a wrong ``--preset`` cannot mismatch it.
 2. One pass over the train split: the per-pixel mean frame (a baseline) and the codes the
    classifier learns from: those of every train video under each symmetry of the frame that
    the data are drawn invariant under (``symmetric_views``). The test split is never trained on.
-3. One pass over the test split: encode -> decode, and the same per-frame metrics (job.metrics)
+3. One pass over the test split: encode -> decode, and the same per-frame metrics (job.eval.frame_metrics)
    for the model, an all-black frame and the mean frame, overall and per class.
 4. Codebook usage on the test codes; a linear probe on the LFQ bits of the train codes, scored
    on the test codes; side-by-side PNGs per class.

@@ -1,11 +1,10 @@
-"""``python -m job status RUN_URI [--json] [--watch SECONDS]`` (SPEC §9): where a run stands,
+"""``python -m job status RUN_URI [--json] [--watch SECONDS]`` (docs/run-folder.md): where a run stands,
 read from its run folder alone.
 
-Meant for a laptop with only requirements-status.txt installed, answering in about the time a
-bare s3fs listing takes (bench/bench_status.py):
-nothing here may import torch or numpy, directly or through job.training, job.checkpoint,
-job.model or job.data. A checkpoint is judged by the sizes its manifest promises, from one
-listing; checking its hashes would mean downloading it, which is ``verify``'s job.
+Meant for a laptop with only requirements-status.txt installed: nothing this module imports,
+directly or not, may import torch or numpy (tests/unit/test_layers.py walks the imports). A
+checkpoint is judged by the sizes its manifest promises, from one listing; checking its hashes
+would mean downloading it, which is ``verify``'s job.
 """
 
 from __future__ import annotations
@@ -274,7 +273,7 @@ def commit_problem(manifest: Any, sizes: dict[str, int]) -> str | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         return f"no readable {Layout.checkpoint_manifest_file} (not committed)"
     foreign = [name for name in manifest["files"] if not is_plain_file_name(name)]
-    if foreign:  # what every reader refuses (job.checkpoint): the checkpoint is invalid
+    if foreign:  # what every reader refuses (job.checkpoints.reader): the checkpoint is invalid
         return f"its manifest names {foreign[0]!r}, not a plain file of its folder"
     for filename, entry in sorted(manifest["files"].items()):
         expected = entry.get("size") if isinstance(entry, dict) else None

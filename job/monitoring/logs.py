@@ -1,4 +1,4 @@
-"""Structured logs (SPEC §8): JSON lines on stdout (a readable line on a terminal), the same
+"""Structured logs (docs/run-folder.md): JSON lines on stdout (a readable line on a terminal), the same
 records in the run folder's ``logs/``, and secrets redacted before anything is written."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where a run stands (SPEC §8, §9): ``progress.json`` for programs, ``PROGRESS.txt`` for
+"""Where a run stands (docs/run-folder.md): ``progress.json`` for programs, ``PROGRESS.txt`` for
 people, refreshed by the training loop and by a heartbeat thread that cannot silently stop.
 
 Imports no torch, so that a laptop can use the same rendering as the job."""

@@ -1,4 +1,4 @@
-"""A run that cannot hang silently (SPEC §8): the watchdog ends a run whose steps stopped (exit 75),
+"""A run that cannot hang silently (docs/run-folder.md): the watchdog ends a run whose steps stopped (exit 75),
 and the lease keeper ends one that lost its lease to another writer (exit 75)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def end_process(code: int) -> None:
 
 
 class Watchdog(PeriodicThread):
-    """Ends a run that has stopped making progress (SPEC §8).
+    """Ends a run that has stopped making progress (docs/run-folder.md).
 
     When no ``touch()`` arrives for ``limit`` seconds it logs every thread's stack, marks the
     run ``stalled``, gives ``on_stall`` (e.g. a bounded upload flush) its chance, and ends the
@@ -82,7 +82,7 @@ def thread_stacks() -> dict[str, str]:
 
 
 class LeaseKeeper(PeriodicThread):
-    """Renews the run's lease every quarter of its TTL (SPEC §10). While no renewal gets through
+    """Renews the run's lease every quarter of its TTL (docs/storage.md). While no renewal gets through
     (the store is away) the lease lapses: the store's fence holds every write to the run back
     and training goes on. When the lease is lost (another writer took it) this thread logs why
     and ends the process with exit 75: the fence has already stopped every write, and a restart

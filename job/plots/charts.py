@@ -1,9 +1,9 @@
-"""Plots for the run folder (SPEC §4 `plots/`): loss curves and reconstruction grids, as PNG bytes.
+"""Plots for the run folder (docs/run-folder.md `plots/`): loss curves and reconstruction grids, as PNG bytes.
 
 Figures are built with `Figure` + `FigureCanvasAgg`, never pyplot: no global backend switch, no
 window, and no shared "current figure", so the heartbeat or a training thread can render safely.
 The caller stores the bytes through its own storage layer; nothing here touches the filesystem.
-During training the drawing happens in a worker process (job.plot_worker), not in the training one.
+During training the drawing happens in a worker process (job.plots.worker), not in the training one.
 Imports no torch, so that a laptop can redraw plots from a run folder.
 """
 
@@ -289,7 +289,7 @@ def _png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-# What the plot worker (job.plot_worker) can draw, by the name a request gives.
+# What the plot worker (job.plots.worker) can draw, by the name a request gives.
 RENDERERS: dict[str, Callable[..., bytes]] = {
     "loss_curves": loss_curves_png,
     "reconstruction_grid": reconstruction_grid_png,

@@ -1,4 +1,4 @@
-"""Which process this is, and the few collective operations training needs (SPEC §13).
+"""Which process this is, and the few collective operations training needs (docs/distributed.md).
 
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous; one process without it is
 world size 1 and never touches ``torch.distributed``. Everything exchanged is a tensor of

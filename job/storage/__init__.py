@@ -1,4 +1,4 @@
-"""The run folder (SPEC §4, §10): its layout, the folders that hold it, the background
+"""The run folder (docs/run-folder.md; docs/storage.md): its layout, the folders that hold it, the background
 uploader, and the ``RunStore`` that the job writes through."""
 
 from job.storage.folders import Folder, LocalFolder, RemoteFolder, StorageError, StoreRefused, is_remote, open_folder

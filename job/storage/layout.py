@@ -1,4 +1,4 @@
-"""Relative paths inside a run folder (SPEC §4, §15): the one place that spells them."""
+"""Relative paths inside a run folder (docs/run-folder.md; docs/generation.md): the one place that spells them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def is_plain_file_name(name: Any) -> bool:
 @dataclass(frozen=True)
 class StageLayout:
     """Where one training stage keeps its checkpoints, metrics and plots. The tokenizer's are
-    the run folder's top-level ones (SPEC §4); the transformer's live under ``stage2/``."""
+    the run folder's top-level ones (docs/run-folder.md); the transformer's live under ``stage2/``."""
 
     checkpoints: str
     metrics: str

@@ -1,4 +1,4 @@
-"""One writer per run (SPEC §10): a lease in the run folder (``lease.json``), taken and renewed
+"""One writer per run (docs/storage.md): a lease in the run folder (``lease.json``), taken and renewed
 with conditional writes, so that two `train` processes on one run (a restarted container while
 the old one still runs) never both commit.
 

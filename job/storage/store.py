@@ -1,4 +1,4 @@
-"""The run folder a job writes (SPEC §4, §10): written locally first, atomically, then mirrored
+"""The run folder a job writes (docs/run-folder.md; docs/storage.md): written locally first, atomically, then mirrored
 to the run URI when that is remote. Reads look in the cache first, then in the URI."""
 
 from __future__ import annotations

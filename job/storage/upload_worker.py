@@ -1,5 +1,5 @@
 """``python -m job.storage.upload_worker URI``: the process that makes the upload lanes'
-requests to a remote run URI (job.worker; the lanes' side is job.storage.uploader.WorkerFolder).
+requests to a remote run URI (job.runtime.workers; the lanes' side is job.storage.uploader.WorkerFolder).
 
 An S3 request costs the client about 2.5 ms of pure Python (botocore building, signing and
 parsing it) under the interpreter lock; in the training process that is taken from the training

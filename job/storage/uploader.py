@@ -1,4 +1,4 @@
-"""Mirrors a local working copy to a remote folder in the background (SPEC §10), so that a slow
+"""Mirrors a local working copy to a remote folder in the background (docs/storage.md), so that a slow
 or dead bucket never blocks a training step: retries with backoff and jitter (tenacity), in two
 lanes so that a large checkpoint never holds back a heartbeat, both sending through one worker
 process (job.storage.upload_worker) so that the S3 client's Python stays out of the training

@@ -1,4 +1,4 @@
-"""How an attempt begins (SPEC §7, §10): preflight the run folder and the disk, number the
+"""How an attempt begins (docs/run-folder.md; docs/storage.md): preflight the run folder and the disk, number the
 attempt, agree across ranks on the checkpoint to resume from, and refuse a resume that would
 change the math."""
 
@@ -50,7 +50,7 @@ def preflight(cfg: Config, store: RunStore) -> None:
 
 @contextmanager
 def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[Lease | None]:
-    """One writer per run (SPEC §10): the writing rank takes the run's lease before it writes
+    """One writer per run (docs/storage.md): the writing rank takes the run's lease before it writes
     anything, waiting up to two lease times for a live holder (LeaseBusy after that), fences
     every write of the store with it, renews it while the attempt runs, and releases it at the
     end, after the caller's last upload."""

@@ -17,9 +17,6 @@ from job.runtime.signals import stop_point
 log = structlog.get_logger("job.sampling")
 
 GENERATION_BATCH = 64  # videos decoded together; fixed, so that a seed gives the same videos on any run
-PIXELS_SHOWN = 96  # frames are scaled up (nearest) to at least this many pixels high in PNGs and GIFs
-GIF_FRAME_MS = 250
-GAP_PIXELS = 2
 
 
 def sampling_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
-from job.inference.videos import GAP_PIXELS, GIF_FRAME_MS, PIXELS_SHOWN
+PIXELS_SHOWN = 96  # frames are scaled up (nearest) to at least this many pixels high in PNGs and GIFs
+GIF_FRAME_MS = 250
+GAP_PIXELS = 2
 
 
 def _scale(frames: np.ndarray) -> int:
@@ -23,8 +26,6 @@ def _gray(frames: np.ndarray) -> np.ndarray:
 
 def strip_png(frames: np.ndarray) -> bytes:
     """The frames (T, H, W) side by side, gray, with a mid-gray gap between them."""
-    from PIL import Image
-
     scaled = _gray(frames)
     t, h, w = scaled.shape
     strip = np.full((h, t * w + (t - 1) * GAP_PIXELS), 128, dtype=np.uint8)
@@ -38,8 +39,6 @@ def strip_png(frames: np.ndarray) -> bytes:
 def animated_gif(frames: np.ndarray) -> bytes:
     """An animated GIF of the frames (T, H, W), looping, with a progress bar under each frame
     (which also keeps Pillow from merging identical consecutive frames: one GIF frame per frame)."""
-    from PIL import Image
-
     scaled = _gray(frames)
     t, h, w = scaled.shape
     bar = max(2, h // 32)

@@ -1,0 +1,85 @@
+"""The masked token transformer: its logits, the training masks of its three tasks, and
+generation that keeps the given frames (decoding itself: test_maskgit.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from job.config import Stage2Config
+from job.models.transformer import (
+    CLASS_CONDITIONAL, PREDICTION, UNCONDITIONAL, MaskedVideoTransformer, masked_token_loss,
+)
+
+LATENT = (4, 3, 3)  # t, h, w
+CODEBOOK = 16
+CLASSES = 4
+
+
+def model(**overrides) -> MaskedVideoTransformer:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(Stage2Config(dim=16, depth=1, heads=2, sample_steps=4), **overrides)
+    return MaskedVideoTransformer(cfg, CODEBOOK, LATENT, CLASSES)
+
+
+def codes(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, CODEBOOK, (batch, *LATENT), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_for_every_token_position():
+    net = model()
+    tokens = codes(2).flatten(1)
+    logits = net(tokens, torch.tensor([0, CLASSES]))  # a class, and "none"
+    assert logits.shape == (2, net.length, CODEBOOK)
+    assert torch.isfinite(logits).all()
+
+
+def test_training_masks_hide_some_tokens_and_keep_the_truth_as_targets():
+    net = model()
+    batch = net.mask_for_training(codes(64), torch.arange(64) % CLASSES, generator=torch.Generator().manual_seed(1))
+    truth = codes(64).flatten(1)
+    assert torch.equal(batch.targets, truth)
+    assert torch.equal(batch.tokens == net.mask_id, batch.masked)  # hidden exactly where the loss looks
+    assert torch.equal(batch.tokens[~batch.masked], truth[~batch.masked])
+    assert (batch.masked.sum(1) >= 1).all()
+    # Cosine-scheduled ratios: some samples lose most of their tokens, some few.
+    shares = batch.masked.float().mean(1)
+    assert shares.max() > 0.7 and shares.min() < 0.4
+
+
+def test_each_task_conditions_as_it_should():
+    labels = torch.arange(30) % CLASSES
+    for task, weights in ((UNCONDITIONAL, (1.0, 0.0, 0.0)), (CLASS_CONDITIONAL, (0.0, 1.0, 0.0)), (PREDICTION, (0.0, 0.0, 1.0))):
+        net = model(unconditional_weight=weights[0], class_weight=weights[1], predict_weight=weights[2])
+        batch = net.mask_for_training(codes(30), labels, generator=torch.Generator().manual_seed(2))
+        expected_classes = labels if task == CLASS_CONDITIONAL else torch.full_like(labels, CLASSES)
+        assert torch.equal(batch.classes, expected_classes)
+        given = net.given_positions(net.predict_frames())
+        if task == PREDICTION:  # the first latent frames are given: never masked
+            assert not batch.masked[:, given].any()
+        else:
+            assert batch.masked[:, given].any()
+
+
+def test_masked_token_loss_is_low_only_for_the_right_answer():
+    net = model()
+    batch = net.mask_for_training(codes(8), torch.zeros(8, dtype=torch.long), generator=torch.Generator().manual_seed(3))
+    right = torch.nn.functional.one_hot(batch.targets, CODEBOOK).float() * 20
+    loss, accuracy = masked_token_loss(right, batch)
+    assert float(loss) < 1e-3 and float(accuracy) == 1.0
+    wrong = torch.nn.functional.one_hot((batch.targets + 1) % CODEBOOK, CODEBOOK).float() * 20
+    loss, accuracy = masked_token_loss(wrong, batch)
+    assert float(loss) > 10 and float(accuracy) == 0.0
+
+
+def test_generation_keeps_the_given_frames_and_is_repeatable():
+    net = model().eval()
+    given = codes(3, seed=4)
+    none = torch.full((3,), CLASSES)
+    first = net.generate(none, given=given, given_frames=2, generator=torch.Generator().manual_seed(5))
+    again = net.generate(none, given=given, given_frames=2, generator=torch.Generator().manual_seed(5))
+    assert first.shape == (3, *LATENT)
+    assert torch.equal(first[:, :2], given[:, :2])
+    assert torch.equal(first, again)
+    assert int(first.min()) >= 0 and int(first.max()) < CODEBOOK

@@ -82,11 +82,14 @@ RUN groupadd --gid 10001 job \
 # entrypoint.sh is executable in git (mode 100755), and COPY keeps the mode; no --chmod, which
 # the classic builder does not know.
 COPY entrypoint.sh /app/entrypoint.sh
-COPY job/ /app/job/
+# The job as an installed package, as `make venv` installs it (no PYTHONPATH): its pinned
+# dependencies are the layer above, so a code change rebuilds only these two small layers.
+COPY pyproject.toml /app/src/pyproject.toml
+COPY job/ /app/src/job/
+RUN python -m pip install --no-cache-dir --no-deps /app/src
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONPATH=/app \
     HOME=/work \
     MPLCONFIGDIR=/tmp/matplotlib \
     MPL_FONT_CACHE=/opt/matplotlib \

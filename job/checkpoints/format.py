@@ -96,10 +96,9 @@ NUMPY_DTYPES = frozenset({
 })
 
 # Up to this many bytes in all, a file is encoded through safetensors' numpy front end: the same
-# bytes as its torch one, with a third of the Python per tensor (a smoke checkpoint's 200
-# tensors: 1.4 ms against 4.5 ms of the writer thread holding the interpreter lock). Its
-# copy per byte costs more, so large files keep the torch front end (20 MB: equal; 80 MB in
-# 20 tensors: numpy 10% slower).
+# bytes as its torch one, with less Python per tensor, while the writer thread holds the
+# interpreter lock. Its copy per byte costs more, so large files keep the torch front end
+# (docs/benchmarks.md, "Why the code is as it is").
 SMALL_FILE_BYTES = 16 << 20
 
 
@@ -165,8 +164,7 @@ def _host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     On one intra-op thread: a copy is bound by memory bandwidth, and a parallel one waits at a
     barrier per tensor for all of torch's threads, each of which a busy machine may have
-    descheduled for a while (the `default` width's state on 2 busy vCPUs: 0.1-1.7 s with two
-    threads, 14-190 ms with one)."""
+    descheduled for a while (docs/benchmarks.md, "Why the code is as it is")."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -100,8 +100,8 @@ class VideoDataset:
         for shard in np.unique(shard_of):
             rows = shard_of == shard
             videos[rows] = self._videos[shard][indices[rows] - self._shard_starts[shard]]
-        # numpy, not torch: torch's conversion spreads over its thread pool, which measured 10x
-        # slower while the training step keeps the cores busy. Both round x / 255 the same way.
+        # numpy, not torch: torch's conversion spreads over its thread pool, which is slow while the
+        # training step keeps the cores busy (docs/benchmarks.md). Both round x / 255 the same way.
         frames = np.divide(videos[:, None], np.float32(255.0), dtype=np.float32)
         return torch.from_numpy(frames), torch.from_numpy(self._labels[indices])
 

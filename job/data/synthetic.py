@@ -23,7 +23,7 @@ MAX_TILT = np.radians(30.0)  # out of the image plane; more would show circles e
 HELIX_LEAN = np.radians(60.0)  # tips the helix axis sideways so that its turns show as loops
 
 # Samples rendered together: their float32 scratch (32 x 16 x 64 x 64 x 4 B = 8 MiB) stays in
-# the L3 cache, which measured twice as fast as chunks of 128.
+# the L3 cache (docs/benchmarks.md, "Why the code is as it is").
 RENDER_CHUNK = 32
 
 # --- random numbers -------------------------------------------------------------------------

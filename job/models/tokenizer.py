@@ -140,7 +140,8 @@ def _is_temporal(downsampling_index: int, model: ModelConfig) -> bool:
 
 def _output_head(in_channels: int, out_channels: int) -> nn.Sequential:
     # A 1x1x1 conv: the residual block before it already mixes neighbours, and oneDNN runs a
-    # 3x3x3 conv to a single output channel about ten times slower than its arithmetic suggests.
+    # 3x3x3 conv to a single output channel far slower than its arithmetic suggests
+    # (docs/benchmarks.md, "Why the code is as it is").
     return nn.Sequential(_group_norm(in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, kernel_size=1))
 
 

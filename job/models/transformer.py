@@ -11,9 +11,8 @@ masks the rest again.
 
 Attention is factorized, as in video transformers such as ViViT and TimeSformer: each block
 attends within every latent frame (space), then across frames at every position (time), then
-applies its MLP. On a `small` video's 2,048 tokens that trained 1.1x (width 64) to 1.6x (width
-32) faster on 2 CPU cores than full attention over all tokens (a one-off measurement in the same
-process, load average 4); every token still reaches every other in two hops. The attention itself is PyTorch's own
+applies its MLP: cheaper than full attention over all tokens (docs/benchmarks.md, "Why the code is
+as it is"), and every token still reaches every other in two hops. The attention itself is PyTorch's own
 ``nn.MultiheadAttention`` (scaled-dot-product kernels, deterministic on the CPU under
 ``torch.use_deterministic_algorithms``).
 """

@@ -1,11 +1,10 @@
 """``python -m job.storage.upload_worker URI``: the process that makes the upload lanes'
 requests to a remote run URI (job.runtime.workers; the lanes' side is job.storage.uploader.WorkerFolder).
 
-An S3 request costs the client about 2.5 ms of pure Python (botocore building, signing and
+An S3 request costs the client milliseconds of pure Python (botocore building, signing and
 parsing it) under the interpreter lock; in the training process that is taken from the training
-step, which needs the lock between its kernels. On `smoke` (one torch thread, mostly Python) the
-uploads of a checkpoint every 10 steps cost the training phase 11% there, against none for the
-same checkpoints written to a local run folder. So the lanes send through this process, with
+step, which needs the lock between its kernels (docs/benchmarks.md, "Why the code is as it
+is"). So the lanes send through this process, with
 its own S3 client, one request of each lane at a time (two at once: a checkpoint's upload never
 holds back a heartbeat); the lanes (order, pacing, retries, the lease's fence) stay in the
 training process and hand over bytes and names only.

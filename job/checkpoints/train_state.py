@@ -63,5 +63,3 @@ def sample_digest(positions: np.ndarray) -> int:
     x = np.asarray(positions, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
         return int(mix64(x).sum(dtype=np.uint64))
-
-

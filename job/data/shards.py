@@ -260,11 +260,3 @@ def generate_dataset(
     atomic_write_json(manifest_path, manifest)
     partial_path.unlink(missing_ok=True)
     return manifest
-
-
-# --- reading ------------------------------------------------------------------------------------
-
-
-# --- the data of a run ----------------------------------------------------------------------------
-
-

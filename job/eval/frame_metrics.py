@@ -31,6 +31,13 @@ from typing import Any
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+# What each set of frames is scored as: the model, and baselines that go through the same code.
+MODEL = "model"
+BLACK = "baseline_black"
+MEAN_FRAME = "baseline_mean_frame"
+COPY_LAST = "baseline_copy_last"
+CONSTANT_VELOCITY = "baseline_constant_velocity"
+
 PSNR_CAP_DB = 100.0
 MSE_FLOOR = 10.0 ** (-PSNR_CAP_DB / 10.0)
 # Wang et al. (2004): an 11x11 Gaussian window of standard deviation 1.5.
@@ -158,8 +165,3 @@ def summarise(scores: FrameScores) -> dict[str, Any]:
 def _number(value: torch.Tensor) -> float | None:
     number = float(value)
     return number if math.isfinite(number) else None
-
-
-# --- a linear probe on codes ------------------------------------------------------------------
-
-

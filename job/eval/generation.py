@@ -12,8 +12,9 @@ import torch
 
 from job.data.shards import VISIBLE_PIXEL
 from job.eval.frame_metrics import centroids
-from job.eval.prediction import ENCODE_BATCH
 from job.eval.probe import LinearProbe, code_bits
+
+ENCODE_BATCH = 64  # generated videos re-encoded by the tokenizer together
 
 
 def presence(frames: torch.Tensor) -> float | None:

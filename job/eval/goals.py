@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from job.eval.prediction import CONSTANT_VELOCITY, GENERATION_ACCURACY_TARGET, NONLINEAR_CLASSES
+from job.eval.frame_metrics import BLACK, CONSTANT_VELOCITY, MODEL
 
-# Keys of the report's metrics: the model and the baselines scored by the same code.
-MODEL, BLACK = "model", "baseline_black"
+# The classes whose motion a constant velocity does not follow: the model must beat it on each.
+NONLINEAR_CLASSES = ("circular", "helical", "parabolic")
+GENERATION_ACCURACY_TARGET = 0.9
 
 # The tokenizer's goals (see goals()). The centroid goal also needs the object to be found:
 # missing it must not pass for precision.

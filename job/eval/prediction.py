@@ -36,18 +36,11 @@ import structlog
 import torch
 import torch.nn.functional as F
 
-from job.eval.frame_metrics import FrameScores, centroids, score_frames, summarise
+from job.eval.frame_metrics import CONSTANT_VELOCITY, COPY_LAST, MODEL, FrameScores, centroids, score_frames, summarise
 
 log = structlog.get_logger("job.evaluate")
 
-MODEL = "model"
-COPY_LAST = "baseline_copy_last"
-CONSTANT_VELOCITY = "baseline_constant_velocity"
 PREDICTION_KINDS = (MODEL, COPY_LAST, CONSTANT_VELOCITY)
-# The classes whose motion a constant velocity does not follow: the model must beat it on each.
-NONLINEAR_CLASSES = ("circular", "helical", "parabolic")
-GENERATION_ACCURACY_TARGET = 0.9
-ENCODE_BATCH = 64
 
 
 # --- prediction: baselines and scores --------------------------------------------------------------
@@ -143,11 +136,3 @@ def prediction_section(
         "overall": {kind: prediction_summary(scores[kind], given) for kind in PREDICTION_KINDS},
         "per_class": per_class,
     }
-
-
-# --- generation ------------------------------------------------------------------------------------
-
-
-# --- the report ------------------------------------------------------------------------------------
-
-

@@ -14,9 +14,7 @@ import torch
 
 from job.config import Config
 from job.data.dataset import VideoDataset
-from job.eval.frame_metrics import FrameScores, score_frames, summarise
-from job.eval.goals import BLACK
-from job.eval.prediction import MODEL
+from job.eval.frame_metrics import BLACK, MEAN_FRAME, MODEL, FrameScores, score_frames, summarise
 from job.eval.probe import LinearProbe, code_bits, confusion_matrix, fit_linear_probe, symmetric_views
 from job.models.tokenizer import VideoTokenizer
 from job.plots.charts import reconstruction_grid_png
@@ -24,10 +22,6 @@ from job.runtime.signals import stop_point
 from job.storage import Layout, RunStore
 
 EXAMPLES_PER_CLASS = 3
-
-
-# What each set of frames is scored as; the baselines go through the same metric code as the model.
-MEAN_FRAME = "baseline_mean_frame"
 
 
 KINDS = (MODEL, BLACK, MEAN_FRAME)

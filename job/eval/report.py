@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from job.eval.frame_metrics import PSNR_CAP_DB, ssim_window
-from job.eval.goals import BLACK, ordered_goals
-from job.eval.prediction import CONSTANT_VELOCITY, COPY_LAST, MODEL, PREDICTION_KINDS
-from job.eval.reconstruction import KINDS, MEAN_FRAME
+from job.eval.frame_metrics import BLACK, CONSTANT_VELOCITY, COPY_LAST, MEAN_FRAME, MODEL, PSNR_CAP_DB, ssim_window
+from job.eval.goals import ordered_goals
+from job.eval.prediction import PREDICTION_KINDS
+from job.eval.reconstruction import KINDS
 from job.storage import Layout, RunStore
 
 KIND_TITLES = {MODEL: "model", BLACK: "all-black", MEAN_FRAME: "mean-frame"}

@@ -96,13 +96,9 @@ def predict_test_videos(
     return torch.cat(predicted), torch.cat(truth), torch.cat(labels)
 
 
-# --- image files -------------------------------------------------------------------------------
-
-
 # --- the modes ---------------------------------------------------------------------------------
 
 
-MODEL_KIND = "model"
 
 
 @torch.no_grad()

@@ -23,10 +23,10 @@ import torch
 from job.checkpoints.reader import CheckpointReader
 from job.config import Config
 from job.data.dataset import VideoDataset, prepare_dataset
-from job.eval.frame_metrics import summarise
+from job.eval.frame_metrics import MODEL, summarise
 from job.eval.generation import encode_frames, generation_section
 from job.eval.goals import goals, stage2_goals
-from job.eval.prediction import MODEL, prediction_section
+from job.eval.prediction import prediction_section
 from job.eval.probe import LinearProbe
 from job.eval.reconstruction import (
     KINDS,
@@ -55,7 +55,6 @@ from job.runtime.device import pick_device
 from job.storage import Layout, RunStore
 
 log = structlog.get_logger("job.evaluate")
-
 
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
@@ -102,12 +101,6 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     )
     print(summary_text(report, store.uri), flush=True)
     return report
-
-
-# --- model and data -------------------------------------------------------------------------
-
-
-# --- the parts of the report ------------------------------------------------------------------
 
 
 # --- presentation -------------------------------------------------------------------------------

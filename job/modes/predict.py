@@ -11,12 +11,12 @@ import torch
 
 from job.config import Config
 from job.data.dataset import prepare_dataset
+from job.eval.frame_metrics import MODEL
 from job.eval.prediction import prediction_scores, prediction_summary
 from job.eval.report import formatted
 from job.exits import EXIT_OK
 from job.inference.load import load_stage2
 from job.inference.videos import (
-    MODEL_KIND,
     given_video_frames,
     predict_test_videos,
     prediction_indices,
@@ -50,7 +50,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
             kinds=("predicted", "true"),
         )
         store.write_bytes(name, png)
-        own = prediction_summary(scores[MODEL_KIND].select(torch.tensor([row])), given)
+        own = prediction_summary(scores[MODEL].select(torch.tensor([row])), given)
         videos.append({
             "index": index, "class": classes[label], "png": name.split("/", 1)[1],
             "psnr_db": own["psnr_db"], "centroid_error_px": own["centroid_error_px"],

@@ -361,5 +361,3 @@ def read_jsonl(data: bytes) -> list[dict[str, Any]]:
             raise CheckFailed(f"line {number} is not JSON: {exc}") from exc
         records.append(record if isinstance(record, dict) else {})
     return records
-
-

@@ -87,7 +87,7 @@ def _below_baseline(by_kind: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def stage2_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def generation_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Generated videos recognised as their class; predicted centroids closer than the
     constant-velocity baseline's, overall and on each non-linear class (with at most the
     stage-1 goal's miss rate, so that missing the object does not pass for precision)."""

@@ -1,6 +1,6 @@
 """The stage-2 part of ``evaluate`` (docs/generation.md): how good the masked transformer's videos are.
 
-``add_stage2_sections`` adds ``generation`` and ``prediction`` to the report, and their goals to
+``add_generation_sections`` adds ``generation`` and ``prediction`` to the report, and their goals to
 its goals block; a run without a trained stage 2 gets a note in both instead (evaluate does not
 fail). Sampling settings (steps, temperature, samples per class, seed, eval_videos) are the
 command line's ``stage2.*`` values, as for ``sample`` and ``predict``.

@@ -131,7 +131,7 @@ def summary_text(report: dict[str, Any], uri: str) -> str:
         f"codebook usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes, "
         f"perplexity {codebook['perplexity']:.1f}",
         f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})",
-        *stage2_summary_lines(report),
+        *generation_summary_lines(report),
         *text_table(goal_rows),
         f"goals met: {len(met)}/{len(report['goals'])}",
         f"report: {uri.rstrip('/')}/{Layout.eval_markdown}",
@@ -147,7 +147,7 @@ def print_summary(uri: str) -> None:
     print(summary_text(report, store.uri), flush=True)
 
 
-def stage2_summary_lines(report: dict[str, Any]) -> list[str]:
+def generation_summary_lines(report: dict[str, Any]) -> list[str]:
     """One line each for the stdout summary."""
     generation, prediction = report.get("generation"), report.get("prediction")
     if generation is None:
@@ -169,7 +169,7 @@ def stage2_summary_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def stage2_markdown(report: dict[str, Any]) -> str:
+def generation_markdown(report: dict[str, Any]) -> str:
     generation, prediction = report.get("generation"), report.get("prediction")
     if generation is None:
         return ""

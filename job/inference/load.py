@@ -20,12 +20,12 @@ from job.storage import Layout, RunStore
 log = structlog.get_logger("job.load")
 
 
-class NoTrainedStage2(ConfigError):
+class NoTrainedGenerator(ConfigError):
     """The run holds no usable stage-2 checkpoint (exit 2: wrong run URI, or stage 2 not trained)."""
 
 
 @dataclass
-class Stage2Model:
+class TrainedGenerator:
     cfg: Config  # the run's own config, with this machine's device choices
     checkpoint: Checkpoint
     tokenizer_checkpoint: Checkpoint
@@ -53,12 +53,12 @@ class Stage2Model:
         }
 
 
-def load_stage2(cfg: Config, store: RunStore, device: torch.device) -> Stage2Model:
-    """Raises NoTrainedStage2 when the run has no valid stage-2 checkpoint or its tokenizer is
+def load_generator(cfg: Config, store: RunStore, device: torch.device) -> TrainedGenerator:
+    """Raises NoTrainedGenerator when the run has no valid stage-2 checkpoint or its tokenizer is
     missing or not the one it learned from."""
     checkpoint = CheckpointReader(store, Layout.transformer).load_newest_valid()
     if checkpoint is None:
-        raise NoTrainedStage2(
+        raise NoTrainedGenerator(
             f"{store.uri} has no valid stage-2 checkpoint under {Layout.transformer.checkpoints}/: "
             "train stage 2 first (`train` runs it after the tokenizer unless stage2.epochs is 0)"
         )
@@ -66,22 +66,22 @@ def load_stage2(cfg: Config, store: RunStore, device: torch.device) -> Stage2Mod
     try:
         tokenizer_checkpoint = CheckpointReader(store, Layout.tokenizer).load(str(ref.get("checkpoint")))
     except CheckpointError as exc:
-        raise NoTrainedStage2(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, which is not usable: {exc}") from exc
+        raise NoTrainedGenerator(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, which is not usable: {exc}") from exc
     if tokenizer_checkpoint.manifest["files"][MODEL_FILE]["sha256"] != ref.get("sha256"):
-        raise NoTrainedStage2(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, but those weights have changed")
+        raise NoTrainedGenerator(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, but those weights have changed")
     run_cfg = evaluation_config(checkpoint, cfg)
     try:
         tokenizer = trained_tokenizer(tokenizer_checkpoint.model, run_cfg.model, run_cfg.data, device)
         transformer = trained_transformer(checkpoint.model, run_cfg, tokenizer, device)
     except RuntimeError as exc:  # load_state_dict: weights of an architecture this code no longer builds
         first = str(exc).splitlines()[0]
-        raise NoTrainedStage2(
+        raise NoTrainedGenerator(
             f"stage-2 {checkpoint.name} (or its tokenizer {tokenizer_checkpoint.name}) does not fit the models this "
             f"version of the job builds ({first}): it was trained by another version; train it again in a new --run-uri"
         ) from exc
     if checkpoint.state.get("reason") != "final":
         log.warning("generation.stage2_unfinished", checkpoint=checkpoint.name, step=checkpoint.step)
-    return Stage2Model(run_cfg, checkpoint, tokenizer_checkpoint, transformer, tokenizer, device)
+    return TrainedGenerator(run_cfg, checkpoint, tokenizer_checkpoint, transformer, tokenizer, device)
 
 
 class NothingToEvaluate(ConfigError):

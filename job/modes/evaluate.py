@@ -25,7 +25,7 @@ from job.config import Config
 from job.data.dataset import VideoDataset, prepare_dataset
 from job.eval.frame_metrics import MODEL, summarise
 from job.eval.generation import encode_frames, generation_section
-from job.eval.goals import goals, stage2_goals
+from job.eval.goals import goals, generation_goals
 from job.eval.prediction import prediction_section
 from job.eval.probe import LinearProbe
 from job.eval.reconstruction import (
@@ -38,9 +38,9 @@ from job.eval.reconstruction import (
     score_test_split,
     write_example_images,
 )
-from job.eval.report import report_markdown, stage2_markdown, summary_text
+from job.eval.report import report_markdown, generation_markdown, summary_text
 from job.exits import EXIT_OK
-from job.inference.load import NoTrainedStage2, evaluation_config, load_best_checkpoint, load_stage2
+from job.inference.load import NoTrainedGenerator, evaluation_config, load_best_checkpoint, load_generator
 from job.inference.videos import (
     encode_all,
     generate_class_videos,
@@ -88,11 +88,11 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         "images": write_example_images(store, model, dataset, test_pass, run_cfg, device, checkpoint.name),
     }
     report["goals"] = goals(report)
-    add_stage2_sections(report, cfg, store, dataset, probe, test_pass, device)  # generation, prediction, their goals
+    add_generation_sections(report, cfg, store, dataset, probe, test_pass, device)  # generation, prediction, their goals
     report["seconds"] = round(time.monotonic() - started, 2)
     report["created_at"] = utc_now()
     store.write_json(Layout.eval_report, report)
-    store.write_text(Layout.eval_markdown, report_markdown(report) + stage2_markdown(report))
+    store.write_text(Layout.eval_markdown, report_markdown(report) + generation_markdown(report))
     model_metrics = report["metrics"][MODEL]
     log.info(
         "evaluate.done", checkpoint=checkpoint.name, psnr_db=model_metrics["psnr_db"],
@@ -106,15 +106,15 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
 # --- presentation -------------------------------------------------------------------------------
 
 
-def add_stage2_sections(
+def add_generation_sections(
     report: dict[str, Any], cfg: Config, store: RunStore, dataset: VideoDataset, probe: LinearProbe,
     test_pass: TestPass, device: torch.device,
 ) -> None:
     """Adds ``generation``, ``prediction`` and their goals to ``report``; a note in both when
     the run has no trained stage 2."""
     try:
-        model = load_stage2(cfg, store, device)
-    except NoTrainedStage2 as exc:
+        model = load_generator(cfg, store, device)
+    except NoTrainedGenerator as exc:
         note = f"skipped: no trained stage 2 ({exc})"
         log.info("evaluate.stage2_skipped", reason=str(exc))
         report["generation"] = {"skipped": note}
@@ -147,7 +147,7 @@ def add_stage2_sections(
     }
     report["generation"] = {**settings, "samples_per_class": s2.samples_per_class, **generation}
     report["prediction"] = {**settings, **prediction}
-    report["goals"].update(stage2_goals(report["generation"], report["prediction"]))
+    report["goals"].update(generation_goals(report["generation"], report["prediction"]))
     report["stage2_seconds"] = round(time.monotonic() - started, 2)
 
 

@@ -15,7 +15,7 @@ from job.eval.frame_metrics import MODEL
 from job.eval.prediction import prediction_scores, prediction_summary
 from job.eval.report import formatted
 from job.exits import EXIT_OK
-from job.inference.load import load_stage2
+from job.inference.load import load_generator
 from job.inference.videos import (
     given_video_frames,
     predict_test_videos,
@@ -32,7 +32,7 @@ log = structlog.get_logger("job.sampling")
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     started = time.monotonic()
-    model = load_stage2(cfg, store, pick_device(cfg))
+    model = load_generator(cfg, store, pick_device(cfg))
     run_cfg, classes = model.cfg, model.cfg.data.classes
     dataset = prepare_dataset(run_cfg, store)
     indices = prediction_indices(dataset, cfg.stage2.eval_videos)

@@ -10,7 +10,7 @@ import structlog
 
 from job.config import Config
 from job.exits import EXIT_OK
-from job.inference.load import load_stage2
+from job.inference.load import load_generator
 from job.inference.videos import generate_class_videos
 from job.modes.common import open_run
 from job.monitoring.progress import utc_now
@@ -23,7 +23,7 @@ log = structlog.get_logger("job.sampling")
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     started = time.monotonic()
-    model = load_stage2(cfg, store, pick_device(cfg))
+    model = load_generator(cfg, store, pick_device(cfg))
     s2, classes = cfg.stage2, model.cfg.data.classes
     log.info("sample.start", checkpoint=model.checkpoint.name, per_class=s2.samples_per_class,
              steps=s2.sample_steps, temperature=s2.temperature, seed=s2.sample_seed)

@@ -62,8 +62,8 @@ class RunVerifier:
         self.store = store
         self.stage = stage
         self.layout = stage.layout
-        self.prefix = self.layout.label  # in check names: "stage2/step-..."
-        self.suffix = f" {self.layout.label.rstrip('/')}" if self.layout.label else ""  # "latest stage2"
+        self.prefix = self.layout.label  # in check names: the layout label, then the checkpoint name
+        self.suffix = f" {self.layout.label.rstrip('/')}" if self.layout.label else ""  # after "latest" and "checkpoints"
         self.checkpointer = CheckpointReader(store, self.layout)
         self.names = self.checkpointer.names()
         self.checks: list[Check] = []

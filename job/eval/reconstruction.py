@@ -71,7 +71,8 @@ def fit_code_probe(train_pass: TrainPass, cfg: Config, device: torch.device) -> 
 @dataclass
 class TestPass:
     scores: dict[str, FrameScores]  # by kind (model and baselines)
-    codes: torch.Tensor
+    codes: torch.Tensor  # (N, t, h, w)
+    objects: torch.Tensor  # (N, t, h, w) bool: the latent cells that hold object pixels
     labels: torch.Tensor
     indices: np.ndarray  # dataset indices of the test samples, in order
 
@@ -84,16 +85,18 @@ def score_test_split(
     threshold = cfg.model.foreground_threshold
     mean_frame = mean_frame.to(device)
     scores: dict[str, list[FrameScores]] = {kind: [] for kind in KINDS}
-    codes, labels = [], []
+    codes, objects, labels = [], [], []
     for videos, batch_labels in batches(dataset, indices, cfg.train.batch_size):
         batch_codes, recon = reconstruct(model, videos, device)
+        objects.append(model.object_cells(videos, threshold))
         target = videos[:, 0].to(device)
         candidates = {MODEL: recon, BLACK: torch.zeros_like(target), MEAN_FRAME: mean_frame.expand_as(target)}
         for kind, candidate in candidates.items():
             scores[kind].append(score_frames(candidate, target, threshold).cpu())
         codes.append(batch_codes.cpu())
         labels.append(batch_labels)
-    return TestPass({k: FrameScores.cat(v) for k, v in scores.items()}, torch.cat(codes), torch.cat(labels), indices)
+    return TestPass({k: FrameScores.cat(v) for k, v in scores.items()}, torch.cat(codes), torch.cat(objects),
+                    torch.cat(labels), indices)
 
 
 def per_class_metrics(test_pass: TestPass, classes: tuple[str, ...]) -> dict[str, dict[str, Any]]:

@@ -75,7 +75,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "## Codebook (test codes)",
         "",
         f"Usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes; perplexity {codebook['perplexity']:.1f} "
-        f"over {codebook['tokens']} tokens.",
+        f"over {codebook['tokens']} tokens. {code_meaning(codebook)}",
         "",
         "## Can the codes classify the trajectories?",
         "",
@@ -129,7 +129,7 @@ def summary_text(report: dict[str, Any], uri: str) -> str:
         f"evaluate: {report['checkpoint']} on {report['samples']} test videos, {report['seconds']:.1f} s",
         *text_table(metric_rows),
         f"codebook usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes, "
-        f"perplexity {codebook['perplexity']:.1f}",
+        f"perplexity {codebook['perplexity']:.1f}; {code_meaning(codebook)}",
         f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})",
         *generation_summary_lines(report),
         *text_table(goal_rows),
@@ -166,6 +166,20 @@ def generation_summary_lines(report: dict[str, Any]) -> list[str]:
         f"(real {formatted(generation['real_presence'], '{:.1%}')})",
         f"prediction of frames {prediction['given_frames']}+ on {prediction['videos']} test videos, PSNR / centroid "
         f"error: model {kind(MODEL)}, copy-last {kind(COPY_LAST)}, constant-velocity {kind(CONSTANT_VELOCITY)}",
+        *stage2_health_lines(generation.get("stage2_validation") or {}),
+    ]
+
+
+def stage2_health_lines(health: dict[str, Any]) -> list[str]:
+    """Stage 2's last validation: what its masked-token accuracy is made of."""
+    if "val_object_accuracy" not in health:
+        return []
+    return [
+        f"stage 2 (last validation): masked-token accuracy {formatted(health['val_accuracy'], '{:.1%}')}, on the "
+        f"object's tokens {formatted(health['val_object_accuracy'], '{:.1%}')}; "
+        f"{formatted(health['val_gain_over_lookup'], '{:+.1%}')} over a per-position lookup table "
+        f"({formatted(health['val_lookup_accuracy'], '{:.1%}')}); the true class against a wrong one lowers the loss "
+        f"by {formatted(health['val_class_effect_nats'], '{:.3f}')} nats"
     ]
 
 
@@ -256,3 +270,15 @@ SUMMARY_ROWS = (
     ("centroid_error_px", "centroid error (px)", "{:.3f}"),
     ("centroid_miss_rate", "centroid miss rate", "{:.1%}"),
 )
+
+
+def code_meaning(codebook: dict[str, Any]) -> str:
+    """One sentence on where the codes are spent (reports older than these numbers lack them)."""
+    if "far_background" not in codebook:
+        return "(no object / far-background code statistics in this report)"
+    far, obj = codebook["far_background"], codebook["object"]
+    return (
+        f"perplexity {obj['perplexity']:.1f} on the object's cells ({obj['tokens']} tokens), "
+        f"{far['perplexity']:.2f} on background {codebook['far_cells']}+ cells from it ({far['tokens']} tokens); "
+        f"a black video encodes to {codebook['black_video_codes']} distinct code(s)"
+    )

@@ -112,3 +112,14 @@ def encode_all(tokenizer: VideoTokenizer, dataset: VideoDataset, indices: np.nda
         codes.append(tokenizer.encode(videos.to(device)).cpu())
         touch()
     return torch.cat(codes)
+
+
+def object_cells_all(tokenizer: VideoTokenizer, dataset: VideoDataset, indices: np.ndarray, batch_size: int,
+                     threshold: float) -> torch.Tensor:
+    """(len(indices), t, h, w) bool: the latent cells of the given videos that hold object pixels."""
+    cells = []
+    for start in range(0, len(indices), batch_size):
+        stop_point("finding the object's cells")
+        videos, _ = dataset.get(indices[start : start + batch_size])
+        cells.append(tokenizer.object_cells(videos, threshold))
+    return torch.cat(cells)

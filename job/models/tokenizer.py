@@ -246,6 +246,15 @@ class VideoTokenizer(nn.Module):
         spatial = 2 ** (len(self.config.channel_mults) - 1)
         return frames // 2**self.config.temporal_downsample, height // spatial, width // spatial
 
+    def object_cells(self, video: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(B, t, h, w) bool: the latent cells whose part of ``video`` (B, 1, T, H, W) holds an
+        object pixel (one brighter than ``threshold``)."""
+        self._check_video(video)
+        t, h, w = self.latent_shape()
+        frames, height, width = self.input_shape
+        bright = (video > threshold).float()
+        return F.max_pool3d(bright, (frames // t, height // h, width // w))[:, 0] > 0
+
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
         self._check_video(video)
         quantized, codes, breakdown = self._quantize(self.encoder(video))

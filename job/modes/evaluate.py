@@ -25,7 +25,7 @@ from job.config import Config
 from job.data.dataset import VideoDataset, prepare_dataset
 from job.eval.frame_metrics import MODEL, summarise
 from job.eval.generation import encode_frames, generation_section
-from job.eval.goals import goals, generation_goals
+from job.eval.goals import generation_goals, goals
 from job.eval.prediction import prediction_section
 from job.eval.probe import LinearProbe
 from job.eval.reconstruction import (
@@ -38,7 +38,8 @@ from job.eval.reconstruction import (
     score_test_split,
     write_example_images,
 )
-from job.eval.report import report_markdown, generation_markdown, summary_text
+from job.eval.report import generation_markdown, report_markdown, summary_text
+from job.eval.tokens import black_video_codes, code_statistics
 from job.exits import EXIT_OK
 from job.inference.load import NoTrainedGenerator, evaluation_config, load_best_checkpoint, load_generator
 from job.inference.videos import (
@@ -83,6 +84,8 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
             **codebook_stats(test_pass.codes, model.codebook_size),
             "codebook_size": model.codebook_size,
             "tokens": test_pass.codes.numel(),
+            **code_statistics(test_pass.codes, test_pass.objects, model.codebook_size),
+            "black_video_codes": black_video_codes(model, device),
         },
         "classifier": classify_codes(probe, train_pass, test_pass, run_cfg),
         "images": write_example_images(store, model, dataset, test_pass, run_cfg, device, checkpoint.name),
@@ -145,7 +148,11 @@ def add_generation_sections(
         "tokenizer_checkpoint": model.tokenizer_checkpoint.name, "steps": s2.sample_steps,
         "temperature": s2.temperature, "seed": s2.sample_seed,
     }
-    report["generation"] = {**settings, "samples_per_class": s2.samples_per_class, **generation}
+    # What the headline masked-token accuracy hides, from stage 2's last validation (metrics.jsonl).
+    history = model.checkpoint.state["metrics"]
+    health = {key: value for key, value in (history[-1] if history else {}).items() if key.startswith("val_")}
+    report["generation"] = {**settings, "samples_per_class": s2.samples_per_class, "stage2_validation": health,
+                            **generation}
     report["prediction"] = {**settings, **prediction}
     report["goals"].update(generation_goals(report["generation"], report["prediction"]))
     report["stage2_seconds"] = round(time.monotonic() - started, 2)

@@ -12,7 +12,7 @@ import torch
 from job.checkpoints.reader import Checkpoint
 from job.config import Config
 from job.data.dataset import VideoDataset
-from job.inference.videos import encode_all
+from job.inference.videos import encode_all, object_cells_all
 from job.models.tokenizer import trained_tokenizer
 from job.models.transformer import MaskedBatch, initial_transformer, masked_token_loss
 
@@ -33,6 +33,12 @@ class TransformerTask:
             indices = dataset.split(split)
             self.codes[indices] = encode_all(self.tokenizer, dataset, indices, cfg.train.batch_size, device, touch)
         self.labels = torch.from_numpy(dataset.labels)
+        # What validation measures the model against: the object's cells of the val videos, and the
+        # most common code at each position of the train split (a lookup table that knows no context).
+        val = dataset.split("val")
+        self.val_objects = {int(i): cells for i, cells in zip(val, object_cells_all(
+            self.tokenizer, dataset, val, cfg.train.batch_size, cfg.model.foreground_threshold))}
+        self.lookup = most_common_codes(self.codes[dataset.split("train")].flatten(1), self.tokenizer.codebook_size)
         log.info("stage2.codes", videos=int(sum(len(dataset.split(s)) for s in ("train", "val"))),
                  latent_shape=list(self.tokenizer.latent_shape()), tokenizer=tokenizer_checkpoint.name)
         self.model = initial_transformer(cfg, self.tokenizer).to(device)
@@ -42,26 +48,53 @@ class TransformerTask:
         every checkpoint saves); ``model`` is this task's model or its DDP wrapper."""
         return self._loss(model, self.model.mask_for_training(self.codes[indices], self.labels[indices]))[0]
 
-    def _loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = MaskedBatch(*(t.to(self.device) for t in (batch.tokens, batch.classes, batch.targets, batch.masked)))
+    def _loss(self, model, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._on_device(batch)
         return masked_token_loss(model(batch.tokens, batch.classes), batch)
 
+    def _on_device(self, batch: MaskedBatch) -> MaskedBatch:
+        return MaskedBatch(*(t.to(self.device) for t in (batch.tokens, batch.classes, batch.targets, batch.masked)))
+
     @torch.no_grad()
-    def validate(self, indices: np.ndarray, touch) -> dict[str, float]:
-        """Masked-token loss and accuracy on ``indices``, with masks from a fixed generator so
-        that epochs are compared on the same masks (and training's random stream is untouched)."""
+    def validate(self, indices: np.ndarray, touch) -> dict[str, float | None]:
+        """Masked-token loss and accuracy on ``indices``, with masks from a fixed generator so that
+        epochs are compared on the same masks (and training's random stream is untouched); and
+        what the headline accuracy hides: the accuracy on the object's tokens, the accuracy over
+        the per-position lookup table's on the same tokens, and how much the true class lowers
+        the loss against a wrong one."""
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        losses, accuracies, n = 0.0, 0.0, 0
-        batch_size = self.cfg.stage2.batch_size
+        sums: dict[str, float] = dict.fromkeys(
+            ("loss", "accuracy", "hits", "lookup_hits", "masked", "object_hits", "objects", "class_effect"), 0.0)
+        batch_size, classes = self.cfg.stage2.batch_size, self.model.num_classes
+        lookup = self.lookup.to(self.device)
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            batch = self.model.mask_for_training(self.codes[chunk], self.labels[chunk], generator=generator)
-            loss, accuracy = self._loss(self.model, batch)
-            losses += float(loss) * len(chunk)
-            accuracies += float(accuracy) * len(chunk)
-            n += len(chunk)
+            batch = self._on_device(self.model.mask_for_training(self.codes[chunk], self.labels[chunk], generator=generator))
+            logits = self.model(batch.tokens, batch.classes)
+            loss, accuracy = masked_token_loss(logits, batch)
+            sums["loss"] += float(loss) * len(chunk)
+            sums["accuracy"] += float(accuracy) * len(chunk)
+            right = logits.argmax(-1) == batch.targets
+            objects = torch.stack([self.val_objects[int(i)] for i in chunk]).flatten(1).to(self.device) & batch.masked
+            sums["hits"] += float(right[batch.masked].sum())
+            sums["lookup_hits"] += float((lookup[None] == batch.targets)[batch.masked].sum())
+            sums["masked"] += float(batch.masked.sum())
+            sums["object_hits"] += float(right[objects].sum())
+            sums["objects"] += float(objects.sum())
+            labels = self.labels[chunk].to(self.device)
+            true_class = masked_token_loss(self.model(batch.tokens, labels), batch)[0]
+            wrong_class = masked_token_loss(self.model(batch.tokens, (labels + 1) % classes), batch)[0]
+            sums["class_effect"] += float(wrong_class - true_class) * len(chunk)
             touch()
-        return {"val_loss": losses / n, "val_accuracy": accuracies / n}
+        n = len(indices)
+        return {
+            "val_loss": sums["loss"] / n,
+            "val_accuracy": sums["accuracy"] / n,
+            "val_object_accuracy": sums["object_hits"] / sums["objects"] if sums["objects"] else None,
+            "val_lookup_accuracy": sums["lookup_hits"] / sums["masked"],
+            "val_gain_over_lookup": (sums["hits"] - sums["lookup_hits"]) / sums["masked"],
+            "val_class_effect_nats": sums["class_effect"] / n,
+        }
 
     @torch.no_grad()
     def picture(self, indices: np.ndarray, title: str) -> tuple[str, dict[str, Any]]:
@@ -79,3 +112,10 @@ class TransformerTask:
             "originals": videos[:, 0].numpy(), "reconstructions": predicted[:, 0].numpy(),
             "labels": [classes[int(i)] for i in labels], "title": title,
         }
+
+
+def most_common_codes(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """(L,) the most common code at each position of ``codes`` (N, L); ties go to the lowest code."""
+    counts = torch.zeros((codes.shape[1], codebook_size), dtype=torch.long)
+    counts.scatter_add_(1, codes.T.contiguous(), torch.ones_like(codes.T))
+    return counts.argmax(1)

@@ -12,6 +12,7 @@ import torch
 
 from job.data.shards import VISIBLE_PIXEL
 from job.eval.frame_metrics import centroids
+from job.eval.pixel_judges import PixelJudges, single_object_share
 from job.eval.probe import LinearProbe, code_bits
 
 ENCODE_BATCH = 64  # generated videos re-encoded by the tokenizer together
@@ -51,10 +52,12 @@ def encode_frames(tokenizer, frames: torch.Tensor, device: torch.device) -> torc
 def generation_section(
     generated: torch.Tensor, generated_labels: torch.Tensor, generated_codes: torch.Tensor,
     real: torch.Tensor, real_labels: torch.Tensor, real_codes: torch.Tensor,
-    probe: LinearProbe, classes: tuple[str, ...], codebook_bits: int, threshold: float,
+    probe: LinearProbe, judges: PixelJudges, reference: torch.Tensor,
+    classes: tuple[str, ...], codebook_bits: int, threshold: float,
 ) -> dict[str, Any]:
-    """Frames (N, T, H, W) of generated and real (test) videos, their codes, and the probe
-    trained on the codes of the train split."""
+    """Frames (N, T, H, W) of generated and real (test) videos, their codes, the probe trained
+    on the codes of the train split, the pixel judges trained on its videos, and ``reference``:
+    as many other real videos as were generated (the Fréchet distance's floor)."""
     def predict(codes: torch.Tensor) -> torch.Tensor:
         return probe.predict(code_bits(codes.to(probe.weight.device), codebook_bits)).cpu()
 
@@ -71,6 +74,8 @@ def generation_section(
             "smoothness_px": second_difference(generated[mine], threshold),
             "real_smoothness_px": second_difference(real[theirs], threshold),
             "diversity": diversity(generated[mine]), "real_diversity": diversity(real[theirs]),
+            "track_accuracy": judges.track_accuracy(generated[mine], generated_labels[mine]),
+            "single_object": single_object_share(generated[mine]),
         }
     def mean_of(key: str) -> float | None:
         values = [c[key] for c in per_class.values() if c[key] is not None]
@@ -85,7 +90,18 @@ def generation_section(
         "presence": presence(generated), "real_presence": presence(real),
         "smoothness_px": second_difference(generated, threshold), "real_smoothness_px": second_difference(real, threshold),
         "diversity": mean_of("diversity"), "real_diversity": mean_of("real_diversity"),
+        "single_object": single_object_share(generated), "real_single_object": single_object_share(real),
+        "track_accuracy": judges.track_accuracy(generated, generated_labels),
+        "real_track_accuracy": judges.track_accuracy(real, real_labels),
+        "frechet": {
+            "generated": judges.frechet(generated, real),
+            "real_reference": judges.frechet(reference, real),
+            "all_black": judges.frechet(torch.zeros_like(reference), real),
+            "features": "penultimate layer of a small 3D-conv classifier trained on the train split's real videos",
+        },
         "per_class": per_class,
         "classifier": "evaluate's linear probe on the LFQ bits of the train split's codes (each video under the "
         "frame's symmetries); generated videos are re-encoded by the same tokenizer",
+        "track_classifier": "a linear classifier on the object's centroid track (speeds, accelerations, turns), "
+        "trained on the train split's real videos",
     }

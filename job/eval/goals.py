@@ -10,6 +10,11 @@ from job.eval.frame_metrics import BLACK, CONSTANT_VELOCITY, MODEL
 # The classes whose motion a constant velocity does not follow: the model must beat it on each.
 NONLINEAR_CLASSES = ("circular", "helical", "parabolic")
 GENERATION_ACCURACY_TARGET = 0.9
+MIN_GENERATED_PRESENCE = 0.95  # frames that show the object
+MIN_SINGLE_OBJECT = 0.95  # of those, frames that show exactly one
+DIVERSITY_RATIO = (0.5, 2.0)  # generated against real, per class
+MAX_SMOOTHNESS_RATIO = 1.5  # generated centroid acceleration against the real class's
+MAX_LINEAR_PREDICTION_PX = 1.0  # where constant velocity is near exact
 
 # The tokenizer's goals (see goals()). The centroid goal also needs the object to be found:
 # missing it must not pass for precision.
@@ -100,9 +105,39 @@ def generation_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> 
     """Generated videos recognised as their class; predicted centroids closer than the
     constant-velocity baseline's, overall and on each non-linear class (with at most the
     stage-1 goal's miss rate, so that missing the object does not pass for precision)."""
-    goals = {"generated_class_accuracy": goal(generation["accuracy"], GENERATION_ACCURACY_TARGET, ">=")}
+    goals = {
+        "generated_class_accuracy": goal(generation["accuracy"], GENERATION_ACCURACY_TARGET, ">="),
+        "generated_class_accuracy_by_track": goal(generation.get("track_accuracy"), GENERATION_ACCURACY_TARGET, ">="),
+        "generated_object_presence": goal(generation["presence"], MIN_GENERATED_PRESENCE, ">="),
+        "generated_single_object": goal(generation.get("single_object"), MIN_SINGLE_OBJECT, ">="),
+        "generated_diversity_ratio": _worst_ratio(generation["per_class"], "diversity", DIVERSITY_RATIO),
+        "generated_smoothness_ratio": _worst_ratio(generation["per_class"], "smoothness_px", (0.0, MAX_SMOOTHNESS_RATIO)),
+    }
     goals["prediction_centroid_below_constant_velocity"] = _below_baseline(prediction["overall"])
     for name in NONLINEAR_CLASSES:
         if name in prediction["per_class"]:
             goals[f"prediction_centroid_below_constant_velocity_{name}"] = _below_baseline(prediction["per_class"][name])
+    if "linear" in prediction["per_class"]:
+        linear = prediction["per_class"]["linear"][MODEL]["centroid_error_px"]
+        goals["prediction_centroid_linear_px"] = goal(linear, MAX_LINEAR_PREDICTION_PX, "<=")
+    model = prediction["overall"][MODEL]
+    misses = model["centroid_misses"] / model["object_frames"] if model["object_frames"] else None
+    goals["prediction_miss_rate"] = goal(misses, MAX_CENTROID_MISS_RATE, "<=")
     return goals
+
+
+def _worst_ratio(per_class: dict[str, dict[str, Any]], key: str, bounds: tuple[float, float]) -> dict[str, Any]:
+    """Generated against real, class by class: the value is the class furthest outside ``bounds``
+    (or nearest their edge); met when every class is within them."""
+    ratios = {
+        name: c[key] / c[f"real_{key}"] if c[key] is not None and c.get(f"real_{key}") else None
+        for name, c in per_class.items()
+    }
+    low, high = bounds
+    known = {name: r for name, r in ratios.items() if r is not None}
+    worst = max(known, key=lambda n: max(low / known[n] if known[n] > 0 else float("inf"), known[n] / high),
+                default=None)
+    result = goal(known.get(worst), high, "<=")
+    result.update(per_class=ratios, bounds=list(bounds), met=bool(known) and len(known) == len(ratios)
+                  and all(low <= r <= high for r in known.values()))
+    return result

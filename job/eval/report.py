@@ -41,6 +41,8 @@ def goals_table(report_goals: dict[str, dict[str, Any]]) -> list[str]:
             target += f", miss rate <= {g['max_miss_rate']:.0%} (now {formatted(g['miss_rate'], '{:.1%}')})"
         if "baseline_black" in g:
             target += f", above all-black ({formatted(g['baseline_black'], '{:.3f}')})"
+        if "bounds" in g:
+            target = f"within {g['bounds'][0]:g}-{g['bounds'][1]:g} in every class"
         lines.append(f"| {name} | {formatted(g['value'], '{:.3f}')} | {target} | {'yes' if g['met'] else 'no'} |")
     return lines
 
@@ -164,9 +166,25 @@ def generation_summary_lines(report: dict[str, Any]) -> list[str]:
         f"(chance {generation['chance']:.1%}, real test videos {formatted(generation['real_accuracy'], '{:.1%}')}); "
         f"object present in {formatted(generation['presence'], '{:.1%}')} of frames "
         f"(real {formatted(generation['real_presence'], '{:.1%}')})",
+        *pixel_judge_lines(generation),
         f"prediction of frames {prediction['given_frames']}+ on {prediction['videos']} test videos, PSNR / centroid "
         f"error: model {kind(MODEL)}, copy-last {kind(COPY_LAST)}, constant-velocity {kind(CONSTANT_VELOCITY)}",
         *stage2_health_lines(generation.get("stage2_validation") or {}),
+    ]
+
+
+def pixel_judge_lines(generation: dict[str, Any]) -> list[str]:
+    """The judges that look at pixels (reports older than them lack these numbers)."""
+    if "track_accuracy" not in generation:
+        return []
+    frechet = generation["frechet"]
+    return [
+        f"by their tracks recognised as their class {formatted(generation['track_accuracy'], '{:.1%}')} (real "
+        f"{formatted(generation['real_track_accuracy'], '{:.1%}')}); exactly one object in "
+        f"{formatted(generation['single_object'], '{:.1%}')} of frames with one (real "
+        f"{formatted(generation['real_single_object'], '{:.1%}')}); Fréchet distance to real test videos "
+        f"{formatted(frechet['generated'], '{:.3g}')} (other real videos {formatted(frechet['real_reference'], '{:.3g}')}, "
+        f"all-black {formatted(frechet['all_black'], '{:.3g}')})"
     ]
 
 

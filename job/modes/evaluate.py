@@ -26,6 +26,7 @@ from job.data.dataset import VideoDataset, prepare_dataset
 from job.eval.frame_metrics import MODEL, summarise
 from job.eval.generation import encode_frames, generation_section
 from job.eval.goals import generation_goals, goals
+from job.eval.pixel_judges import PixelJudges
 from job.eval.prediction import prediction_section
 from job.eval.probe import LinearProbe
 from job.eval.reconstruction import (
@@ -56,6 +57,8 @@ from job.runtime.device import pick_device
 from job.storage import Layout, RunStore
 
 log = structlog.get_logger("job.evaluate")
+
+JUDGE_TRAIN_VIDEOS = 2048  # real train videos the pixel judges learn from (all of them on small)
 
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
@@ -106,9 +109,6 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     return report
 
 
-# --- presentation -------------------------------------------------------------------------------
-
-
 def add_generation_sections(
     report: dict[str, Any], cfg: Config, store: RunStore, dataset: VideoDataset, probe: LinearProbe,
     test_pass: TestPass, device: torch.device,
@@ -136,9 +136,12 @@ def add_generation_sections(
     real, real_labels = dataset.get(test_indices)
     generated, generated_labels = generate_class_videos(model, s2.samples_per_class, s2.sample_steps, s2.temperature,
                                                         s2.sample_seed)
+    train_videos, train_labels = dataset.get(dataset.split("train")[:JUDGE_TRAIN_VIDEOS])
+    judges = PixelJudges.fit(train_videos[:, 0], train_labels, len(classes), threshold)
+    reference = dataset.get(dataset.split("val")[: len(generated)])[0][:, 0]
     generation = generation_section(
         generated, generated_labels, encode_frames(tokenizer, generated, device), real[:, 0], real_labels, test_codes,
-        probe, classes, run_cfg.model.codebook_bits, threshold,
+        probe, judges, reference, classes, run_cfg.model.codebook_bits, threshold,
     )
     given = given_video_frames(model)
     predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos), cfg)

@@ -1,3 +1,5 @@
+"""``python -m job``: the command line (job.cli)."""
+
 import sys
 
 from job.cli import main

@@ -1,4 +1,4 @@
-"""The command line: ``python -m job MODE [options]`` (docs/usage.md). Parses, dispatches
+"""The command line: ``python -m job MODE [options]`` (README.md, "Command line"). Parses, dispatches
 through the table of modes, and turns a failure into its exit code (``job.exits``).
 
 A mode's module is imported only once its arguments parse, so ``--help`` and usage errors answer

@@ -1,4 +1,4 @@
-"""The exit codes of every mode (docs/run-folder.md, "Exit codes"): one contract for the
+"""The exit codes of every mode (README.md, "Command line"): one contract for the
 restart policies of Docker, Kubernetes and the drills.
 
 An exception that ends a mode with a code of its own says so in two class attributes,

@@ -1,4 +1,5 @@
-"""Checkpoints (docs/run-folder.md; docs/storage.md): the format, the manifest rules, and reading them back.
+"""The checkpoint format (docs/run-folder.md; docs/storage.md): the files, the manifest, and
+encoding a snapshot of the stateful parts into them.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding the state of a run's stateful
 parts (``PARTS``):
@@ -14,8 +15,8 @@ parts (``PARTS``):
 
 Nothing here unpickles: tensors go through safetensors, the rest through JSON. Checkpoints of
 format 1 (optimizer, rng and state as three files) are not read: they are
-refused as unreadable, naming their format. Writing (when, which ones to keep, in which order)
-is ``job.checkpoints.manager``'s.
+refused as unreadable, naming their format. Reading them back is ``job.checkpoints.reader``'s;
+writing them (when, which ones to keep, in which order) ``job.checkpoints.manager``'s.
 """
 
 from __future__ import annotations

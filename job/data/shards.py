@@ -1,8 +1,9 @@
-"""Datasets on disk (docs/model-and-data.md): validation, shards and their manifest, reading, and the data of a run.
+"""Datasets on disk (docs/model-and-data.md): generating them in shards, validating every sample,
+and the manifest that lists the shards.
 
 On disk a dataset is a folder of ``.npy`` shards (uint8 videos, int64 labels) and a
-``manifest.json`` written last, which records every file's sha256 and size. A run's dataset is
-the local copy, else the run folder's (downloaded and verified), else freshly generated.
+``manifest.json`` written last, which records every file's sha256 and size. Reading them, and
+finding a run's dataset, is ``job.data.dataset``'s.
 """
 
 from __future__ import annotations

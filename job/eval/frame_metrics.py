@@ -1,4 +1,5 @@
-"""Quality metrics of reconstructed videos and a linear probe on tokenizer codes (docs/evaluation.md).
+"""Quality metrics of reconstructed (or predicted) frames, the same code for the model and every
+baseline (docs/evaluation.md).
 
 Pure functions on torch tensors, so that each can be checked on crafted inputs. Frames are
 (N, T, H, W) in [0, 1]; every per-frame score comes back as (N, T), with NaN where a score is

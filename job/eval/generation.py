@@ -1,5 +1,8 @@
-"""How good generated videos are, each number beside the same number for real test videos: class
-accuracy by the probe trained on real videos, object presence, smoothness and diversity."""
+"""How good generated videos are, each number beside the same number for real test videos
+(docs/generation.md): class accuracy by the code probe and by the track judge (both trained on
+real videos), object presence and exactly one object per frame, smoothness (the mean norm of the
+centroids' second difference over time), diversity (the mean absolute pixel difference over all
+pairs of a class's videos), and the Fréchet distance on a video classifier's features."""
 
 from __future__ import annotations
 

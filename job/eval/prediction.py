@@ -1,31 +1,10 @@
-"""The stage-2 part of ``evaluate`` (docs/generation.md): how good the masked transformer's videos are.
+"""How good predicted frames are (docs/generation.md): the model and two baselines made from the
+TRUE given frames, each scored against the truth by ``job.eval.frame_metrics.score_frames``.
 
-``add_generation_sections`` adds ``generation`` and ``prediction`` to the report, and their goals to
-its goals block; a run without a trained stage 2 gets a note in both instead (evaluate does not
-fail). Sampling settings (steps, temperature, samples per class, seed, eval_videos) are the
-command line's ``stage2.*`` values, as for ``sample`` and ``predict``.
-
-generation
-    ``stage2.samples_per_class`` class-conditional videos per class (job.inference.videos), judged by
-    evaluate's classifier trained on REAL videos: the linear probe on the LFQ bits of the
-    tokenizer's codes of the train split (each video under the frame's symmetries), applied to
-    the generated videos re-encoded by the same tokenizer. Beside it: chance, and the same probe
-    on the real test videos. Object presence: the share of frames whose brightest pixel, rounded
-    to 8 bits like the data, reaches the data's visibility threshold (job.data.shards.VISIBLE_PIXEL).
-    Trajectory smoothness: the mean Euclidean norm of the second difference over time of the
-    per-frame object centroids (job.eval.frame_metrics.centroids, the model's foreground threshold), frames
-    without a centroid left out. Diversity: the mean absolute pixel difference over all pairs of
-    videos of one class. Each is given for the generated videos and for the real test videos.
-
-prediction
-    The first ``stage2.eval_videos`` test videos; the model gets the tokenizer's codes of the
-    first ``predict_frames()`` latent frames (class "none") and generates the rest. Every frame
-    after the given ones is scored against the truth by job.eval.frame_metrics.score_frames, the same code
-    for the model and two baselines made from the TRUE given frames:
-    ``baseline_copy_last`` repeats the last given frame; ``baseline_constant_velocity`` moves it
-    along the velocity of the last two given frames' centroids, k frames ahead by k times that
-    velocity, with a bilinear sub-pixel shift (grid_sample, black coming in at the edges); no
-    velocity (0) where either centroid is missing.
+``baseline_copy_last`` repeats the last given frame; ``baseline_constant_velocity`` moves it along
+the velocity of the last two given frames' centroids, k frames ahead by k times that velocity,
+with a bilinear sub-pixel shift (grid_sample, black coming in at the edges); no velocity (0)
+where either centroid is missing.
 """
 
 from __future__ import annotations

@@ -169,10 +169,11 @@ class RunVerifier:
         learned_from = self.stage.learns_from
         return done if learned_from is None else f"{done} ({learned_from.name} {checkpoint.state[learned_from.name]['checkpoint']})"
 
-    def source_of(self, checkpoint: Checkpoint) -> torch.nn.Module | None:
-        """The model of the earlier stage that a checkpoint learned from, verified and matched by
-        the sha256 the checkpoint recorded; None for a stage that learns from none."""
-        learned_from = self.stage.learns_from
+    def source_of(self, checkpoint: Checkpoint, stage: Stage | None = None) -> torch.nn.Module | None:
+        """The model of the earlier stage that a checkpoint (of ``stage``, by default this
+        verifier's) learned from, verified and matched by the sha256 the checkpoint recorded; None
+        for a stage that learns from none."""
+        learned_from = (stage or self.stage).learns_from
         if learned_from is None:
             return None
         ref = checkpoint.state.get(learned_from.name)
@@ -184,7 +185,7 @@ class RunVerifier:
             if SourceRef.of(source).sha256 != ref.get("sha256"):
                 raise CheckFailed(f"{learned_from.name} {name}'s weights differ from the sha256 this checkpoint learned from")
             cfg = config_from_dict(source.state["config"])
-            self.sources[name] = learned_from.trained_model(source.model, cfg, self.source_of(source))
+            self.sources[name] = learned_from.trained_model(source.model, cfg, self.source_of(source, learned_from))
         return self.sources[name]
 
     def initial_weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:

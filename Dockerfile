@@ -22,7 +22,7 @@
 #
 # BASE_IMAGE names another Debian or Ubuntu base with python3 >= 3.11, python3-venv and tini
 # in its apt sources, e.g. a local Debian made without a registry (what the CI drill,
-# tests/container/drill.sh, builds from; Debian bookworm's python3 is 3.11):
+# tests/drills/container/drill.sh, builds from; Debian bookworm's python3 is 3.11):
 #   debootstrap --variant=minbase bookworm /tmp/rootfs http://deb.debian.org/debian
 #   tar -C /tmp/rootfs -c . | docker import - local/debian-bookworm:minbase
 #   docker build --build-arg BASE_IMAGE=local/debian-bookworm:minbase -t magvit-job:cpu .

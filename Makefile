@@ -50,7 +50,7 @@ bench: venv $(BENCH_STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# The container's linters (tests/test_container.py runs them too); shellcheck: apt-get install shellcheck.
+# The container's linters (tests/unit/test_container.py runs them too); shellcheck: apt-get install shellcheck.
 .PHONY: lint
 lint: venv
 	$(BIN)/hadolint Dockerfile
@@ -60,4 +60,4 @@ lint: venv
 # CPU torch wheel) and runs its containers against a local S3; needs root. docs/deploy.md.
 .PHONY: image-test
 image-test: venv
-	tests/container/drill.sh
+	tests/drills/container/drill.sh

@@ -1,4 +1,4 @@
-"""Fixtures: one uninterrupted smoke run shared by the tests that compare against it, and a real
+"""Fixtures: one uninterrupted smoke run shared by the drills that compare against it, and a real
 S3 endpoint (moto's server on a free local port) with a fresh bucket per test."""
 
 from __future__ import annotations
@@ -10,12 +10,17 @@ import pytest
 
 from tests.helpers import FaultyStore, S3Bucket, S3Endpoint, run_job
 
+DRILLS = Path(__file__).parent / "drills"
+
 
 def pytest_collection_modifyitems(items):
-    """A test that needs a trained run (it starts the job as a process) is a slow one."""
+    """`slow` is set by folder: every test under tests/drills/ (the job as a process, kills, the
+    store taken away) is slow, and none elsewhere is; a trained run is for drills alone."""
     for item in items:
-        if "smoke_baseline" in getattr(item, "fixturenames", ()):
+        if DRILLS in item.path.parents:
             item.add_marker(pytest.mark.slow)
+        elif "smoke_baseline" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} uses smoke_baseline, a trained run: it is a drill (tests/drills/)")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from job.config import build_config, steps_per_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "entrypoint.sh"
-HANG_AT_STEP = ROOT / "tests" / "hang_at_step.py"  # the job with a training step that never ends
+HANG_AT_STEP = ROOT / "tests" / "drills" / "hang_at_step.py"  # the job with a training step that never ends
 SMOKE = build_config("smoke")
 SMOKE_STEPS = SMOKE.train.epochs * steps_per_epoch(SMOKE)
 SMOKE_STAGE2_STEPS = SMOKE.stage2.epochs * steps_per_epoch(SMOKE, SMOKE.stage2.batch_size)

@@ -110,8 +110,8 @@ def generation_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> 
         "generated_class_accuracy_by_track": goal(generation.get("track_accuracy"), GENERATION_ACCURACY_TARGET, ">="),
         "generated_object_presence": goal(generation["presence"], MIN_GENERATED_PRESENCE, ">="),
         "generated_single_object": goal(generation.get("single_object"), MIN_SINGLE_OBJECT, ">="),
-        "generated_diversity_ratio": _worst_ratio(generation["per_class"], "diversity", DIVERSITY_RATIO),
-        "generated_smoothness_ratio": _worst_ratio(generation["per_class"], "smoothness_px", (0.0, MAX_SMOOTHNESS_RATIO)),
+        "generated_diversity_ratio": worst_ratio(generation["per_class"], "diversity", DIVERSITY_RATIO),
+        "generated_smoothness_ratio": worst_ratio(generation["per_class"], "smoothness_px", (0.0, MAX_SMOOTHNESS_RATIO)),
     }
     goals["prediction_centroid_below_constant_velocity"] = _below_baseline(prediction["overall"])
     for name in NONLINEAR_CLASSES:
@@ -126,7 +126,7 @@ def generation_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> 
     return goals
 
 
-def _worst_ratio(per_class: dict[str, dict[str, Any]], key: str, bounds: tuple[float, float]) -> dict[str, Any]:
+def worst_ratio(per_class: dict[str, dict[str, Any]], key: str, bounds: tuple[float, float]) -> dict[str, Any]:
     """Generated against real, class by class: the value is the class furthest outside ``bounds``
     (or nearest their edge); met when every class is within them."""
     ratios = {

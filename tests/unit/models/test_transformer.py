@@ -9,7 +9,11 @@ import torch
 
 from job.config import Stage2Config
 from job.models.transformer import (
-    CLASS_CONDITIONAL, PREDICTION, UNCONDITIONAL, MaskedVideoTransformer, masked_token_loss,
+    CLASS_CONDITIONAL,
+    PREDICTION,
+    UNCONDITIONAL,
+    MaskedVideoTransformer,
+    masked_token_loss,
 )
 
 LATENT = (4, 3, 3)  # t, h, w

@@ -1,0 +1,204 @@
+"""Runs in a bucket, as processes: every file of the run lands in S3 (a real moto server on
+127.0.0.1), a new container resumes from the bucket alone, and a store that goes away never stops
+training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from job.storage import Layout
+from tests.helpers import (
+    SMOKE,
+    SMOKE_STAGE2_STEPS,
+    SMOKE_STEPS,
+    TOKENIZER_ONLY,
+    JobProcess,
+    log_events,
+    poll_until,
+    run_job,
+    sha256,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+FAST_RETRY = ("--set", "storage.retry_max_seconds=2")
+
+
+def bucket_checkpoints(s3, prefix: str = "run") -> list[str]:
+    return sorted({k.split("/")[2] for k in s3.keys(f"{prefix}/checkpoints/step-") if k.endswith("/manifest.json")})
+
+
+def assert_verified_in_bucket(s3, name: str, prefix: str = "run") -> dict:
+    manifest = json.loads(s3.get(f"{prefix}/checkpoints/{name}/manifest.json"))
+    for filename, entry in manifest["files"].items():
+        data = s3.get(f"{prefix}/checkpoints/{name}/{filename}")
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], filename
+    return manifest
+
+
+def bucket_progress(s3, prefix: str = "run") -> dict:
+    return json.loads(s3.get(f"{prefix}/progress.json"))
+
+
+def train_s3(s3, cache: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return run_job("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *FAST_RETRY, *extra,
+                   timeout=timeout)
+
+
+def test_a_run_in_a_bucket_has_the_whole_run_folder(s3, tmp_path, smoke_baseline):
+    result = train_s3(s3, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    keys = s3.keys("run/")
+    for rel in (Layout.progress, Layout.progress_text, Layout.config, Layout.metrics, Layout.latest,
+                Layout.log_file(1), Layout.loss_plot, Layout.reconstruction_plot, Layout.data_manifest,
+                Layout.transformer.metrics, Layout.transformer.latest, Layout.transformer.loss_plot):
+        assert f"run/{rel}" in keys, rel
+    assert any(k.startswith("run/data/shard-") for k in keys)
+    progress = bucket_progress(s3)
+    assert progress["status"] == "completed" and (progress["stage"], progress["step"]) == (2, SMOKE_STAGE2_STEPS)
+    kept = bucket_checkpoints(s3)
+    local_kept = sorted(p.parent.name for p in (tmp_path / "cache" / "checkpoints").glob("*/manifest.json"))
+    assert kept == local_kept  # pruning reached the bucket too
+    for name in kept:
+        assert_verified_in_bucket(s3, name)
+    latest = json.loads(s3.get("run/checkpoints/latest.json"))
+    assert latest == {"checkpoint": kept[-1], "step": SMOKE_STEPS}
+    # the same config gives the same weights, wherever the run folder lives
+    assert hashlib.sha256(s3.get(f"run/checkpoints/{kept[-1]}/model.safetensors")).hexdigest() == sha256(
+        smoke_baseline / "checkpoints" / kept[-1] / "model.safetensors"
+    )
+
+
+def test_a_new_container_resumes_from_the_bucket_alone(s3, tmp_path):
+    assert train_s3(s3, tmp_path / "first").returncode == 0
+    epochs = SMOKE.stage2.epochs + 1
+    result = train_s3(s3, tmp_path / "empty-cache", "--set", f"stage2.epochs={epochs}")
+    assert result.returncode == 0, result.stderr
+    events = log_events(result.stdout)
+    resumed = [(e["stage"], e["step"]) for e in events if e["event"] == "train.resumed"]
+    assert resumed == [(1, SMOKE_STEPS), (2, SMOKE_STAGE2_STEPS)]
+    assert any(e["event"] == "train.epoch" and e["stage"] == 2 for e in events)  # it trained on
+    assert any(e["event"] == "data.download" for e in events)  # the shards came from the bucket
+    assert not any(e["event"] == "generate.start" for e in events)
+    progress = bucket_progress(s3)
+    assert progress["status"] == "completed" and progress["attempt"] == 2
+    assert f"run/{Layout.log_file(2)}" in s3.keys("run/logs/")
+
+
+def test_a_bucket_checkpoint_without_manifest_or_with_a_wrong_hash_is_skipped(s3, tmp_path):
+    assert train_s3(s3, tmp_path / "first", "--set", "checkpoint.keep_last=3", *TOKENIZER_ONLY).returncode == 0
+    kept = bucket_checkpoints(s3)
+    newest, second, third = kept[-1], kept[-2], kept[-3]
+    s3.client.delete_object(Bucket=s3.name, Key=f"run/checkpoints/{newest}/manifest.json")
+    weights = bytearray(s3.get(f"run/checkpoints/{second}/model.safetensors"))
+    weights[len(weights) // 2] ^= 0x40
+    s3.put(f"run/checkpoints/{second}/model.safetensors", bytes(weights))
+
+    result = train_s3(s3, tmp_path / "fresh", "--set", "checkpoint.keep_last=3", *TOKENIZER_ONLY)
+    assert result.returncode == 0, result.stderr
+    events = log_events(result.stdout)
+    skipped = {e["checkpoint"]: e["reason"] for e in events if e["event"] == "checkpoint.skipped"}
+    assert "manifest" in skipped[newest] and "sha256" in skipped[second]
+    assert [e["checkpoint"] for e in events if e["event"] == "train.resumed"] == [third]
+    assert_verified_in_bucket(s3, newest)  # redone and committed again
+
+
+def start_train(s3, cache: Path, *extra: str) -> JobProcess:
+    return JobProcess.job("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *FAST_RETRY, *extra)
+
+
+def local_step(cache: Path) -> int:
+    try:
+        return json.loads((cache / "progress.json").read_text())["step"]
+    except (OSError, ValueError):
+        return -1
+
+
+def test_training_goes_on_while_the_endpoint_is_away_and_the_backlog_drains(s3, tmp_path):
+    cache = tmp_path / "cache"
+    epochs = 50
+    proc = start_train(s3, cache, "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=40", *TOKENIZER_ONLY,
+                       "--set", "storage.flush_seconds=90")
+    try:
+        poll_until(lambda: bucket_checkpoints(s3), 90, "a first checkpoint in the bucket")
+        s3.endpoint.stop()
+        down_at_step = local_step(cache)
+        # The store is away and known to be: some upload has been retried at least twice (with
+        # backoff), and meanwhile training went on by 20 steps.
+        poll_until(lambda: any(e["attempt"] >= 2 for e in proc.events("upload.retry")) or proc.poll() is not None,
+                   120, "a second retry of an upload")
+        poll_until(lambda: local_step(cache) > down_at_step + 20 or proc.poll() is not None, 120,
+                   "training to go on while the store is away")
+        assert proc.poll() is None, "training stopped while the store was away"
+    finally:
+        s3.endpoint.start()
+    assert proc.wait(timeout=240) == 0, proc.output[-3000:]
+    events = proc.events()
+    retries = [e for e in events if e["event"] == "upload.retry"]
+    assert retries and max(e["attempt"] for e in retries) >= 2
+    # The store's own error, or (once no lease renewal got through for a while) the held-back lease.
+    assert all(any(why in e["error"] for why in ("EndpointConnectionError", "Could not connect", "LeaseLapsed"))
+               for e in retries)
+    progress = bucket_progress(s3)
+    assert progress["status"] == "completed"
+    kept_locally = sorted(p.parent.name for p in (cache / "checkpoints").glob("*/manifest.json"))
+    assert bucket_checkpoints(s3) == kept_locally
+    for name in kept_locally:
+        assert_verified_in_bucket(s3, name)
+
+
+def test_an_undeliverable_backlog_fails_clearly_and_the_next_attempt_delivers_it(s3, tmp_path):
+    cache = tmp_path / "cache"
+    proc = start_train(s3, cache, "--set", "storage.flush_seconds=3", "--set", "checkpoint.every_steps=0")
+    try:
+        poll_until(lambda: f"run/{Layout.progress}" in s3.keys("run/"), 60, "the run to appear in the bucket")
+        s3.endpoint.stop()
+        assert proc.wait(timeout=120) == 1
+    finally:
+        s3.endpoint.start()
+    output = proc.output
+    assert "could not be delivered" in output and "local cache" in output
+    assert (cache / "checkpoints" / f"step-{SMOKE_STEPS:08d}" / "manifest.json").exists()
+
+    result = train_s3(s3, cache)  # the same machine again: its cache still holds the backlog
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint.reupload" in result.stdout
+    assert bucket_checkpoints(s3)[-1] == f"step-{SMOKE_STEPS:08d}"
+    assert_verified_in_bucket(s3, f"step-{SMOKE_STEPS:08d}")
+    assert bucket_progress(s3)["status"] == "completed"
+
+
+def test_a_start_while_the_endpoint_is_down_waits_and_resumes_instead_of_starting_over(s3, tmp_path):
+    assert train_s3(s3, tmp_path / "first").returncode == 0
+    epochs = SMOKE.stage2.epochs + 1
+    s3.endpoint.stop()
+    try:
+        proc = start_train(s3, tmp_path / "empty", "--set", f"stage2.epochs={epochs}", "--set", "storage.connect_seconds=60")
+        proc.wait_for('"storage.unreachable"', timeout=60, times=2)  # retried, not given up
+    finally:
+        s3.endpoint.start()
+    assert proc.wait(timeout=180) == 0, proc.output[-3000:]
+    events = proc.events()
+    assert not any(e["event"] == "train.fresh_start" for e in events)
+    assert [e["step"] for e in events if e["event"] == "train.resumed"] == [SMOKE_STEPS, SMOKE_STAGE2_STEPS]
+
+
+def test_a_store_that_stays_away_ends_the_start_with_exit_1_and_touches_nothing(s3, tmp_path):
+    assert train_s3(s3, tmp_path / "first").returncode == 0
+    before = {k: s3.get(k) for k in s3.keys("run/checkpoints/")}
+    s3.endpoint.stop()
+    try:
+        started = time.monotonic()
+        result = train_s3(s3, tmp_path / "empty", "--set", "storage.connect_seconds=4")
+        assert result.returncode == 1
+        assert time.monotonic() - started < 60
+        assert "not reachable" in result.stderr
+    finally:
+        s3.endpoint.start()
+    assert {k: s3.get(k) for k in s3.keys("run/checkpoints/")} == before

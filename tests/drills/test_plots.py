@@ -1,0 +1,127 @@
+"""Background plots (SPEC §4 `plots/`): drawing happens in a worker process that gets only the CPU
+time training leaves, is replaced when killed, and logs a failed plot and draws the next."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+from io import BytesIO
+
+import numpy as np
+import pytest
+import structlog.testing
+from matplotlib.image import imread
+
+from job.plots.background import BackgroundPlots
+from job.plots.charts import loss_curves_png
+
+pytestmark = pytest.mark.timeout(60)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def decoded(png: bytes) -> np.ndarray:
+    assert png.startswith(PNG_SIGNATURE)
+    image = imread(BytesIO(png), format="png")
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].var() > 0, "blank image"
+    return image
+
+
+def epoch_record(epoch: int) -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": 0.3 * math.exp(-epoch / 4) - 0.05,  # negative late on, like the LFQ entropy term makes it
+        "val_loss": 0.2 * math.exp(-epoch / 4) + 0.01,
+        "val_mse": 0.05 * math.exp(-epoch / 4) + 0.001,
+        "lr": 1e-3 * min(1.0, epoch / 3),
+        "codebook_usage": min(1.0, 0.1 * epoch),
+        "codebook_perplexity": 20.0 * epoch,
+    }
+
+
+def blob_videos(n_samples: int, frames: int = 6, size: int = 16) -> np.ndarray:
+    """Dark clips with one bright pixel moving along the diagonal, like a tiny blob."""
+    videos = np.zeros((n_samples, frames, size, size), dtype=np.float32)
+    for t in range(frames):
+        position = t * (size - 1) // max(1, frames - 1)
+        videos[:, t, position, position] = 1.0
+    return videos
+
+
+# --- the plot worker: drawing happens in another process ----------------------------------
+
+
+class Written:
+    """What BackgroundPlots stored, with the worker pid at the moment of each write."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.pids: list[int | None] = []
+        self.plots = None
+        self.event = threading.Event()
+
+    def __call__(self, rel: str, data: bytes) -> None:
+        self.files[rel] = data
+        self.pids.append(self.plots.worker_pid)
+        self.event.set()
+
+    def wait(self) -> None:
+        assert self.event.wait(30), "no plot was written"
+        self.event.clear()
+
+
+@pytest.fixture
+def written():
+    target = Written()
+    target.plots = BackgroundPlots(target)
+    yield target
+    target.plots.close(timeout=10)
+
+
+def test_background_plots_are_drawn_in_a_worker_process(written):
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(e) for e in range(1, 4)])
+    written.plots.submit(
+        "plots/reconstruction.png", "reconstruction_grid", originals=blob_videos(2),
+        reconstructions=0.5 * blob_videos(2), labels=["a", "b"], title="t",
+    )
+    written.plots.close(timeout=30)
+    assert set(written.files) == {"plots/loss.png", "plots/reconstruction.png"}
+    for png in written.files.values():
+        decoded(png)
+    assert written.files["plots/loss.png"] == loss_curves_png([epoch_record(e) for e in range(1, 4)])
+    assert all(pid is not None and pid != os.getpid() for pid in written.pids)
+
+
+def test_the_plot_worker_only_gets_cpu_time_that_training_leaves(written):
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+    written.wait()
+    pid = written.plots.worker_pid
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE or os.getpriority(os.PRIO_PROCESS, pid) == 19
+    assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER  # the requester keeps its own priority
+
+
+def test_a_killed_plot_worker_is_replaced(written):
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+    written.wait()
+    first = written.pids[-1]
+    os.kill(first, signal.SIGKILL)
+    written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+    written.wait()
+    assert written.pids[-1] not in (None, first)
+
+
+def test_a_failed_plot_is_logged_and_the_next_one_drawn(written):
+    with structlog.testing.capture_logs() as logs:
+        written.plots.submit(
+            "plots/reconstruction.png", "reconstruction_grid", originals=blob_videos(2),
+            reconstructions=blob_videos(1), labels=["a", "b"], title="t",
+        )
+        written.plots.submit("plots/loss.png", "loss_curves", metrics=[epoch_record(1)])
+        written.plots.close(timeout=30)
+    assert list(written.files) == ["plots/loss.png"]
+    failures = [e for e in logs if e["event"] == "plot.failed"]
+    assert len(failures) == 1 and "ValueError" in failures[0]["error"]

@@ -1,0 +1,132 @@
+"""The frame metrics of ``evaluate`` (job.eval.frame_metrics) on crafted frames, against values
+worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from job.eval.frame_metrics import (
+    PSNR_CAP_DB,
+    FrameScores,
+    centroids,
+    frame_ssim,
+    psnr_from_mse,
+    score_frames,
+    ssim_window,
+    summarise,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+SIZE = 16
+THRESHOLD = 0.05
+VALUE = 0.5  # brightness of the crafted object
+
+
+def blob_frame(row: int = 6, col: int = 5) -> torch.Tensor:
+    """A 16x16 black frame with a 3x3 square of VALUE centred on (row, col): 9 object pixels."""
+    frame = torch.zeros(SIZE, SIZE)
+    frame[row - 1 : row + 2, col - 1 : col + 2] = VALUE
+    return frame
+
+
+def video(*frames: torch.Tensor) -> torch.Tensor:
+    """One sample (1, T, H, W) of the given frames."""
+    return torch.stack(frames)[None]
+
+
+def test_perfect_reconstruction_scores_the_cap():
+    target = video(blob_frame(), blob_frame(8, 9))
+    scores = score_frames(target.clone(), target, THRESHOLD)
+    assert scores.mse.tolist() == [[0.0, 0.0]]
+    assert scores.psnr[0].tolist() == pytest.approx([PSNR_CAP_DB, PSNR_CAP_DB])
+    assert scores.ssim[0].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert scores.foreground_psnr[0].tolist() == pytest.approx([PSNR_CAP_DB, PSNR_CAP_DB])
+    assert scores.centroid_error.tolist() == [[0.0, 0.0]]
+    assert not scores.centroid_missed.any()
+
+
+def test_black_reconstruction_of_a_blob():
+    target = video(blob_frame())
+    scores = score_frames(torch.zeros_like(target), target, THRESHOLD)
+    mse = 9 * VALUE**2 / SIZE**2  # sum(x^2) / N: nine object pixels, the rest already black
+    assert scores.mse.item() == pytest.approx(mse)
+    assert scores.psnr.item() == pytest.approx(10 * math.log10(1 / mse))
+    # Over the object pixels alone every error is VALUE: 10 log10(1 / 0.25) = 6.02 dB.
+    assert scores.foreground_psnr.item() == pytest.approx(10 * math.log10(1 / VALUE**2))
+    assert scores.has_object.item() and scores.centroid_missed.item()
+    assert math.isnan(scores.centroid_error.item())  # a miss is not an error of 0 px
+    summary = summarise(scores)
+    assert summary["centroid_miss_rate"] == 1.0 and summary["centroid_error_px"] is None
+
+
+def test_reconstruction_shifted_two_pixels_right():
+    target = video(blob_frame(row=6, col=5))
+    shifted = video(blob_frame(row=6, col=7))
+    scores = score_frames(shifted, target, THRESHOLD)
+    assert scores.centroid_error.item() == pytest.approx(2.0)
+    # Columns 4..6 versus 6..8: column 6 overlaps (3 pixels, no error); 6 pixels are lit only in
+    # the target and 6 only in the shift, each off by VALUE.
+    assert scores.mse.item() == pytest.approx(12 * VALUE**2 / SIZE**2)
+    # Of the 9 object pixels of the target, 6 are now black: 6 * 0.25 / 9.
+    assert scores.foreground_psnr.item() == pytest.approx(10 * math.log10(9 / (6 * VALUE**2)))
+    assert not scores.centroid_missed.item()
+
+
+def test_centroid_is_intensity_weighted_and_ignores_faint_haze():
+    frame = torch.full((SIZE, SIZE), THRESHOLD / 2)  # haze below the threshold: not the object
+    frame[2, 3], frame[2, 5] = 0.3, 0.9  # centroid column (3 * 0.3 + 5 * 0.9) / 1.2 = 4.5
+    assert centroids(frame[None, None], THRESHOLD)[0, 0].tolist() == pytest.approx([2.0, 4.5])
+    assert centroids(torch.zeros(1, 1, SIZE, SIZE), THRESHOLD).isnan().all()
+
+
+def test_frames_without_object_are_left_out_of_object_scores():
+    target = video(blob_frame(), torch.zeros(SIZE, SIZE))
+    summary = summarise(score_frames(target.clone(), target, THRESHOLD))
+    assert summary["frames"] == 2 and summary["object_frames"] == 1
+    assert summary["centroid_miss_rate"] == 0.0 and summary["centroid_error_px"] == 0.0
+
+
+def test_ssim_is_per_frame_not_per_volume():
+    target = video(blob_frame(), blob_frame(9, 9))
+    recon = video(blob_frame(), torch.zeros(SIZE, SIZE))  # frame 0 perfect, frame 1 black
+    ssim = frame_ssim(recon, target)
+    assert ssim.shape == (1, 2)
+    assert ssim[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert ssim[0, 1].item() < 0.95
+    # Each frame stands alone: scoring frame 1 by itself gives the same value.
+    assert frame_ssim(recon[:, 1:], target[:, 1:])[0, 0].item() == pytest.approx(ssim[0, 1].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("height", [3, 5, 7, 8, 9, 11, 16, 64])
+def test_ssim_window_fits_the_frame_and_matches_torchmetrics_gaussian(height):
+    size, sigma = ssim_window(height, height)
+    assert size % 2 == 1 and size <= min(height, 11)
+    assert int(3.5 * sigma + 0.5) * 2 + 1 == size  # the size torchmetrics derives from sigma
+    frames = torch.rand(1, 2, height, height)
+    assert frame_ssim(frames, frames)[0].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_psnr_cap_and_formula():
+    assert psnr_from_mse(torch.tensor([0.0, 1e-2, 1.0])).tolist() == pytest.approx([PSNR_CAP_DB, 20.0, 0.0])
+
+
+def test_summary_averages_psnr_per_frame_and_reports_psnr_of_mean_mse():
+    target = video(blob_frame(), blob_frame(9, 9))
+    recon = video(blob_frame(), torch.zeros(SIZE, SIZE))
+    summary = summarise(score_frames(recon, target, THRESHOLD))
+    black_mse = 9 * VALUE**2 / SIZE**2
+    assert summary["mse"] == pytest.approx(black_mse / 2)
+    assert summary["psnr_db"] == pytest.approx((PSNR_CAP_DB + 10 * math.log10(1 / black_mse)) / 2)
+    assert summary["psnr_of_mean_mse_db"] == pytest.approx(10 * math.log10(2 / black_mse))
+    assert summary["centroid_miss_rate"] == 0.5
+
+
+def test_frame_scores_select_and_cat_keep_rows_together():
+    target = torch.cat([video(blob_frame()), video(blob_frame(9, 9))])
+    scores = score_frames(torch.zeros_like(target), target, THRESHOLD)
+    both = FrameScores.cat([scores.select(torch.tensor([True, False])), scores.select(torch.tensor([False, True]))])
+    assert torch.equal(both.mse, scores.mse) and torch.equal(both.centroid_missed, scores.centroid_missed)

@@ -1,0 +1,31 @@
+"""The goals a report is held to: targets, the far-background goal, and per-class ratios."""
+
+from __future__ import annotations
+
+from job.eval.goals import far_background_goal, goal, worst_ratio
+
+
+def test_a_goal_without_a_value_is_not_met():
+    assert goal(None, 1.0, ">=")["met"] is False
+    assert goal(2.0, 1.0, ">=")["met"] and not goal(0.5, 1.0, ">=")["met"] and goal(0.5, 1.0, "<=")["met"]
+
+
+def test_the_far_background_goal_reports_the_object_perplexity_beside_it():
+    codebook = {"far_background": {"perplexity": 1.4}, "object": {"perplexity": 30.0}}
+    result = far_background_goal(codebook)
+    assert result["met"] and result["object_perplexity"] == 30.0
+    assert not far_background_goal({**codebook, "far_background": {"perplexity": 200.0}})["met"]
+
+
+def test_a_ratio_goal_is_met_only_when_every_class_is_within_bounds():
+    per_class = {
+        "a": {"diversity": 1.0, "real_diversity": 1.0},
+        "b": {"diversity": 3.0, "real_diversity": 1.0},  # 3x real: out
+        "c": {"diversity": 0.9, "real_diversity": 1.0},
+    }
+    result = worst_ratio(per_class, "diversity", (0.5, 2.0))
+    assert not result["met"] and result["value"] == 3.0
+    per_class["b"]["diversity"] = 1.5
+    assert worst_ratio(per_class, "diversity", (0.5, 2.0))["met"]
+    per_class["c"]["diversity"] = None  # a class without a number cannot pass
+    assert not worst_ratio(per_class, "diversity", (0.5, 2.0))["met"]

@@ -1,0 +1,90 @@
+"""Stage 2's prediction scores and baselines (job.eval.prediction) on crafted videos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from job.eval.frame_metrics import CONSTANT_VELOCITY, COPY_LAST, MODEL, PSNR_CAP_DB
+from job.eval.prediction import (
+    PREDICTION_KINDS,
+    constant_velocity_baseline,
+    prediction_scores,
+    prediction_section,
+    prediction_summary,
+    shift_frames,
+)
+
+pytestmark = pytest.mark.timeout(600)
+THRESHOLD = 0.05
+SUMMARY_KEYS = {"psnr_db", "centroid_error_px", "centroid_misses", "object_frames", "videos", "per_frame"}
+
+
+def blob_videos(positions: np.ndarray, size: int = 16, sigma: float = 0.8) -> torch.Tensor:
+    """Gaussian blobs at ``positions`` (N, T, 2) (row, col): frames (N, T, size, size)."""
+    rows = torch.arange(size, dtype=torch.float32)[:, None]
+    cols = torch.arange(size, dtype=torch.float32)[None, :]
+    p = torch.as_tensor(positions, dtype=torch.float32)
+    squared = (rows - p[..., 0, None, None]) ** 2 + (cols - p[..., 1, None, None]) ** 2
+    return torch.exp(-squared / (2 * sigma**2))
+
+
+def linear_blobs(n: int = 3, frames: int = 6) -> torch.Tensor:
+    start = np.array([[4.0, 3.0], [5.0, 5.0], [3.0, 6.0]])[:n]
+    velocity = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])[:n]
+    t = np.arange(frames)[None, :, None]
+    return blob_videos(start[:, None] + t * velocity[:, None])
+
+
+# --- prediction metrics and baselines, on crafted videos -------------------------------------------
+
+
+def test_a_perfect_prediction_scores_the_psnr_cap_and_no_centroid_error():
+    truth = linear_blobs()
+    scores = prediction_scores(truth.clone(), truth, given=3, threshold=THRESHOLD)
+    summary = prediction_summary(scores[MODEL], given=3)
+    assert summary["psnr_db"] == pytest.approx(PSNR_CAP_DB)
+    assert summary["centroid_error_px"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["centroid_misses"] == 0 and summary["object_frames"] == 9
+    assert [p["frame"] for p in summary["per_frame"]] == [3, 4, 5]
+
+
+def test_copy_last_scores_like_a_model_that_copies_the_last_given_frame():
+    truth = linear_blobs()
+    copying = truth.clone()
+    copying[:, 3:] = truth[:, 2:3]  # a "model" that repeats frame 2
+    scores = prediction_scores(copying, truth, given=3, threshold=THRESHOLD)
+    model, copy_last = prediction_summary(scores[MODEL], 3), prediction_summary(scores[COPY_LAST], 3)
+    assert model == copy_last
+    assert model["centroid_error_px"] > 0.5  # the blobs move: copying is not perfect
+
+
+def test_constant_velocity_is_exact_on_linear_motion_by_whole_pixels():
+    truth = linear_blobs()
+    predicted = constant_velocity_baseline(truth, given=3, threshold=THRESHOLD)
+    assert torch.allclose(predicted, truth, atol=1e-4)
+    summary = prediction_summary(prediction_scores(truth, truth, 3, THRESHOLD)[CONSTANT_VELOCITY], 3)
+    assert summary["centroid_error_px"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_shift_frames_moves_by_sub_pixels_and_brings_in_black():
+    frame = blob_videos(np.array([[[7.0, 7.0]]]))[:, 0]
+    assert torch.allclose(shift_frames(frame, torch.tensor([[2.0, -3.0]])), torch.roll(frame, (2, -3), (1, 2)), atol=1e-5)
+    half = shift_frames(frame, torch.tensor([[0.0, 0.5]]))
+    from job.eval.frame_metrics import centroids
+    assert float(centroids(half[:, None], 0.0)[0, 0, 1]) == pytest.approx(7.5, abs=1e-3)
+    gone = shift_frames(frame, torch.tensor([[0.0, 40.0]]))
+    assert float(gone.abs().max()) == 0.0
+
+
+def test_prediction_section_has_the_same_keys_for_model_and_baselines_overall_and_per_class():
+    truth = linear_blobs()
+    section = prediction_section(truth.flip(1), truth, torch.tensor([0, 1, 1]), ("a", "b", "c"), 3, THRESHOLD)
+    assert set(section["overall"]) == set(PREDICTION_KINDS)
+    assert set(section["per_class"]) == {"a", "b"}  # c has no video
+    for by_kind in (section["overall"], *section["per_class"].values()):
+        for kind in PREDICTION_KINDS:
+            assert set(by_kind[kind]) == SUMMARY_KEYS
+            assert len(by_kind[kind]["per_frame"]) == 3
+    assert section["per_class"]["b"][MODEL]["videos"] == 2

@@ -1,0 +1,61 @@
+"""The run store (job.storage.store): reads look in the working copy then the run URI, a missing
+bucket is a refusal, and live files are sent once per pause (a real moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from job.storage import Layout, RemoteFolder, RunStore, StoreRefused
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def record_sends(store: RunStore) -> list[str]:
+    """The paths the upload lanes hand to their worker process, in the order they do."""
+    sent: list[str] = []
+    sender = store.uploader.ordered.remote  # the live lane's too
+    real_write = sender.write_bytes
+    sender.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
+    return sent
+
+
+@pytest.mark.timeout(300)
+def test_live_files_rewritten_many_times_are_sent_once_per_pause_and_checkpoints_are_not_held(s3, tmp_path):
+    store = RunStore(s3.uri("live"), tmp_path / "cache", live_upload_seconds=60)
+    sent = record_sends(store)
+    for i in range(20):
+        store.write_json(Layout.progress, {"step": i})
+        time.sleep(0.01)
+    checkpoint_file = Layout.checkpoint_file(Layout.checkpoint_name(1), "model.safetensors")
+    store.write_bytes(checkpoint_file, b"weights")
+    deadline = time.monotonic() + 20  # far less than the live lane's 60 s pause
+    while f"live/{checkpoint_file}" not in s3.keys("live/") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"live/{checkpoint_file}" in s3.keys("live/"), "a checkpoint waited for the live lane's pause"
+    store.flush(20)  # a flush does not wait out the pause
+    store.close()
+    assert json.loads(s3.get("live/progress.json")) == {"step": 19}
+    assert sent.count(Layout.progress) <= 2, sent
+
+
+def test_reads_look_in_the_working_copy_then_the_run_uri(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    assert store.read_json(Layout.progress) is None
+    store.write_json(Layout.progress, {"step": 3})
+    assert store.read_json(Layout.progress) == {"step": 3}
+    assert (tmp_path / "run" / Layout.progress).read_text().startswith("{\n")  # the one JSON form
+    store.write_bytes(Layout.config, b"not json")
+    assert store.read_json(Layout.config) is None
+    assert store.list_dir("") == [Layout.config, Layout.progress]
+
+
+def test_a_missing_bucket_is_a_refusal_not_an_empty_run(s3, tmp_path):
+    folder = RemoteFolder(f"s3://{s3.name}-missing/run")
+    for read in (lambda: folder.read_bytes(Layout.progress), lambda: folder.list_dir(Layout.checkpoints)):
+        with pytest.raises(StoreRefused, match=f"bucket {s3.name}-missing does not exist"):
+            read()
+    present = RemoteFolder(s3.uri())
+    assert present.read_bytes(Layout.progress) is None and present.list_dir(Layout.checkpoints) == []  # a missing key is an answer

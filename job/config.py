@@ -69,6 +69,16 @@ class ModelConfig:
     # Added to the decoder's last bias at the start. Below 0 with the clamp output, a fresh
     # decoder draws black (the right answer for >95% of pixels) and only learns where to raise it.
     output_bias_init: float = 0.0
+    # GroupNorm and zero padding (the defaults, what older runs used) make a black region's code
+    # depend on the clip around it; ``channel`` (per-voxel) norm and ``replicate`` padding make a
+    # constant clip encode to one code everywhere.
+    norm: str = "group"  # the encoder's: group, channel, batch or none
+    padding: str = "zeros"  # the encoder's: zeros or replicate
+    # Which latent cells LFQ's diversity bonus (codebook entropy, diversity_gamma) is computed over:
+    # all, or only those that hold an object pixel, so that it cannot reward scattering black.
+    entropy_on: str = "all"  # all or object
+    decoder_norm: str = "group"  # the decoder's (it does not choose the codes)
+    decoder_padding: str = "zeros"
 
 
 @dataclass
@@ -109,10 +119,16 @@ class Stage2Config:
     unconditional_weight: float = 1.0
     class_weight: float = 2.0
     predict_weight: float = 2.0
+    # Training loss weight of a masked token whose true code is not the background's (the train
+    # split's most common code), against 1 for background tokens; validation stays unweighted.
+    object_weight: float = 1.0
     predict_latent_frames: int = 0  # latent frames given when predicting; 0 means half of them
     # Sampling (sample, predict, evaluate): not part of the training math.
     sample_steps: int = 12
     temperature: float = 1.0
+    # Classifier-free guidance of class-conditional sampling: logits + guidance * (logits - the
+    # logits of class "none"); 0 turns it off (one forward pass a step instead of two).
+    guidance: float = 0.0
     samples_per_class: int = 4
     sample_seed: int = 0
     eval_videos: int = 64  # test videos the prediction section of evaluate uses
@@ -172,7 +188,7 @@ STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
 # stage-2 epochs and sampling settings do not change what has been trained.
 NOT_MATH_KEYS = (
     "data.uri", "stage2.epochs", "stage2.sample_steps", "stage2.temperature", "stage2.samples_per_class",
-    "stage2.sample_seed", "stage2.eval_videos",
+    "stage2.sample_seed", "stage2.eval_videos", "stage2.guidance",
 )
 
 
@@ -320,6 +336,11 @@ def validate(config: Config) -> None:
         ("model.recon_loss", m.recon_loss, ("mse", "l1")),
         ("model.output", m.output, ("clamp", "sigmoid")),
         ("model.upsample", m.upsample, ("subpixel", "repeat")),
+        ("model.norm", m.norm, ("group", "channel", "batch", "none")),
+        ("model.padding", m.padding, ("zeros", "replicate")),
+        ("model.decoder_norm", m.decoder_norm, ("group", "channel", "batch", "none")),
+        ("model.decoder_padding", m.decoder_padding, ("zeros", "replicate")),
+        ("model.entropy_on", m.entropy_on, ("all", "object")),
     ):
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
@@ -344,7 +365,8 @@ def validate(config: Config) -> None:
         "stage2.epochs": s2.epochs, "stage2.warmup_steps": s2.warmup_steps, "stage2.temperature": s2.temperature,
         "stage2.predict_latent_frames": s2.predict_latent_frames, "stage2.sample_seed": s2.sample_seed,
         "stage2.unconditional_weight": s2.unconditional_weight, "stage2.class_weight": s2.class_weight,
-        "stage2.predict_weight": s2.predict_weight,
+        "stage2.predict_weight": s2.predict_weight, "stage2.guidance": s2.guidance,
+        "stage2.object_weight": s2.object_weight,
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")

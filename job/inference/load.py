@@ -70,6 +70,7 @@ def load_generator(cfg: Config, store: RunStore, device: torch.device) -> Traine
     if tokenizer_checkpoint.manifest["files"][MODEL_FILE]["sha256"] != ref.get("sha256"):
         raise NoTrainedGenerator(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, but those weights have changed")
     run_cfg = evaluation_config(checkpoint, cfg)
+    run_cfg.stage2.guidance = cfg.stage2.guidance  # a sampling setting: the command line's
     try:
         tokenizer = trained_tokenizer(tokenizer_checkpoint.model, run_cfg.model, run_cfg.data, device)
         transformer = trained_transformer(checkpoint.model, run_cfg, tokenizer, device)

@@ -40,14 +40,48 @@ class TokenizerOutput:
 # --- building blocks ------------------------------------------------------------------------
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups is the usual choice; the small presets have fewer channels than that, and any
-    # divisor of the channel count keeps the layer valid.
-    return nn.GroupNorm(math.gcd(channels, 32), channels)
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each voxel on its own (``model.norm = channel``): unlike
+    GroupNorm, no statistic is shared across positions, so what a black region encodes to cannot
+    depend on an object elsewhere in the clip, and a constant input stays constant."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
-def _conv3(in_channels: int, out_channels: int, stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv3d:
-    return nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+def _norm(channels: int, kind: str = "group") -> nn.Module:
+    """``model.norm``: ``group`` (GroupNorm: statistics over the whole clip), ``channel`` (per
+    voxel, ChannelNorm) or ``none``."""
+    if kind == "group":
+        # 32 groups is the usual choice; the small presets have fewer channels than that, and any
+        # divisor of the channel count keeps the layer valid.
+        return nn.GroupNorm(math.gcd(channels, 32), channels)
+    if kind == "channel":
+        return ChannelNorm(channels)
+    if kind == "batch":
+        # Statistics of the batch in training, its running averages (a fixed per-channel affine map,
+        # the same for every voxel and clip) in eval mode, where encode() runs.
+        return nn.BatchNorm3d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+def _conv3(
+    in_channels: int, out_channels: int, stride: tuple[int, int, int] = (1, 1, 1), padding: str = "zeros"
+) -> nn.Conv3d:
+    # ``model.padding``: ``replicate`` extends a constant input by itself, so a black clip stays
+    # one constant latent up to the border; ``zeros`` makes the border differ from the interior.
+    return nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, padding_mode=padding)
 
 
 def _scale_factors(temporal: bool) -> tuple[int, int, int]:
@@ -57,15 +91,15 @@ def _scale_factors(temporal: bool) -> tuple[int, int, int]:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, plus a (projected) skip connection."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group", padding: str = "zeros") -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _group_norm(in_channels),
+            _norm(in_channels, norm),
             nn.SiLU(),
-            _conv3(in_channels, out_channels),
-            _group_norm(out_channels),
+            _conv3(in_channels, out_channels, padding=padding),
+            _norm(out_channels, norm),
             nn.SiLU(),
-            _conv3(out_channels, out_channels),
+            _conv3(out_channels, out_channels, padding=padding),
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
 
@@ -76,9 +110,9 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     """Strided 3x3x3 conv: halves H and W, and T when ``temporal``."""
 
-    def __init__(self, channels: int, temporal: bool) -> None:
+    def __init__(self, channels: int, temporal: bool, padding: str = "zeros") -> None:
         super().__init__()
-        self.conv = _conv3(channels, channels, stride=_scale_factors(temporal))
+        self.conv = _conv3(channels, channels, stride=_scale_factors(temporal), padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -100,19 +134,21 @@ class Upsample(nn.Module):
     expand/permute + reshape, whose backward is a plain gather or sum: deterministic on every device.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temporal: bool, mode: str = "repeat") -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, temporal: bool, mode: str = "repeat", padding: str = "zeros"
+    ) -> None:
         super().__init__()
         self.factors = _scale_factors(temporal)
         self.mode = mode
         self.out_channels = out_channels
         if mode == "subpixel":
             positions = math.prod(self.factors)
-            self.conv = _conv3(in_channels, out_channels * positions)
+            self.conv = _conv3(in_channels, out_channels * positions, padding=padding)
             with torch.no_grad():  # ICNR: one kernel per output channel, shared by its sub-positions
                 self.conv.weight.copy_(self.conv.weight[:out_channels].repeat_interleave(positions, dim=0))
                 self.conv.bias.copy_(self.conv.bias[:out_channels].repeat_interleave(positions, dim=0))
         elif mode == "repeat":
-            self.conv = _conv3(in_channels, out_channels)
+            self.conv = _conv3(in_channels, out_channels, padding=padding)
         else:
             raise ValueError(f"unknown upsample mode {mode!r}")
 
@@ -138,11 +174,11 @@ def _is_temporal(downsampling_index: int, model: ModelConfig) -> bool:
     return downsampling_index < model.temporal_downsample
 
 
-def _output_head(in_channels: int, out_channels: int) -> nn.Sequential:
+def _output_head(in_channels: int, out_channels: int, norm: str = "group") -> nn.Sequential:
     # A 1x1x1 conv: the residual block before it already mixes neighbours, and oneDNN runs a
     # 3x3x3 conv to a single output channel far slower than its arithmetic suggests
     # (docs/benchmarks.md, "Why the code is as it is").
-    return nn.Sequential(_group_norm(in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, kernel_size=1))
+    return nn.Sequential(_norm(in_channels, norm), nn.SiLU(), nn.Conv3d(in_channels, out_channels, kernel_size=1))
 
 
 class Encoder(nn.Module):
@@ -151,15 +187,16 @@ class Encoder(nn.Module):
     def __init__(self, model: ModelConfig) -> None:
         super().__init__()
         widths = _stage_widths(model)
-        layers: list[nn.Module] = [_conv3(1, widths[0])]
+        norm, padding = model.norm, model.padding
+        layers: list[nn.Module] = [_conv3(1, widths[0], padding=padding)]
         channels = widths[0]
         for stage, width in enumerate(widths):
             for _ in range(model.res_blocks):
-                layers.append(ResBlock(channels, width))
+                layers.append(ResBlock(channels, width, norm, padding))
                 channels = width
             if stage < len(widths) - 1:
-                layers.append(Downsample(width, temporal=_is_temporal(stage, model)))
-        layers.append(_output_head(widths[-1], model.codebook_bits))
+                layers.append(Downsample(width, temporal=_is_temporal(stage, model), padding=padding))
+        layers.append(_output_head(widths[-1], model.codebook_bits, norm))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
@@ -172,15 +209,16 @@ class Decoder(nn.Module):
     def __init__(self, model: ModelConfig) -> None:
         super().__init__()
         widths = _stage_widths(model)
-        layers: list[nn.Module] = [_conv3(model.codebook_bits, widths[-1])]
+        norm, padding = model.decoder_norm, model.decoder_padding
+        layers: list[nn.Module] = [_conv3(model.codebook_bits, widths[-1], padding=padding)]
         for stage in reversed(range(len(widths))):
             if stage < len(widths) - 1:
                 # Undoes the encoder's downsampling between this stage and the next one.
                 layers.append(
-                    Upsample(widths[stage + 1], widths[stage], _is_temporal(stage, model), model.upsample)
+                    Upsample(widths[stage + 1], widths[stage], _is_temporal(stage, model), model.upsample, padding)
                 )
-            layers.extend(ResBlock(widths[stage], widths[stage]) for _ in range(model.res_blocks))
-        head = _output_head(widths[0], 1)
+            layers.extend(ResBlock(widths[stage], widths[stage], norm, padding) for _ in range(model.res_blocks))
+        head = _output_head(widths[0], 1, norm)
         with torch.no_grad():  # a shift, not a draw: the other weights stay what the seed makes them
             head[-1].bias.add_(model.output_bias_init)
         layers.append(head)
@@ -257,8 +295,16 @@ class VideoTokenizer(nn.Module):
 
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
         self._check_video(video)
-        quantized, codes, breakdown = self._quantize(self.encoder(video))
-        entropy_loss = breakdown.per_sample_entropy - self.config.diversity_gamma * breakdown.batch_entropy
+        latent = self.encoder(video)
+        quantized, codes, breakdown = self._quantize(latent)
+        batch_entropy = breakdown.batch_entropy
+        if self.config.entropy_on == "object" and self.training:
+            # The diversity bonus over the latent cells that hold an object pixel only: it spreads
+            # the object's codes and gives black nothing to scatter. (Confidence and commitment
+            # still apply everywhere: they pin the background to its code.)
+            mask = self.object_cells(video, self.config.foreground_threshold)
+            batch_entropy = self._codebook_entropy(latent.movedim(1, -1)[mask])
+        entropy_loss = breakdown.per_sample_entropy - self.config.diversity_gamma * batch_entropy
         return TokenizerOutput(
             recon=self.decoder(quantized),
             codes=codes,
@@ -282,6 +328,15 @@ class VideoTokenizer(nn.Module):
             t, h, w = self.latent_shape()
             raise ValueError(f"expected codes of shape (B, {t}, {h}, {w}), got {tuple(codes.shape)}")
         return self.decoder(self.quantizer.indices_to_codes(codes))
+
+    def _codebook_entropy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Entropy of the mean soft code assignment of ``tokens`` (N, bits), as LFQ computes its
+        batch entropy (distance -2 x.c, softmax at LFQ_INV_TEMPERATURE); 0 for no tokens."""
+        if not len(tokens):
+            return tokens.sum() * 0.0
+        codebook = self.quantizer.codebook.to(tokens.dtype)
+        prob = (2.0 * LFQ_INV_TEMPERATURE * tokens @ codebook.T).softmax(dim=-1).mean(dim=0)
+        return -(prob * prob.clamp(min=1e-5).log()).sum()
 
     def _quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LossBreakdown]:
         (quantized, codes, _), breakdown = self.quantizer(

@@ -67,11 +67,18 @@ class FactorizedBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def masked_token_loss(logits: torch.Tensor, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_token_loss(
+    logits: torch.Tensor, batch: MaskedBatch, common_code: int | None = None, object_weight: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the masked positions (MaskGIT's objective), and the share of them
-    predicted right. ``batch`` must be on the logits' device."""
+    predicted right. ``batch`` must be on the logits' device. With ``object_weight`` != 1, a
+    masked token whose true code is not ``common_code`` (the background's) weighs that much."""
     picked, truth = logits[batch.masked].float(), batch.targets[batch.masked]
-    return F.cross_entropy(picked, truth), (picked.argmax(-1) == truth).float().mean()
+    accuracy = (picked.argmax(-1) == truth).float().mean()
+    if object_weight == 1.0 or common_code is None:
+        return F.cross_entropy(picked, truth), accuracy
+    weights = torch.where(truth == common_code, 1.0, object_weight)
+    return (F.cross_entropy(picked, truth, reduction="none") * weights).sum() / weights.sum(), accuracy
 
 
 class MaskedVideoTransformer(nn.Module):
@@ -145,8 +152,17 @@ class MaskedVideoTransformer(nn.Module):
         if given is not None and given_frames:
             keep = self.given_positions(given_frames).to(device)
             tokens[:, keep] = given.flatten(1)[:, keep]
+        none = torch.full_like(classes, self.num_classes)
+        guidance = self.cfg.guidance if bool((classes != self.num_classes).any()) else 0.0
+
+        def logits_fn(current: torch.Tensor) -> torch.Tensor:
+            logits = self(current, classes).float()
+            if guidance > 0:  # classifier-free guidance: away from the "none" prediction, toward the class
+                logits = logits + guidance * (logits - self(current, none).float())
+            return logits
+
         decoded = decode(
-            tokens, lambda current: self(current, classes), mask_id=self.mask_id,
+            tokens, logits_fn, mask_id=self.mask_id,
             steps=steps or self.cfg.sample_steps, schedule=cosine_schedule, generator=generator,
             temperature=self.cfg.temperature if temperature is None else temperature,
         )

@@ -33,6 +33,8 @@ class TransformerTask:
             indices = dataset.split(split)
             self.codes[indices] = encode_all(self.tokenizer, dataset, indices, cfg.train.batch_size, device, touch)
         self.labels = torch.from_numpy(dataset.labels)
+        # The background's code: the most common one among the train split's tokens.
+        self.common_code = int(torch.bincount(self.codes[dataset.split("train")].flatten()).argmax())
         # What validation measures the model against: the object's cells of the val videos, and the
         # most common code at each position of the train split (a lookup table that knows no context).
         val = dataset.split("val")
@@ -46,11 +48,9 @@ class TransformerTask:
     def loss(self, model: torch.nn.Module, indices: np.ndarray) -> torch.Tensor:
         """The masked-token loss of a batch, with masks drawn from torch's global generator (which
         every checkpoint saves); ``model`` is this task's model or its DDP wrapper."""
-        return self._loss(model, self.model.mask_for_training(self.codes[indices], self.labels[indices]))[0]
-
-    def _loss(self, model, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._on_device(batch)
-        return masked_token_loss(model(batch.tokens, batch.classes), batch)
+        batch = self._on_device(self.model.mask_for_training(self.codes[indices], self.labels[indices]))
+        logits = model(batch.tokens, batch.classes)
+        return masked_token_loss(logits, batch, self.common_code, self.cfg.stage2.object_weight)[0]
 
     def _on_device(self, batch: MaskedBatch) -> MaskedBatch:
         return MaskedBatch(*(t.to(self.device) for t in (batch.tokens, batch.classes, batch.targets, batch.masked)))

@@ -255,3 +255,34 @@ def test_runs_from_before_the_choices_existed_rebuild_their_model() -> None:
         del cfg["model"][key]
     old = config_from_dict(cfg).model
     assert (old.output, old.upsample, old.recon_loss) == ("sigmoid", "repeat", "mse")
+
+
+@pytest.mark.parametrize("norm", ["channel", "batch", "none"])
+def test_a_black_video_encodes_to_one_code_everywhere_with_context_free_layers(norm):
+    """Per-voxel (or eval-mode batch) norms and replicate padding keep a constant clip constant
+    through the encoder: black is one code, whatever the weights. GroupNorm over the clip and zero
+    padding (the older layers) make the border and the rest of the clip differ."""
+    overrides = ["model.padding=replicate", f"model.norm={norm}", "model.temporal_downsample=1",
+                 "model.channel_mults=1,2,2", "model.codebook_bits=10"]
+    cfg = build_config("small", None, overrides)
+    torch.manual_seed(0)
+    model = VideoTokenizer(cfg.model, cfg.data).eval()
+    black = torch.zeros(2, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
+    codes = model.encode(black)
+    assert codes.shape == (2, *model.latent_shape()) and codes.unique().numel() == 1
+    older = VideoTokenizer(build_config("small", None, overrides[2:]).model, cfg.data).eval()
+    assert older.encode(black).unique().numel() > 1
+
+
+def test_entropy_on_object_cells_only_trains_and_ignores_a_clip_without_object():
+    cfg = build_config("smoke", None, ["model.entropy_on=object", "model.padding=replicate", "model.norm=channel"])
+    torch.manual_seed(0)
+    model = VideoTokenizer(cfg.model, cfg.data).train()
+    videos = torch.zeros(2, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
+    videos[0, 0, :, 4:6, 4:6] = 1.0  # one clip with an object, one black
+    out = model(videos)
+    loss, parts = compute_loss(out, videos, cfg.model)
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in parts.values())
+    empty = model(torch.zeros_like(videos))
+    assert torch.isfinite(empty.entropy_loss).all()

@@ -87,3 +87,30 @@ def test_generation_keeps_the_given_frames_and_is_repeatable():
     assert torch.equal(first[:, :2], given[:, :2])
     assert torch.equal(first, again)
     assert int(first.min()) >= 0 and int(first.max()) < CODEBOOK
+
+
+def test_classifier_free_guidance_changes_class_conditional_samples_only():
+    plain, guided = model().eval(), model(guidance=3.0).eval()
+    with torch.no_grad():
+        guided.class_embedding.weight.normal_()  # a class that matters to the logits
+        plain.class_embedding.weight.copy_(guided.class_embedding.weight)
+
+    def sample(net, classes):
+        return net.generate(classes, generator=torch.Generator().manual_seed(6))
+
+    classes = torch.arange(CLASSES)
+    assert not torch.equal(sample(plain, classes), sample(guided, classes))
+    none = torch.full((3,), CLASSES)
+    assert torch.equal(sample(plain, none), sample(guided, none))  # nothing to guide towards
+
+
+def test_object_weight_weighs_tokens_other_than_the_background_code():
+    net = model()
+    batch = net.mask_for_training(codes(8), torch.zeros(8, dtype=torch.long), generator=torch.Generator().manual_seed(7))
+    logits = torch.randn(8, net.length, CODEBOOK, generator=torch.Generator().manual_seed(8))
+    plain, _ = masked_token_loss(logits, batch)
+    assert torch.allclose(masked_token_loss(logits, batch, common_code=0, object_weight=1.0)[0], plain)
+    weighted, _ = masked_token_loss(logits, batch, common_code=0, object_weight=5.0)
+    per_token = torch.nn.functional.cross_entropy(logits[batch.masked], batch.targets[batch.masked], reduction="none")
+    weights = torch.where(batch.targets[batch.masked] == 0, 1.0, 5.0)
+    assert torch.allclose(weighted, (per_token * weights).sum() / weights.sum())

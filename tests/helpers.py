@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 from job.config import build_config, steps_per_epoch
+from job.monitoring.progress import Progress
+from job.storage import Layout, LocalFolder, RunStore
+from job.storage.lease import Machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "entrypoint.sh"
@@ -332,3 +335,62 @@ class FaultyStore:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class RecordingFolder(LocalFolder):
+    """A real folder on disk that remembers the order of the writes it received, and can be
+    told to fail the next N of them (the store answering 503)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.written: list[str] = []
+        self.failures_left = 0
+        self._lock = threading.Lock()
+
+    def write_bytes(self, rel, data):
+        with self._lock:
+            if self.failures_left:
+                self.failures_left -= 1
+                raise OSError("503 Service Unavailable (injected)")
+            self.written.append(rel)
+        super().write_bytes(rel, data)
+
+
+def entrypoint_env(**extra: str) -> dict[str, str]:
+    """The environment of a container: no JOB_* or AWS_* settings but the ones given, and the
+    interpreter the image would find on PATH."""
+    env = {k: v for k, v in job_env().items() if not k.startswith("AWS_")}
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def run_entrypoint(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+                   timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ENTRYPOINT), *args], cwd=cwd, env=env or entrypoint_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def gone() -> Machine:
+    """A process of this machine that has ended (its pid is free)."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    machine = Machine()
+    machine.pid = int(ended.stdout)
+    return machine
+
+
+def lease_doc(folder) -> dict:
+    return json.loads(folder.read_bytes(Layout.lease))
+
+
+def record_sends(store: RunStore) -> list[str]:
+    """The paths the upload lanes hand to their worker process, in the order they do."""
+    sent: list[str] = []
+    sender = store.uploader.ordered.remote  # the live lane's too
+    real_write = sender.write_bytes
+    sender.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
+    return sent
+
+
+def read_progress(progress: Progress) -> dict:
+    return json.loads((progress.store.root / Layout.progress).read_text())

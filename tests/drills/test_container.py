@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,26 +15,11 @@ from pathlib import Path
 import pytest
 
 from job.exits import EXIT_PREEMPTED
-from tests.helpers import ROOT, job_env, log_events
+from tests.helpers import ROOT, entrypoint_env, log_events, run_entrypoint
 
 pytestmark = pytest.mark.timeout(600)
 
 ENTRYPOINT = ROOT / "entrypoint.sh"
-
-
-def entrypoint_env(**extra: str) -> dict[str, str]:
-    """The environment of a container: no JOB_* or AWS_* settings but the ones given, and the
-    interpreter the image would find on PATH."""
-    env = {k: v for k, v in job_env().items() if not k.startswith("AWS_")}
-    env["PYTHON"] = sys.executable
-    env.update(extra)
-    return env
-
-
-def run_entrypoint(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
-                   timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ENTRYPOINT), *args], cwd=cwd, env=env or entrypoint_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def collect(proc: subprocess.Popen) -> list[str]:

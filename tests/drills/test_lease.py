@@ -6,31 +6,26 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from job.storage import Layout, LocalFolder, RemoteFolder
-from job.storage.lease import Lease, Machine
-from tests.helpers import TOKENIZER_ONLY, JobProcess, assert_workers_end, poll_until, run_job, worker_processes
+from job.storage.lease import Lease
+from tests.helpers import (
+    TOKENIZER_ONLY,
+    JobProcess,
+    assert_workers_end,
+    gone,
+    lease_doc,
+    poll_until,
+    run_job,
+    worker_processes,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 UPLOAD_WORKER = "job.storage.upload_worker"
 TTL = 6.0
-
-
-def gone() -> Machine:
-    """A process of this machine that has ended (its pid is free)."""
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    machine = Machine()
-    machine.pid = int(ended.stdout)
-    return machine
-
-
-def lease_doc(folder) -> dict:
-    return json.loads(folder.read_bytes(Layout.lease))
 
 
 def test_an_attempt_killed_before_its_first_upload_is_still_counted(tmp_path):

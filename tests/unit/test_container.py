@@ -19,7 +19,7 @@ import yaml
 
 from job.exits import EXIT_BAD_DATA, EXIT_PREEMPTED, EXIT_USAGE
 from job.monitoring.watchdog import Watchdog
-from tests.helpers import ROOT, job_env
+from tests.helpers import ROOT, entrypoint_env, run_entrypoint
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -45,21 +45,6 @@ def tool(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{name} is not installed; .ci/run should have installed it ({how})")
     pytest.skip(f"{name} is not installed ({how})")
-
-
-def entrypoint_env(**extra: str) -> dict[str, str]:
-    """The environment of a container: no JOB_* or AWS_* settings but the ones given, and the
-    interpreter the image would find on PATH."""
-    env = {k: v for k, v in job_env().items() if not k.startswith("AWS_")}
-    env["PYTHON"] = sys.executable
-    env.update(extra)
-    return env
-
-
-def run_entrypoint(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
-                   timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ENTRYPOINT), *args], cwd=cwd, env=env or entrypoint_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

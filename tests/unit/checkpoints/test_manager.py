@@ -16,7 +16,7 @@ from job.checkpoints.train_state import TrainState
 from job.models.tokenizer import initial_tokenizer
 from job.storage import Layout, RunStore
 from job.training.optim import build_optimizer
-from tests.helpers import SMOKE, FakeClock
+from tests.helpers import SMOKE, FakeClock, record_sends
 from tests.smoke_parts import fresh_parts, manager, one_step, save_at
 
 pytestmark = pytest.mark.timeout(150)
@@ -117,15 +117,6 @@ def smoke_manager(store: RunStore, step: int):
     optimizer, scheduler = build_optimizer(model, SMOKE, total_steps=10)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": RNGState(), "train": TrainState(step=step)}
     return CheckpointManager(store, Layout.tokenizer, SMOKE.checkpoint, parts, extra={"config": SMOKE.to_dict()}, inventory={})
-
-
-def record_sends(store: RunStore) -> list[str]:
-    """The paths the upload lanes hand to their worker process, in the order they do."""
-    sent: list[str] = []
-    sender = store.uploader.ordered.remote  # the live lane's too
-    real_write = sender.write_bytes
-    sender.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
-    return sent
 
 
 @pytest.mark.timeout(300)

@@ -7,7 +7,11 @@ import torch
 from job.config import build_config
 from job.data.synthetic import generate_samples
 from job.eval.pixel_judges import (
-    PixelJudges, frechet_distance, object_counts, single_object_share, track_features,
+    PixelJudges,
+    frechet_distance,
+    object_counts,
+    single_object_share,
+    track_features,
 )
 
 THRESHOLD = 0.05

@@ -3,23 +3,13 @@ progress rendered for a person."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from job.monitoring.progress import Heartbeat, Progress, render_progress
-from job.storage import Layout, RunStore
+from job.monitoring.progress import Heartbeat, render_progress
+from job.storage import Layout
+from tests.helpers import read_progress
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def progress(tmp_path) -> Progress:
-    return Progress(RunStore(str(tmp_path)), attempt=2, epochs=4, total_steps=100)
-
-
-def read_progress(progress: Progress) -> dict:
-    return json.loads((progress.store.root / Layout.progress).read_text())
 
 
 def test_a_heartbeat_refreshes_progress_and_survives_a_failing_upload(progress):

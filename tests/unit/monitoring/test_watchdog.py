@@ -3,26 +3,14 @@ its limit and gives on_stall its chance."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 
-from job.monitoring.progress import Progress
 from job.monitoring.watchdog import Watchdog
-from job.storage import Layout, RunStore
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, read_progress
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def progress(tmp_path) -> Progress:
-    return Progress(RunStore(str(tmp_path)), attempt=2, epochs=4, total_steps=100)
-
-
-def read_progress(progress: Progress) -> dict:
-    return json.loads((progress.store.root / Layout.progress).read_text())
 
 
 def test_the_watchdog_ends_a_run_with_no_step_for_its_limit(progress, caplog):

@@ -16,7 +16,7 @@ from job.storage import Layout, LocalFolder, RemoteFolder, RunStore
 from job.storage.folders import WriteConflict
 from job.storage.lease import Lease, LeaseBusy, LeaseLapsed, LeaseLost, Machine
 from job.storage.uploader import Lane, Op
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, gone, lease_doc
 
 pytestmark = pytest.mark.timeout(120)
 TTL = 6.0
@@ -34,18 +34,6 @@ def elsewhere() -> Machine:
     machine = Machine()
     machine.host, machine.boot_id = "other-host", "another-boot"
     return machine
-
-
-def gone() -> Machine:
-    """A process of this machine that has ended (its pid is free)."""
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    machine = Machine()
-    machine.pid = int(ended.stdout)
-    return machine
-
-
-def lease_doc(folder) -> dict:
-    return json.loads(folder.read_bytes(Layout.lease))
 
 
 def test_conditional_writes_create_only_when_absent_and_replace_only_what_was_read(folder):

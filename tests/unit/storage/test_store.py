@@ -9,17 +9,9 @@ import time
 import pytest
 
 from job.storage import Layout, RemoteFolder, RunStore, StoreRefused
+from tests.helpers import record_sends
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def record_sends(store: RunStore) -> list[str]:
-    """The paths the upload lanes hand to their worker process, in the order they do."""
-    sent: list[str] = []
-    sender = store.uploader.ordered.remote  # the live lane's too
-    real_write = sender.write_bytes
-    sender.write_bytes = lambda rel, data: (sent.append(rel), real_write(rel, data))
-    return sent
 
 
 @pytest.mark.timeout(300)

@@ -3,35 +3,15 @@ disk: pacing, order, retries and abandon."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from job.storage import Layout, LocalFolder
 from job.storage.uploader import Lane, Op, Uploader
-from tests.helpers import FakeClock, poll_until
+from tests.helpers import FakeClock, RecordingFolder, poll_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class RecordingFolder(LocalFolder):
-    """A real folder on disk that remembers the order of the writes it received, and can be
-    told to fail the next N of them (the store answering 503)."""
-
-    def __init__(self, root):
-        super().__init__(root)
-        self.written: list[str] = []
-        self.failures_left = 0
-        self._lock = threading.Lock()
-
-    def write_bytes(self, rel, data):
-        with self._lock:
-            if self.failures_left:
-                self.failures_left -= 1
-                raise OSError("503 Service Unavailable (injected)")
-            self.written.append(rel)
-        super().write_bytes(rel, data)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ def answered_in_order(worker: WorkerProcess) -> list[str]:
     done: list[str] = []
     slow = threading.Thread(target=lambda: (worker.request({"sleep": 2.0}), done.append("slow")))
     slow.start()
-    time.sleep(0.5)  # the slow one is sent first (well within its 2 s)
+    time.sleep(1.0)  # the slow one is sent first (well within its 2 s, even on a loaded machine)
     worker.request({"sleep": 0.0})
     done.append("quick")
     slow.join()

@@ -10,8 +10,7 @@ from typing import Any
 import structlog
 import torch
 
-from job.checkpoints.format import MODEL_FILE
-from job.checkpoints.reader import Checkpoint, CheckpointError, CheckpointReader
+from job.checkpoints.reader import Checkpoint, CheckpointError, CheckpointReader, SourceRef
 from job.config import MATH_SECTIONS, Config, ConfigError, config_from_dict, diff_keys, set_value
 from job.models.tokenizer import VideoTokenizer, trained_tokenizer
 from job.models.transformer import MaskedVideoTransformer, trained_transformer
@@ -67,7 +66,7 @@ def load_generator(cfg: Config, store: RunStore, device: torch.device) -> Traine
         tokenizer_checkpoint = CheckpointReader(store, Layout.tokenizer).load(str(ref.get("checkpoint")))
     except CheckpointError as exc:
         raise NoTrainedGenerator(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, which is not usable: {exc}") from exc
-    if tokenizer_checkpoint.manifest["files"][MODEL_FILE]["sha256"] != ref.get("sha256"):
+    if SourceRef.of(tokenizer_checkpoint).sha256 != ref.get("sha256"):
         raise NoTrainedGenerator(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, but those weights have changed")
     run_cfg = evaluation_config(checkpoint, cfg)
     run_cfg.stage2.guidance = cfg.stage2.guidance  # a sampling setting: the command line's

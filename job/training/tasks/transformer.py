@@ -38,8 +38,9 @@ class TransformerTask:
         # What validation measures the model against: the object's cells of the val videos, and the
         # most common code at each position of the train split (a lookup table that knows no context).
         val = dataset.split("val")
-        self.val_objects = {int(i): cells for i, cells in zip(val, object_cells_all(
-            self.tokenizer, dataset, val, cfg.train.batch_size, cfg.model.foreground_threshold))}
+        self.objects = torch.zeros_like(self.codes, dtype=torch.bool)  # filled for the val split only
+        self.objects[val] = object_cells_all(self.tokenizer, dataset, val, cfg.train.batch_size,
+                                             cfg.model.foreground_threshold)
         self.lookup = most_common_codes(self.codes[dataset.split("train")].flatten(1), self.tokenizer.codebook_size)
         log.info("stage2.codes", videos=int(sum(len(dataset.split(s)) for s in ("train", "val"))),
                  latent_shape=list(self.tokenizer.latent_shape()), tokenizer=tokenizer_checkpoint.name)
@@ -75,7 +76,7 @@ class TransformerTask:
             sums["loss"] += float(loss) * len(chunk)
             sums["accuracy"] += float(accuracy) * len(chunk)
             right = logits.argmax(-1) == batch.targets
-            objects = torch.stack([self.val_objects[int(i)] for i in chunk]).flatten(1).to(self.device) & batch.masked
+            objects = self.objects[chunk].flatten(1).to(self.device) & batch.masked
             sums["hits"] += float(right[batch.masked].sum())
             sums["lookup_hits"] += float((lookup[None] == batch.targets)[batch.masked].sum())
             sums["masked"] += float(batch.masked.sum())

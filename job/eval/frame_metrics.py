@@ -20,6 +20,9 @@ Definitions:
   the reconstruction's centroids, over frames where the target shows the object. Where the
   reconstruction has no pixel above the threshold it has no centroid: that frame is a *miss*,
   counted in the miss rate and left out of the error (an all-black reconstruction misses 100%).
+- Objects in a frame: connected components (8-connected) of the pixels that, rounded to 8 bits
+  like the data, reach the data's visibility threshold. A real frame shows exactly one; a
+  tokenizer whose reconstructions split it, or sprinkle specks, caps what stage 2 can generate.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
+
+from job.data.shards import VISIBLE_PIXEL
 
 # What each set of frames is scored as: the model, and baselines that go through the same code.
 MODEL = "model"
@@ -103,6 +109,34 @@ def centroids(frames: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where((mass > 0).unsqueeze(-1), torch.stack([row, col], dim=-1), torch.nan)
 
 
+def visible(frames: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) bool: pixels that, rounded to 8 bits like the data, reach VISIBLE_PIXEL."""
+    return torch.round(frames.float() * 255.0) >= VISIBLE_PIXEL
+
+
+def object_counts(frames: torch.Tensor) -> torch.Tensor:
+    """(N, T) the number of objects in each frame of (N, T, H, W): connected components (8-connected)
+    of visible pixels, found by spreading the largest pixel id through each component."""
+    mask = visible(frames).flatten(0, 1)  # (F, H, W)
+    ids = torch.arange(1, mask[0].numel() + 1, dtype=torch.float32, device=mask.device).view(mask.shape[1:])
+    ids = ids.expand_as(mask)
+    labels = torch.where(mask, ids, 0.0)
+    while True:
+        spread = torch.where(mask, F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0], 0.0)
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    # Each component keeps the largest id of its pixels: counted once, at the pixel that has it.
+    return ((labels == ids) & mask).sum(dim=(-2, -1)).view(frames.shape[:2])
+
+
+def single_object_share(frames: torch.Tensor) -> float | None:
+    """Of the frames that show an object, the share that show exactly one."""
+    counts = object_counts(frames)
+    shown = counts > 0
+    return float((counts[shown] == 1).double().mean()) if bool(shown.any()) else None
+
+
 @dataclass
 class FrameScores:
     """Per-frame scores of a set of reconstructions, each (N, T)."""
@@ -114,6 +148,7 @@ class FrameScores:
     centroid_error: torch.Tensor  # pixels; NaN where the target has no object or the reconstruction misses it
     has_object: torch.Tensor  # bool: the target frame has object pixels
     centroid_missed: torch.Tensor  # bool: the target has an object, the reconstruction no pixel above threshold
+    objects: torch.Tensor  # the reconstruction's objects (object_counts)
 
     def cpu(self) -> FrameScores:
         return FrameScores(**{f.name: getattr(self, f.name).cpu() for f in dataclasses.fields(self)})
@@ -143,6 +178,7 @@ def score_frames(recon: torch.Tensor, target: torch.Tensor, threshold: float) ->
         centroid_error=(recon_centroids - target_centroids).norm(dim=-1),
         has_object=has_object,
         centroid_missed=has_object & recon_centroids[..., 0].isnan(),
+        objects=object_counts(recon),
     )
 
 
@@ -150,6 +186,7 @@ def summarise(scores: FrameScores) -> dict[str, Any]:
     """Means over frames (float64); None where no frame defines a score."""
     mse = scores.mse.double()
     object_frames = int(scores.has_object.sum())
+    one_object = scores.objects[scores.has_object] == 1
     return {
         "frames": mse.numel(),
         "mse": _number(mse.mean()),
@@ -160,6 +197,8 @@ def summarise(scores: FrameScores) -> dict[str, Any]:
         "centroid_error_px": _number(scores.centroid_error.double().nanmean()),
         "centroid_miss_rate": int(scores.centroid_missed.sum()) / object_frames if object_frames else None,
         "object_frames": object_frames,
+        # Of the frames whose target shows the object, those where the reconstruction shows exactly one.
+        "single_object_share": float(one_object.double().mean()) if object_frames else None,
     }
 
 

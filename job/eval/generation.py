@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from job.data.shards import VISIBLE_PIXEL
-from job.eval.frame_metrics import centroids
-from job.eval.pixel_judges import PixelJudges, single_object_share
+from job.eval.frame_metrics import centroids, single_object_share
+from job.eval.pixel_judges import PixelJudges
 from job.eval.probe import LinearProbe, code_bits
 
 ENCODE_BATCH = 64  # generated videos re-encoded by the tokenizer together
@@ -54,13 +54,15 @@ def encode_frames(tokenizer, frames: torch.Tensor, device: torch.device) -> torc
 
 def generation_section(
     generated: torch.Tensor, generated_labels: torch.Tensor, generated_codes: torch.Tensor,
-    real: torch.Tensor, real_labels: torch.Tensor, real_codes: torch.Tensor,
+    real: torch.Tensor, real_labels: torch.Tensor, real_codes: torch.Tensor, reconstructed: torch.Tensor,
     probe: LinearProbe, judges: PixelJudges, reference: torch.Tensor,
     classes: tuple[str, ...], codebook_bits: int, threshold: float,
 ) -> dict[str, Any]:
-    """Frames (N, T, H, W) of generated and real (test) videos, their codes, the probe trained
-    on the codes of the train split, the pixel judges trained on its videos, and ``reference``:
-    as many other real videos as were generated (the Fréchet distance's floor)."""
+    """Frames (N, T, H, W) of generated and real (test) videos, their codes, the tokenizer's
+    reconstructions of the real ones (what generation can reach through these codes: a decoder
+    that splits the object or adds specks caps the judges' scores of anything generated), the
+    probe trained on the codes of the train split, the pixel judges trained on its videos, and
+    ``reference``: as many other real videos as were generated (the Fréchet distance's floor)."""
     def predict(codes: torch.Tensor) -> torch.Tensor:
         return probe.predict(code_bits(codes.to(probe.weight.device), codebook_bits)).cpu()
 
@@ -96,8 +98,13 @@ def generation_section(
         "single_object": single_object_share(generated), "real_single_object": single_object_share(real),
         "track_accuracy": judges.track_accuracy(generated, generated_labels),
         "real_track_accuracy": judges.track_accuracy(real, real_labels),
+        "reconstructed": {
+            "presence": presence(reconstructed), "single_object": single_object_share(reconstructed),
+            "track_accuracy": judges.track_accuracy(reconstructed, real_labels),
+        },
         "frechet": {
             "generated": judges.frechet(generated, real),
+            "reconstructed": judges.frechet(reconstructed, real),
             "real_reference": judges.frechet(reference, real),
             "all_black": judges.frechet(torch.zeros_like(reference), real),
             "features": "penultimate layer of a small 3D-conv classifier trained on the train split's real videos",

@@ -24,12 +24,14 @@ MIN_FOREGROUND_PSNR_GAIN_DB = 15.0  # over all-black
 MAX_CENTROID_ERROR_PX = 0.5
 MAX_CENTROID_MISS_RATE = 0.01
 MIN_CLASSIFIER_ACCURACY = 0.98
+# A reconstruction shows the one object a real frame shows: stage 2 generates through the decoder.
+MIN_RECONSTRUCTION_SINGLE_OBJECT = 0.95
 # Black far from the object is (nearly) one code: stage 2 then models the scene, not noise.
 MAX_FAR_BACKGROUND_PERPLEXITY = 2.0
 # The order goals() lists them in; report.json sorts its keys, so a reread report needs it.
 GOAL_NAMES = (
     "psnr_above_black_db", "ssim", "foreground_psnr_above_black_db", "centroid_error_px", "classifier_accuracy",
-    "far_background_code_perplexity",
+    "far_background_code_perplexity", "reconstruction_single_object",
 )
 
 
@@ -57,6 +59,7 @@ def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "centroid_error_px": centroid,
         "classifier_accuracy": goal(report["classifier"]["accuracy"], MIN_CLASSIFIER_ACCURACY, ">="),
         "far_background_code_perplexity": far_background_goal(report["codebook"]),
+        "reconstruction_single_object": goal(model.get("single_object_share"), MIN_RECONSTRUCTION_SINGLE_OBJECT, ">="),
     }
 
 

@@ -11,36 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.data.shards import VISIBLE_PIXEL
 from job.eval.frame_metrics import centroids
 from job.eval.probe import LinearProbe, fit_linear_probe
-
-
-def visible(frames: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) bool: pixels that, rounded to 8 bits like the data, reach VISIBLE_PIXEL."""
-    return torch.round(frames.float() * 255.0) >= VISIBLE_PIXEL
-
-
-def object_counts(frames: torch.Tensor) -> torch.Tensor:
-    """(N, T) the number of objects in each frame of (N, T, H, W): connected components (8-connected)
-    of visible pixels, found by spreading the largest pixel id through each component."""
-    mask = visible(frames).flatten(0, 1)  # (F, H, W)
-    ids = torch.arange(1, mask[0].numel() + 1, dtype=torch.float32).view(mask.shape[1:]).expand_as(mask)
-    labels = torch.where(mask, ids, 0.0)
-    while True:
-        spread = torch.where(mask, F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0], 0.0)
-        if torch.equal(spread, labels):
-            break
-        labels = spread
-    # Each component keeps the largest id of its pixels: counted once, at the pixel that has it.
-    return ((labels == ids) & mask).sum(dim=(-2, -1)).view(frames.shape[:2])
-
-
-def single_object_share(frames: torch.Tensor) -> float | None:
-    """Of the frames that show an object, the share that show exactly one."""
-    counts = object_counts(frames)
-    shown = counts > 0
-    return float((counts[shown] == 1).double().mean()) if bool(shown.any()) else None
 
 
 def track_features(frames: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -4,6 +4,7 @@ generated video shows."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,14 +12,22 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 
+# Videos unpacked at a time: the float32 result is the only full-size tensor (8 views of a
+# train split are 100s of MB of features; an int64 intermediate would be twice that again).
+BITS_CHUNK = 256
+
+
 def code_bits(codes: torch.Tensor, codebook_bits: int) -> torch.Tensor:
-    """LFQ codes (N, t, h, w) -> their bits as +-1, flattened: (N, t*h*w*codebook_bits).
+    """LFQ codes (N, t, h, w) -> their bits as +-1, flattened: (N, t*h*w*codebook_bits) float32.
 
     LFQ makes each code from the signs of ``codebook_bits`` latent channels, so the bits are the
     quantized latent itself; a code's integer value has no meaningful order."""
-    shifts = torch.arange(codebook_bits, device=codes.device)
-    bits = (codes.long().unsqueeze(-1) >> shifts) & 1
-    return (2.0 * bits - 1.0).flatten(1)
+    shifts = torch.arange(codebook_bits, device=codes.device, dtype=torch.int32)
+    bits = torch.empty(len(codes), math.prod(codes.shape[1:]) * codebook_bits, device=codes.device)
+    for start in range(0, len(codes), BITS_CHUNK):
+        chunk = codes[start : start + BITS_CHUNK].to(torch.int32).unsqueeze(-1)
+        bits[start : start + BITS_CHUNK] = ((chunk >> shifts) & 1).flatten(1)
+    return bits.mul_(2.0).sub_(1.0)
 
 
 @dataclass
@@ -31,10 +40,19 @@ class LinearProbe:
     bias: torch.Tensor
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return ((features - self.mean) / self.scale) @ self.weight.T + self.bias
+        return standardised_logits(features, self.mean, self.scale, self.weight, self.bias)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.logits(features).argmax(dim=1)
+
+
+def standardised_logits(
+    features: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``((features - mean) / scale) @ weight.T + bias``, with the standardisation folded into the
+    weights, so that no standardised copy of ``features`` is ever made (nor kept for backward)."""
+    folded = weight / scale
+    return features @ folded.T + (bias - folded @ mean)
 
 
 def fit_linear_probe(
@@ -46,10 +64,11 @@ def fit_linear_probe(
     keeps the problem well posed when, as here, there are more features than samples and the
     classes are separable, where unregularised weights would grow without bound."""
     features = features.float()
-    mean = features.mean(dim=0)
-    # Constant features (the background's bits) become 0 rather than 0/0.
-    scale = features.std(dim=0, correction=0).clamp_min(1e-6)
-    standardised = (features - mean) / scale
+    # Constant features (the background's bits) get an infinite scale: they contribute exactly 0
+    # and get exactly no gradient (a tiny scale would magnify rounding in the folded form).
+    variance, mean = torch.var_mean(features, dim=0, correction=0)
+    std = variance.sqrt()
+    scale = torch.where(std > 1e-6, std, torch.full_like(std, math.inf))
     weight = torch.zeros(num_classes, features.shape[1], device=features.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=features.device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
@@ -58,7 +77,8 @@ def fit_linear_probe(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(standardised @ weight.T + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        logits = standardised_logits(features, mean, scale, weight, bias)
+        loss = F.cross_entropy(logits, labels) + 0.5 * l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 

@@ -21,7 +21,7 @@ def formatted(value: float | None, pattern: str) -> str:
 def metrics_table(by_kind: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| metric | " + " | ".join(KIND_TITLES[k] for k in KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
     for key, title, pattern in METRIC_ROWS:
-        lines.append(f"| {title} | " + " | ".join(formatted(by_kind[k][key], pattern) for k in KINDS) + " |")
+        lines.append(f"| {title} | " + " | ".join(formatted(by_kind[k].get(key), pattern) for k in KINDS) + " |")
     return lines
 
 
@@ -177,13 +177,16 @@ def pixel_judge_lines(generation: dict[str, Any]) -> list[str]:
     """The judges that look at pixels (reports older than them lack these numbers)."""
     if "track_accuracy" not in generation:
         return []
-    frechet = generation["frechet"]
+    frechet, ceiling = generation["frechet"], generation.get("reconstructed", {})
     return [
         f"by their tracks recognised as their class {formatted(generation['track_accuracy'], '{:.1%}')} (real "
-        f"{formatted(generation['real_track_accuracy'], '{:.1%}')}); exactly one object in "
+        f"{formatted(generation['real_track_accuracy'], '{:.1%}')}, real through the tokenizer "
+        f"{formatted(ceiling.get('track_accuracy'), '{:.1%}')}); exactly one object in "
         f"{formatted(generation['single_object'], '{:.1%}')} of frames with one (real "
-        f"{formatted(generation['real_single_object'], '{:.1%}')}); Fréchet distance to real test videos "
+        f"{formatted(generation['real_single_object'], '{:.1%}')}, through the tokenizer "
+        f"{formatted(ceiling.get('single_object'), '{:.1%}')}); Fréchet distance to real test videos "
         f"{formatted(frechet['generated'], '{:.3g}')} (other real videos {formatted(frechet['real_reference'], '{:.3g}')}, "
+        f"real through the tokenizer {formatted(frechet.get('reconstructed'), '{:.3g}')}, "
         f"all-black {formatted(frechet['all_black'], '{:.3g}')})"
     ]
 
@@ -218,6 +221,8 @@ def generation_markdown(report: dict[str, Any]) -> str:
         "",
         f"Recognised as their class: **{f(generation['accuracy'], '{:.1%}')}** (chance {generation['chance']:.1%}; the "
         f"same classifier on real test videos {f(generation['real_accuracy'], '{:.1%}')}). {generation['classifier']}.",
+        "",
+        *(f"Judged in pixels: {line}." for line in pixel_judge_lines(generation)),
         "",
         "| class | recognised | real | presence | real | smoothness (px) | real | diversity | real |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -277,6 +282,7 @@ METRIC_ROWS = (
     ("foreground_psnr_db", "foreground PSNR (dB)", "{:.2f}"),
     ("centroid_error_px", "centroid error (px)", "{:.3f}"),
     ("centroid_miss_rate", "centroid miss rate", "{:.1%}"),
+    ("single_object_share", "exactly one object (share of object frames)", "{:.1%}"),
 )
 
 

@@ -24,8 +24,12 @@ def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def decode(model: TrainedGenerator, codes: torch.Tensor) -> torch.Tensor:
-    """Frames (N, T, H, W) float32 in [0, 1], on the CPU."""
-    return model.tokenizer.decode(codes.to(model.device))[:, 0].float().clamp(0.0, 1.0).cpu()
+    """Frames (N, T, H, W) float32 in [0, 1], on the CPU, decoded GENERATION_BATCH videos at a time."""
+    frames = [
+        model.tokenizer.decode(codes[s : s + GENERATION_BATCH].to(model.device))[:, 0].float().clamp(0.0, 1.0).cpu()
+        for s in range(0, len(codes), GENERATION_BATCH)
+    ]
+    return torch.cat(frames) if frames else torch.zeros(0, *model.tokenizer.input_shape)
 
 
 @torch.no_grad()

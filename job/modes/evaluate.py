@@ -44,6 +44,7 @@ from job.eval.tokens import black_video_codes, code_statistics
 from job.exits import EXIT_OK
 from job.inference.load import NoTrainedGenerator, evaluation_config, load_best_checkpoint, load_generator
 from job.inference.videos import (
+    decode,
     encode_all,
     generate_class_videos,
     given_video_frames,
@@ -141,7 +142,7 @@ def add_generation_sections(
     reference = dataset.get(dataset.split("val")[: len(generated)])[0][:, 0]
     generation = generation_section(
         generated, generated_labels, encode_frames(tokenizer, generated, device), real[:, 0], real_labels, test_codes,
-        probe, judges, reference, classes, run_cfg.model.codebook_bits, threshold,
+        decode(model, test_codes), probe, judges, reference, classes, run_cfg.model.codebook_bits, threshold,
     )
     given = given_video_frames(model)
     predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos), cfg)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = {
     "frames", "mse", "psnr_db", "psnr_of_mean_mse_db", "ssim", "foreground_psnr_db", "centroid_error_px",
-    "centroid_miss_rate", "object_frames",
+    "centroid_miss_rate", "object_frames", "single_object_share",
 }
 
 
@@ -81,7 +81,7 @@ def test_report_has_every_section(evaluated):
     # The smoke run has a stage 2: its goals join the tokenizer's (tests/drills/test_sampling.py checks them).
     assert {
         "psnr_above_black_db", "ssim", "foreground_psnr_above_black_db", "centroid_error_px", "classifier_accuracy",
-        "far_background_code_perplexity",
+        "far_background_code_perplexity", "reconstruction_single_object",
     } <= set(report["goals"])
 
 
@@ -91,13 +91,15 @@ def test_goals_are_the_issues_targets(evaluated):
     expected = {
         "psnr_above_black_db": (10.0, ">="), "ssim": (0.95, ">="), "foreground_psnr_above_black_db": (15.0, ">="),
         "centroid_error_px": (0.5, "<="), "classifier_accuracy": (0.98, ">="),
-        "far_background_code_perplexity": (2.0, "<="),
+        "far_background_code_perplexity": (2.0, "<="), "reconstruction_single_object": (0.95, ">="),
     }
     assert {name: (g["target"], g["comparison"]) for name, g in goals.items() if name in expected} == expected
     assert goals["psnr_above_black_db"]["value"] == pytest.approx(model["psnr_db"] - black["psnr_db"])
     assert goals["foreground_psnr_above_black_db"]["value"] == pytest.approx(
         model["foreground_psnr_db"] - black["foreground_psnr_db"]
     )
+    assert goals["reconstruction_single_object"]["value"] == model["single_object_share"]
+    assert black["single_object_share"] == 0.0  # an all-black frame shows no object
     assert goals["ssim"]["baseline_black"] == black["ssim"]
     assert goals["ssim"]["met"] == (model["ssim"] >= 0.95 and model["ssim"] > black["ssim"])
     assert goals["centroid_error_px"]["max_miss_rate"] == 0.01

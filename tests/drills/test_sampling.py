@@ -122,6 +122,11 @@ def test_evaluate_reports_generation_and_prediction(stage2_run):
     # The classifier is evaluate's own: on the real test videos it scores what evaluate reports.
     assert generation["real_accuracy"] == pytest.approx(report["classifier"]["accuracy"])
     assert set(generation["per_class"]) == set(classes)
+    # The ceiling: the real test videos through the tokenizer, judged as generated ones are.
+    ceiling = generation["reconstructed"]
+    assert all(0.0 <= ceiling[key] <= 1.0 for key in ("presence", "single_object", "track_accuracy"))
+    assert finite(generation["frechet"]["reconstructed"])
+    assert "real through the tokenizer" in outputs["evaluate"]
     assert prediction["videos"] == 16 and set(prediction["per_class"]) <= set(classes)
     for by_kind in (prediction["overall"], *prediction["per_class"].values()):
         assert set(by_kind) == set(PREDICTION_KINDS)

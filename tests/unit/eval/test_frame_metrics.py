@@ -13,8 +13,10 @@ from job.eval.frame_metrics import (
     FrameScores,
     centroids,
     frame_ssim,
+    object_counts,
     psnr_from_mse,
     score_frames,
+    single_object_share,
     ssim_window,
     summarise,
 )
@@ -47,6 +49,29 @@ def test_perfect_reconstruction_scores_the_cap():
     assert scores.foreground_psnr[0].tolist() == pytest.approx([PSNR_CAP_DB, PSNR_CAP_DB])
     assert scores.centroid_error.tolist() == [[0.0, 0.0]]
     assert not scores.centroid_missed.any()
+
+
+def test_object_counts_are_connected_components():
+    frames = torch.zeros(1, 4, 12, 12)
+    frames[0, 0, 1:3, 1:3] = 1.0  # one blob
+    frames[0, 1, 1:3, 1:3] = 1.0  # two blobs apart
+    frames[0, 1, 8:10, 8:10] = 1.0
+    frames[0, 2, 4, 4] = frames[0, 2, 5, 5] = 1.0  # touching diagonally: one object
+    frames[0, 3, 6, 6] = 0.1  # too faint to see (below the data's visibility threshold)
+    assert object_counts(frames).tolist() == [[1, 2, 1, 0]]
+    assert single_object_share(frames) == 2 / 3  # of the three frames that show something
+
+
+def test_a_reconstruction_that_splits_the_object_or_adds_a_speck_is_not_single_object():
+    target = video(blob_frame(), blob_frame(8, 9), blob_frame(4, 4), torch.zeros(SIZE, SIZE))
+    recon = target.clone()
+    recon[0, 1, 14, 14] = VALUE  # a speck far from the object: two objects
+    recon[0, 2] = 0.0  # the object lost
+    recon[0, 3, 2, 2] = VALUE  # something where the target shows nothing: not an object frame
+    scores = score_frames(recon, target, THRESHOLD)
+    assert scores.objects.tolist() == [[1, 2, 0, 1]]
+    assert summarise(scores)["single_object_share"] == pytest.approx(1 / 3)  # of the three object frames
+    assert summarise(score_frames(torch.zeros_like(target), target, THRESHOLD))["single_object_share"] == 0.0
 
 
 def test_black_reconstruction_of_a_blob():

@@ -6,26 +6,14 @@ import torch
 
 from job.config import build_config
 from job.data.synthetic import generate_samples
+from job.eval.frame_metrics import single_object_share
 from job.eval.pixel_judges import (
     PixelJudges,
     frechet_distance,
-    object_counts,
-    single_object_share,
     track_features,
 )
 
 THRESHOLD = 0.05
-
-
-def test_object_counts_are_connected_components():
-    frames = torch.zeros(1, 4, 12, 12)
-    frames[0, 0, 1:3, 1:3] = 1.0  # one blob
-    frames[0, 1, 1:3, 1:3] = 1.0  # two blobs apart
-    frames[0, 1, 8:10, 8:10] = 1.0
-    frames[0, 2, 4, 4] = frames[0, 2, 5, 5] = 1.0  # touching diagonally: one object
-    frames[0, 3, 6, 6] = 0.1  # too faint to see (below the data's visibility threshold)
-    assert object_counts(frames).tolist() == [[1, 2, 1, 0]]
-    assert single_object_share(frames) == 2 / 3  # of the three frames that show something
 
 
 def real_videos(count: int = 200):

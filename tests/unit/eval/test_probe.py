@@ -62,3 +62,15 @@ def test_linear_probe_is_deterministic():
 def test_confusion_matrix_rows_are_true_classes():
     confusion = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1]), 3)
     assert confusion.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_constant_features_get_no_weight_and_cost_no_precision():
+    """The background's bits are the same in every video: they must not move the probe."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.arange(64) % 2
+    informative = torch.where(labels[:, None].bool(), 1.0, -1.0) * torch.ones(64, 3)
+    noise = torch.randint(0, 2, (64, 5), generator=generator).float() * 2 - 1
+    constant = torch.full((64, 200), 1.0)
+    probe = fit_linear_probe(torch.cat([informative, noise, constant], dim=1), labels, 2)
+    assert torch.count_nonzero(probe.weight[:, 8:]) == 0
+    assert torch.equal(probe.predict(torch.cat([informative, noise, constant], dim=1)), labels)

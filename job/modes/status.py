@@ -13,12 +13,15 @@ import json
 import signal
 import sys
 import time
+import webbrowser
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from tenacity import Retrying, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
+from job.monitoring.page.write import page_html
 from job.monitoring.progress import format_duration, render_progress
 from job.storage import Layout, StoreRefused, open_folder
 from job.monitoring.run_facts import (
@@ -374,33 +377,53 @@ def show(report: RunReport, json_output: bool, clear_screen: bool = False) -> No
 # --- the mode ----------------------------------------------------------------------------
 
 
-def main(uri: str, as_json: bool, watch: float | None) -> int:
+def main(uri: str, as_json: bool, watch: float | None, html: str | None = None, open_page: bool = False) -> int:
     """Print where the run at ``uri`` stands; with ``watch``, again every ``watch`` seconds until
-    the run ends or Ctrl-C. Returns the exit code (0 healthy or completed, 1 not healthy,
-    2 no such run or unreachable)."""
+    the run ends or Ctrl-C; with ``html``, also write the run page there (and open it). Returns
+    the exit code (0 healthy or completed, 1 not healthy, 2 no such run or unreachable)."""
     try:
         if watch is None:
             report = read_run(uri)
             show(report, as_json)
+            if html and report.exit_code != EXIT_NO_RUN:
+                write_page(uri, html, open_page)
             return report.exit_code
         # Ctrl-C ends a watch even where SIGINT came ignored (a shell starts its background
         # commands so, and Python then installs no handler of its own).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        return watch_run(uri, as_json, watch)
+        return watch_run(uri, as_json, watch, html, open_page)
     except KeyboardInterrupt:
         # Ctrl-C is how a person ends --watch: that is success, not an error.
         return EXIT_HEALTHY if watch is not None else EXIT_INTERRUPTED
 
 
-def watch_run(uri: str, as_json: bool, every: float) -> int:
+def write_page(uri: str, path: str, open_page: bool) -> None:
+    """The run page of ``uri`` into the file ``path`` (the same page the job keeps in the run
+    folder, from the run folder alone); a store that stops answering meanwhile is said on stderr."""
+    try:
+        html = page_html(RunFolder(uri), uri)
+    except Unreachable as exc:
+        print(f"no page written: {exc}", file=sys.stderr)
+        return
+    target = Path(path).resolve()
+    target.write_text(html, encoding="utf-8")
+    print(f"page: {target}", file=sys.stderr)
+    if open_page:
+        webbrowser.open(target.as_uri())
+
+
+def watch_run(uri: str, as_json: bool, every: float, html: str | None = None, open_page: bool = False) -> int:
     clear_screen = not as_json and sys.stdout.isatty()
     # A blank line between reports in a log or a pipe; a terminal is cleared instead.
     between_reports = "" if clear_screen or as_json else "\n"
-    separator = ""
+    separator, opened = "", False
     while True:
         report = read_run(uri)
         sys.stdout.write(separator)
         show(report, as_json, clear_screen)
+        if html and report.exit_code != EXIT_NO_RUN:
+            write_page(uri, html, open_page and not opened)  # opened once, then refreshed in place
+            opened = True
         if report.finished:
             return report.exit_code
         separator = between_reports

@@ -1,0 +1,63 @@
+"""Writing the run page: once (``status --html``, the end of a mode), or again and again from a
+thread of its own while the job trains (``PageWriter``), never from the training thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import structlog
+
+from job.monitoring.page.facts import gather
+from job.monitoring.page.html import render
+from job.monitoring.run_facts import FolderReader, Readable
+
+log = structlog.get_logger("job.page")
+
+
+def page_html(folder: Readable, uri: str, now: datetime | None = None) -> str:
+    """The run page of the run folder ``folder`` (at ``uri``, as the page names it)."""
+    return render(gather(FolderReader(folder), uri, now or datetime.now(timezone.utc)))
+
+
+class PageWriter:
+    """Rewrites the page with ``write(html)`` on its own thread whenever ``request()`` was called
+    (a heartbeat, an epoch's end), at most every ``min_seconds``; ``close()`` writes it once
+    more, last. A page that fails is logged and never ends a run."""
+
+    def __init__(self, folder: Readable, uri: str, write: Callable[[str], None], min_seconds: float):
+        self.folder, self.uri, self._write, self.min_seconds = folder, uri, write, min_seconds
+        self._wanted = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()  # one page at a time: the thread's and close()'s
+        self._thread = threading.Thread(target=self._run, name="page", daemon=True)
+
+    def __enter__(self) -> PageWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        self._wanted.set()
+        self._thread.join(timeout=10)
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def write_now(self, folder: Readable | None = None) -> None:
+        """Write the page at once from ``folder`` (default: the one it watches)."""
+        with self._lock:
+            try:
+                self._write(page_html(folder or self.folder, self.uri))
+            except Exception as exc:  # the page is never worth a run
+                log.warning("page.failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._closed.is_set():
+                return
+            self._wanted.clear()
+            self.write_now()
+            self._closed.wait(self.min_seconds)  # at most this often; close() cuts it short

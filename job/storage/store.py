@@ -161,6 +161,11 @@ class RunStore:
             names |= set(self.remote.list_dir(rel))
         return sorted(names)
 
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        """Name -> size of the files in folder ``rel``: the run URI's, then the local copy's."""
+        sizes = self.remote.file_sizes(rel) if self.remote else {}
+        return sizes | self.local.file_sizes(rel)
+
     def fetch(self, rel: str) -> Path | None:
         """Make sure the local copy holds ``rel``, downloading it if needed; None if nowhere."""
         if not self.local.exists(rel):

@@ -35,6 +35,7 @@ from job.checkpoints.train_state import TrainState
 from job.config import Config, get_value
 from job.data.dataset import VideoDataset, prepare_dataset_in_turn
 from job.monitoring.logs import RunLog, bind_run_context
+from job.monitoring.page.write import PageWriter
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.monitoring.watchdog import Watchdog
 from job.plots.background import BackgroundPlots
@@ -98,12 +99,16 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     bind_run_context(attempt=attempt)
     store.write_json(Layout.config, cfg.to_dict())
 
-    progress = Progress(store, attempt=attempt, stages=len(stages), **stage_progress(cfg, stages[0], resume.previous))
+    # The run page follows progress.json (its own thread redraws it, at most as often as live
+    # files are uploaded), reading this attempt's working copy.
+    page = PageWriter.for_store(store, min_seconds=max(cfg.storage.live_upload_seconds, cfg.monitor.progress_every_seconds))
+    progress = Progress(store, on_write=page.request, attempt=attempt, stages=len(stages),
+                        **stage_progress(cfg, stages[0], resume.previous))
     progress.update(status="starting")
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
     try:
-        with stop_requests() as stop, heartbeat:
+        with stop_requests() as stop, heartbeat, page:
             dataset = prepare_dataset_in_turn(cfg, store, topology)
             watchdog = Watchdog(
                 progress, cfg.monitor.watchdog_minutes * 60,
@@ -120,16 +125,19 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
     except Stopped:  # in training (Preempted, saved) or in a phase before it (nothing half-written)
         record_end(progress, status="preempted")
+        page.write_now()  # from the working copy: inside docker stop's 10 s, no listing of the bucket
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
     except LeaseError:
         raise  # this process may not write the run: not a word more to it
     except Exception as exc:
         record_end(progress, status="failed", error=f"{type(exc).__name__}: {exc}")
+        page.write_now()
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
     progress.update(status="completed", eta_seconds=0)
     log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
+    page.write_now(store)  # the whole run folder, earlier attempts' logs in the bucket included
     publish_log()
     store.flush(cfg.storage.flush_seconds)  # while the lease is still held
 

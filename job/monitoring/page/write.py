@@ -12,6 +12,7 @@ import structlog
 from job.monitoring.page.facts import gather
 from job.monitoring.page.html import render
 from job.monitoring.run_facts import FolderReader, Readable
+from job.storage import Layout, RunStore
 
 log = structlog.get_logger("job.page")
 
@@ -32,6 +33,12 @@ class PageWriter:
         self._closed = threading.Event()
         self._lock = threading.Lock()  # one page at a time: the thread's and close()'s
         self._thread = threading.Thread(target=self._run, name="page", daemon=True)
+
+    @classmethod
+    def for_store(cls, store: RunStore, min_seconds: float = 1.0) -> PageWriter:
+        """A writer of ``store``'s page that watches its local working copy (what this process
+        writes: cheap to read again and again) and writes through the store (mirrored)."""
+        return cls(store.local, store.uri, lambda html: store.write_text(Layout.page, html), min_seconds)
 
     def __enter__(self) -> PageWriter:
         self._thread.start()

@@ -88,9 +88,9 @@ class Layout:
     checkpoint_manifest = tokenizer.checkpoint_manifest
 
     # Files whose remote copies must arrive in the order they were written (a manifest after
-    # the files it lists, latest.json after the manifest); everything else only needs its
-    # newest content to arrive.
-    ordered_prefixes = ("checkpoints/", "stage2/checkpoints/", "data/")
+    # the files it lists, latest.json after the manifest; TensorBoard's events after the
+    # checkpoint that finished their epochs); everything else only needs its newest content to arrive.
+    ordered_prefixes = ("checkpoints/", "stage2/checkpoints/", "data/", "tensorboard/")
 
     @staticmethod
     def checkpoint_name(step: int) -> str:

@@ -245,7 +245,7 @@ class Attempt:
 
         events = None
         if topology.is_writer:
-            events = TensorBoardLog(store, stage.layout, self.attempt, finished_epochs=state.epoch)
+            events = TensorBoardLog(store, stage.layout, self.attempt, history=state.metrics[: state.epoch])
             self.tensorboard.append(events)
 
         def committed(name: str, epochs: int) -> None:  # on the checkpoint writer's thread

@@ -34,14 +34,14 @@ def events(run) -> dict[str, list[tuple[str, int]]]:
 def test_epochs_are_written_once_when_committed_and_each_attempt_writes_only_its_own(tmp_path):
     store = RunStore(tmp_path)
     metrics = [record(e) for e in range(1, 5)]
-    first = TensorBoardLog(store, Layout.tokenizer, attempt=1, finished_epochs=0)
+    first = TensorBoardLog(store, Layout.tokenizer, attempt=1, history=[])
     first.picture(1, 10, PNG)  # drawn before its checkpoint is committed: waits
     first.committed(2, metrics[:2])
     first.committed(2, metrics[:3])  # the same commit told twice, or epoch 3 not yet committed
     first.picture(3, 30, PNG)  # epoch 3 is trained but never committed: the kill comes now
     first.close()
     # attempt 2 resumes from the checkpoint of epoch 2 and trains epochs 3 and 4 again
-    second = TensorBoardLog(store, Layout.tokenizer, attempt=2, finished_epochs=2)
+    second = TensorBoardLog(store, Layout.tokenizer, attempt=2, history=metrics[:2])
     second.picture(2, 20, PNG)  # not an epoch this attempt trained
     second.committed(4, metrics)
     second.picture(4, 40, PNG)
@@ -57,3 +57,21 @@ def test_epochs_are_written_once_when_committed_and_each_attempt_writes_only_its
     every = [step for values in files.values() for tag, step in values if tag == "train_loss"]
     assert every == [10, 20, 30, 40]  # each epoch exactly once, in order
     assert ("samples_per_second", 10) in one  # derived: samples / seconds
+
+
+def test_an_epoch_whose_events_a_kill_cut_off_after_its_commit_is_written_by_the_next_attempt(tmp_path):
+    store = RunStore(tmp_path)
+    metrics = [record(e) for e in range(1, 4)]
+    first = TensorBoardLog(store, Layout.tokenizer, attempt=1, history=[])
+    first.committed(1, metrics[:1])
+    first.close()
+    # The checkpoint of epoch 2 was committed, then the kill came: its events were never written,
+    # and the last record of the file was cut in half.
+    folder = tmp_path / Layout.tokenizer.tensorboard
+    (path,) = folder.iterdir()
+    path.write_bytes(path.read_bytes() + path.read_bytes()[-30:-7])
+    second = TensorBoardLog(store, Layout.tokenizer, attempt=2, history=metrics[:2])
+    second.committed(3, metrics)
+    second.close()
+    steps = [s for values in events(tmp_path).values() for tag, s in values if tag == "train_loss"]
+    assert steps == [10, 20, 30]

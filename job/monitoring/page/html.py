@@ -28,7 +28,8 @@ td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top} 
 figure{display:inline-block;margin:.3em 1em .3em 0;vertical-align:top} figcaption{font-size:.9em;color:#444}
 svg.chart{background:#fff} svg .frame{fill:none;stroke:#999} svg text{font-size:11px;fill:#555}
 .key{margin-left:.8em} .key i{display:inline-block;width:10px;height:10px;margin-right:3px}
-img{image-rendering:pixelated;max-width:100%} img.video{width:160px} details{margin:.5em 0}
+img{image-rendering:pixelated;max-width:100%} img.video{width:128px} img.strip,img.picture{max-width:540px}
+img.eval{max-width:400px} details{margin:.5em 0}
 """
 
 SCRIPT = """
@@ -68,8 +69,8 @@ def render(facts: PageFacts) -> str:
         attempts_section(facts.attempts),
         verify_section(facts.verify),
         evaluation_section(facts),
-        gallery("Samples", "samples", facts.samples, f"run <code>sample</code> to make them ({Layout.samples}/)"),
-        gallery("Predictions", "predictions", facts.predictions,
+        gallery("Samples", "samples", facts.samples, "video", f"run <code>sample</code> to make them ({Layout.samples}/)"),
+        gallery("Predictions", "predictions", facts.predictions, "strip",
                 f"run <code>predict</code> to make them ({Layout.predictions}/)"),
         config_section(facts.config),
     ]
@@ -195,8 +196,8 @@ def evaluation_section(facts: PageFacts) -> str:
     return f'<section id="evaluation"><h2>Evaluation</h2>{to_html(facts.eval_markdown, image)}</section>'
 
 
-def gallery(title: str, anchor: str, images: list[Image], missing: str) -> str:
-    body = "".join(figure(i, "video") for i in images) or f'<p class="muted">none yet: {missing}</p>'
+def gallery(title: str, anchor: str, images: list[Image], css: str, missing: str) -> str:
+    body = "".join(figure(i, css) for i in images) or f'<p class="muted">none yet: {missing}</p>'
     return f'<section id="{anchor}"><h2>{title}</h2>{body}</section>'
 
 

@@ -28,7 +28,7 @@ td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top} 
 figure{display:inline-block;margin:.3em 1em .3em 0;vertical-align:top} figcaption{font-size:.9em;color:#444}
 svg.chart{background:#fff} svg .frame{fill:none;stroke:#999} svg text{font-size:11px;fill:#555}
 .key{margin-left:.8em} .key i{display:inline-block;width:10px;height:10px;margin-right:3px}
-img{image-rendering:pixelated;max-width:100%} img.video{width:128px} img.strip,img.picture{max-width:540px}
+img{max-width:100%} img.video{width:128px;image-rendering:pixelated} img.strip{max-width:500px} img.picture{max-width:540px}
 img.eval{max-width:400px} details{margin:.5em 0}
 """
 

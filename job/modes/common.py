@@ -30,8 +30,7 @@ def open_run(
             store.preflight(cfg.storage.connect_seconds, sleep=sleep_unless_stopped(WAITING_FOR_STORE))
         result = run(cfg, store)
         if preflight_and_flush:
-            if not store.read_only:  # what the mode wrote (a report, samples) shows on the run page
-                PageWriter.for_store(store).write_now(store)
+            PageWriter.for_store(store).write_now(store)  # what the mode wrote (a report, samples) shows there
             store.flush(cfg.storage.flush_seconds)
     finally:
         store.close()

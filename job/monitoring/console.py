@@ -29,6 +29,7 @@ class ConsoleProgress(logging.StreamHandler):
             elif self._bar is not None:
                 self._bar.clear()  # the line goes where the bar was; the bar is drawn again below it
                 self.stream.write(self.format(record) + self.terminator)
+                self.flush()
                 self._bar.refresh()
             else:
                 super().emit(record)

@@ -131,7 +131,7 @@ class TensorBoardLog:
 
     def _add(self, value: Summary.Value, step: int, walltime: float) -> None:
         if self._writer is None:
-            self._writer = FileWriter(str(self.store.local_path(f"{self.folder}/x").parent), filename_suffix=self.suffix)
+            self._writer = FileWriter(str(self.store.local_path(self.folder)), filename_suffix=self.suffix)
         self._writer.add_summary(Summary(value=[value]), global_step=step, walltime=walltime)
 
     def _deliver(self) -> None:

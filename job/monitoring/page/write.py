@@ -23,22 +23,28 @@ def page_html(folder: Readable, uri: str, now: datetime | None = None) -> str:
 
 
 class PageWriter:
-    """Rewrites the page with ``write(html)`` on its own thread whenever ``request()`` was called
-    (a heartbeat, an epoch's end), at most every ``min_seconds``; ``close()`` writes it once
-    more, last. A page that fails is logged and never ends a run."""
+    """Rewrites the page with ``write(html)`` on its own thread (inside its ``with`` block) whenever
+    ``request()`` was called (progress.json rewritten), at most every ``min_seconds``;
+    ``write_now()`` writes it at once (the end of a run). A page that fails is logged and never
+    ends a run."""
 
-    def __init__(self, folder: Readable, uri: str, write: Callable[[str], None], min_seconds: float):
-        self.folder, self.uri, self._write, self.min_seconds = folder, uri, write, min_seconds
+    def __init__(
+        self, folder: Readable, uri: str, write: Callable[[str], None], min_seconds: float, enabled: bool = True,
+    ):
+        """``enabled``: False for a process whose writes are dropped (a DDP rank other than 0):
+        it then draws no page at all."""
+        self.folder, self.uri, self._write, self.min_seconds, self.enabled = folder, uri, write, min_seconds, enabled
         self._wanted = threading.Event()
         self._closed = threading.Event()
-        self._lock = threading.Lock()  # one page at a time: the thread's and close()'s
+        self._lock = threading.Lock()  # one page at a time: the thread's and write_now()'s callers'
         self._thread = threading.Thread(target=self._run, name="page", daemon=True)
 
     @classmethod
     def for_store(cls, store: RunStore, min_seconds: float = 1.0) -> PageWriter:
         """A writer of ``store``'s page that watches its local working copy (what this process
         writes: cheap to read again and again) and writes through the store (mirrored)."""
-        return cls(store.local, store.uri, lambda html: store.write_text(Layout.page, html), min_seconds)
+        return cls(store.local, store.uri, lambda html: store.write_text(Layout.page, html), min_seconds,
+                   enabled=not store.read_only)
 
     def __enter__(self) -> PageWriter:
         self._thread.start()
@@ -50,10 +56,13 @@ class PageWriter:
         self._thread.join(timeout=10)
 
     def request(self) -> None:
-        self._wanted.set()
+        if self.enabled:
+            self._wanted.set()
 
     def write_now(self, folder: Readable | None = None) -> None:
         """Write the page at once from ``folder`` (default: the one it watches)."""
+        if not self.enabled:
+            return
         with self._lock:
             try:
                 self._write(page_html(folder or self.folder, self.uri))

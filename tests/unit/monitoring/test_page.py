@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
 
-from job.monitoring.page.write import page_html
+from job.monitoring.page.write import PageWriter, page_html
 from job.storage.folders import LocalFolder
 from tests.crafted_runs import crafted_run, status, write_run
 
@@ -94,3 +96,19 @@ def test_status_html_writes_nothing_for_no_such_run(tmp_path, capsys):
     code, out = status(capsys, str(tmp_path / "nothing"), "--html", str(tmp_path / "page.html"))
     assert code == 2 and "no such run" in out
     assert not (tmp_path / "page.html").exists()
+
+
+def test_the_page_writer_draws_on_its_own_thread_at_most_every_min_seconds(tmp_path):
+    write_run(tmp_path, crafted_run("running"))
+    pages: list[tuple[str, str]] = []
+    writer = PageWriter(LocalFolder(tmp_path), "run", lambda html: pages.append((threading.current_thread().name, html)),
+                        min_seconds=0.5)
+    with writer:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.2:
+            writer.request()  # as often as a fast training loop rewrites progress.json
+            time.sleep(0.01)
+    assert 2 <= len(pages) <= 4  # about 1.2 s / 0.5 s, not a hundred
+    assert {name for name, _ in pages} == {"page"}  # never the requesting thread
+    writer.write_now()
+    assert pages[-1][0] == threading.current_thread().name and "running · epoch 3/10" in pages[-1][1]

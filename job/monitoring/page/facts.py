@@ -52,8 +52,9 @@ class Attempt:
     number: int
     started_at: str | None = None
     resumed: list[str] = field(default_factory=list)  # per stage: "from step-... " or "fresh"
-    end: str = "no end recorded: killed, or still running"
+    end: str = "no end recorded: killed (kill -9, a crash, a lost machine)"
     failed: bool = False
+    ended: bool = False  # its log says how it ended
 
 
 @dataclass
@@ -108,7 +109,7 @@ def gather(run: FolderReader, uri: str, now: datetime) -> PageFacts:
         uri=uri, written_at=now, progress=progress, config=config,
         stale_after=STALE_AFTER_BEATS * heartbeat_interval(config),
         stages=[s for s in stages if s.epochs or s.checkpoint or s.picture or s.number == 1],
-        attempts=attempts(run, notes),
+        attempts=settled(attempts(run, notes), progress),
         verify=verify if isinstance(verify, dict) else None,
         eval_markdown=markdown_text,
         eval_images=eval_images(run, markdown_text, images, notes),
@@ -160,12 +161,26 @@ def attempt_from_log(number: int, text: str, notes: list[str]) -> Attempt:
         elif event == "train.fresh_start":
             attempt.resumed.append(f"stage {stage}: fresh start")
         elif event == "train.completed":
-            attempt.end, attempt.failed = "completed", False
+            attempt.end, attempt.failed, attempt.ended = "completed", False, True
         elif record.get("level") == "error":
             exit_code = record.get("exit_code")
             attempt.end = f"{event}: {record.get('error', '')}" + (f" (exit {exit_code})" if exit_code is not None else "")
-            attempt.failed = True
+            attempt.failed = attempt.ended = True
     return attempt
+
+
+def settled(found: list[Attempt], progress: dict[str, Any] | None) -> list[Attempt]:
+    """The newest attempt's end from progress.json when its log has none yet: it is running, or
+    its last words (the exit's log line) come after the page the job writes on its way out."""
+    if found and progress and not found[-1].ended and found[-1].number == progress.get("attempt"):
+        status = progress.get("status")
+        if status in ("starting", "running"):
+            found[-1].end = f"{status} (progress.json)"
+        elif isinstance(status, str):
+            error = progress.get("error")
+            found[-1].end = f"{status} (progress.json)" + (f": {error}" if error else "")
+            found[-1].failed = status != "completed"
+    return found
 
 
 def eval_images(run: FolderReader, markdown: str | None, images: ImageBudget, notes: list[str]) -> dict[str, Image]:

@@ -112,3 +112,25 @@ def test_the_page_writer_draws_on_its_own_thread_at_most_every_min_seconds(tmp_p
     assert {name for name, _ in pages} == {"page"}  # never the requesting thread
     writer.write_now()
     assert pages[-1][0] == threading.current_thread().name and "running · epoch 3/10" in pages[-1][1]
+
+
+def log_lines(*records: dict) -> bytes:
+    return "".join(json.dumps({"timestamp": "2026-01-01T00:00:00Z", "level": "info", **r}) + "\n" for r in records).encode()
+
+
+def test_the_attempts_say_where_each_resumed_from_and_how_it_ended(tmp_path):
+    files = crafted_run("preempted", attempt=3, error="stopped by SIGTERM at step 30")
+    files["logs/attempt-001.jsonl"] = log_lines({"event": "train.fresh_start", "stage": 1}) + b'{"event": "train.pro'
+    files["logs/attempt-002.jsonl"] = log_lines(
+        {"event": "train.resumed", "stage": 1, "checkpoint": "step-00000010", "step": 10},
+        {"event": "train failed", "level": "error", "error": "NaN loss", "exit_code": 1},
+    )
+    files["logs/attempt-003.jsonl"] = log_lines({"event": "train.resumed", "stage": 1, "checkpoint": "step-00000020",
+                                                  "step": 20})
+    html = page(write_run(tmp_path, files))
+    rows = re.findall(r"<tr><td>(\d)</td><td>[^<]*</td><td>([^<]*)</td><td[^>]*>([^<]*)</td></tr>", html)
+    assert rows == [
+        ("1", "stage 1: fresh start", "no end recorded: killed (kill -9, a crash, a lost machine)"),
+        ("2", "stage 1: from step-00000010 (step 10)", "train failed: NaN loss (exit 1)"),
+        ("3", "stage 1: from step-00000020 (step 20)", "preempted (progress.json): stopped by SIGTERM at step 30"),
+    ]

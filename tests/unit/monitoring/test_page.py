@@ -134,3 +134,12 @@ def test_the_attempts_say_where_each_resumed_from_and_how_it_ended(tmp_path):
         ("2", "stage 1: from step-00000010 (step 10)", "train failed: NaN loss (exit 1)"),
         ("3", "stage 1: from step-00000020 (step 20)", "preempted (progress.json): stopped by SIGTERM at step 30"),
     ]
+
+
+def test_a_progress_json_of_wrong_types_still_gives_a_page(tmp_path):
+    files = crafted_run("running")
+    files["progress.json"] = json.dumps({"status": ["running"], "heartbeat_at": 7, "loss": "low", "step": "ten",
+                                         "total_steps": 0, "stage": "two", "attempt": None}).encode()
+    html = page(write_run(tmp_path, files))
+    assert "[&#x27;running&#x27;] · stage two/? (-) · epoch None/None · step ten/0 · attempt None" in html
+    assert '"live": false' in html  # not a status the job writes: nothing to age in the page

@@ -26,6 +26,8 @@ from job.monitoring.progress import format_duration, render_progress
 from job.storage import Layout, StoreRefused, open_folder
 from job.monitoring.run_facts import (
     DEFAULT_HEARTBEAT_SECONDS,
+    LIVE_STATUSES,
+    STALE_AFTER_BEATS,
     FolderReader,
     age_seconds,
     epoch_records,
@@ -41,12 +43,10 @@ EXIT_UNHEALTHY = 1
 EXIT_NO_RUN = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
-STALE_AFTER_BEATS = 3
 TREND_EPOCHS = 5
 # progress.json's times are whole seconds, and two machines' clocks differ by a second or two
 # even under NTP: a heartbeat ahead of our clock by less than this is simply fresh.
 CLOCK_TOLERANCE_SECONDS = 5.0
-LIVE_STATUSES = ("starting", "running")
 FINAL_STATUSES = ("completed", "failed", "stalled")  # --watch stops on these: nothing more will happen
 
 EXIT_CODES = {

@@ -15,6 +15,8 @@ from job.storage import Layout
 from job.storage.layout import StageLayout, is_plain_file_name
 
 DEFAULT_HEARTBEAT_SECONDS = 30.0
+LIVE_STATUSES = ("starting", "running")  # a run that says one of these should be beating
+STALE_AFTER_BEATS = 3  # a running run whose heartbeat is older than this many intervals is stale
 
 
 class Readable(Protocol):

@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from job.monitoring.run_facts import (
+    LIVE_STATUSES,
+    STALE_AFTER_BEATS,
     FolderReader,
     epoch_records,
     heartbeat_interval,
@@ -20,7 +22,6 @@ from job.monitoring.run_facts import (
 from job.storage import Layout
 from job.storage.layout import StageLayout
 
-STALE_AFTER_BEATS = 3  # as status judges a heartbeat
 # Images are inlined as data: URLs (base64: 4/3 of their bytes). Past this many bytes of images
 # the page names the rest instead, so that it stays a file a browser opens at once (< 2 MB).
 IMAGE_BUDGET_BYTES = 1_200_000
@@ -174,7 +175,7 @@ def settled(found: list[Attempt], progress: dict[str, Any] | None) -> list[Attem
     its last words (the exit's log line) come after the page the job writes on its way out."""
     if found and progress and not found[-1].ended and found[-1].number == progress.get("attempt"):
         status = progress.get("status")
-        if status in ("starting", "running"):
+        if status in LIVE_STATUSES:
             found[-1].end = f"{status} (progress.json)"
         elif isinstance(status, str):
             error = progress.get("error")

@@ -13,9 +13,9 @@ from job.monitoring.page.charts import finite, line_chart
 from job.monitoring.page.facts import Attempt, Image, PageFacts, StageFacts
 from job.monitoring.page.markdown import to_html
 from job.monitoring.progress import format_duration
+from job.monitoring.run_facts import LIVE_STATUSES
 from job.storage import Layout
 
-LIVE_STATUSES = ("starting", "running")
 MIME = {"png": "image/png", "gif": "image/gif"}
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 

@@ -110,7 +110,10 @@ def test_a_finished_run_page_in_a_real_browser(finished_run):
 @needs_chromium
 def test_a_live_run_page_in_a_real_browser(tmp_path):
     run = tmp_path / "run"
-    job = JobProcess.job("train", "--preset", "smoke", "--run-uri", str(run), "--set", "train.epochs=40")
+    # A 10 s heartbeat: stale after 30 s, so that a slow machine's seconds between the page and
+    # the browser cannot make a live run look stale.
+    job = JobProcess.job("train", "--preset", "smoke", "--run-uri", str(run), "--set", "train.epochs=40",
+                         "--set", "monitor.heartbeat_seconds=10")
     try:
         page_file = run / "index.html"
         poll_until(lambda: page_file.exists() and page_file.read_text().count('data-series="val_loss"') >= 2,

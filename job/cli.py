@@ -92,6 +92,8 @@ def add_status_mode(modes: argparse._SubParsersAction) -> None:
         "--watch", type=positive_seconds, metavar="SECONDS",
         help="print again every SECONDS until the run completes, fails or stalls (Ctrl-C ends it)",
     )
+    status.add_argument("--html", metavar="PATH", help="also write the run page (index.html's content) to PATH")
+    status.add_argument("--open", action="store_true", help="open the page written by --html in the default browser")
 
 
 def positive_seconds(text: str) -> float:
@@ -122,8 +124,11 @@ def run_status(args: argparse.Namespace) -> int:
     if not uri:
         print("error: status needs RUN_URI (or --run-uri, or env JOB_RUN_URI)", file=sys.stderr)
         return EXIT_USAGE
+    if args.open and not args.html:
+        print("error: --open opens the page that --html PATH writes: give --html PATH too", file=sys.stderr)
+        return EXIT_USAGE
     status = importlib.import_module("job.modes.status")
-    return status.main(uri, args.json, args.watch)
+    return status.main(uri, args.json, args.watch, html=args.html, open_page=args.open)
 
 
 def run_mode(mode: str, body: Callable[[], int]) -> int:

@@ -50,15 +50,15 @@ class CheckpointManager:
         parts: dict[str, Stateful],
         extra: dict[str, Any],
         inventory: dict[str, bool],
-        on_commit: Callable[[str], None] = lambda name: None,
+        on_commit: Callable[[str, int], None] = lambda name, epochs: None,
         clock: Callable[[], float] = time.monotonic,
     ):
         """``parts``: model, optimizer, scheduler, rng and train (a TrainState); ``extra``: what
         else the JSON state records (the config); ``inventory``: each checkpoint folder and whether
         it is committed (``CheckpointReader.inventory``), listed when the run URI has just
         answered, then kept current here, so that the training thread never waits on a store
-        that may be away. ``on_commit(name)`` runs on the writer thread once a
-        checkpoint is committed."""
+        that may be away. ``on_commit(name, epochs)`` runs on the writer thread once a
+        checkpoint is committed; ``epochs``: how many epochs it has finished."""
         self.store, self.stage, self.cadence, self.parts, self.extra = store, stage, cadence, parts, extra
         self.on_commit, self.clock = on_commit, clock
         self.last_save = clock()
@@ -131,7 +131,7 @@ class CheckpointManager:
             "checkpoint.saved", checkpoint=name, stage=self.stage.checkpoints, reason=reason, step=step, epoch=epoch,
             seconds=round(time.monotonic() - started, 3), pruned=pruned,
         )
-        self.on_commit(name)
+        self.on_commit(name, epoch)
 
     def _prune(self, newest: str, best: str | None) -> list[str]:
         """Delete what the just-committed ``newest`` has replaced: committed checkpoints beyond the

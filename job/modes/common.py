@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from job.config import Config
+from job.monitoring.page.write import PageWriter
 from job.runtime.distributed import Topology
 from job.runtime.signals import WAITING_FOR_STORE, sleep_unless_stopped
 from job.storage import RunStore
@@ -29,6 +30,7 @@ def open_run(
             store.preflight(cfg.storage.connect_seconds, sleep=sleep_unless_stopped(WAITING_FOR_STORE))
         result = run(cfg, store)
         if preflight_and_flush:
+            PageWriter.for_store(store).write_now(store)  # what the mode wrote (a report, samples) shows there
             store.flush(cfg.storage.flush_seconds)
     finally:
         store.close()

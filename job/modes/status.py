@@ -13,30 +13,40 @@ import json
 import signal
 import sys
 import time
+import webbrowser
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from tenacity import Retrying, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
+from job.monitoring.page.write import page_html
 from job.monitoring.progress import format_duration, render_progress
 from job.storage import Layout, StoreRefused, open_folder
+from job.monitoring.run_facts import (
+    DEFAULT_HEARTBEAT_SECONDS,
+    LIVE_STATUSES,
+    STALE_AFTER_BEATS,
+    FolderReader,
+    age_seconds,
+    epoch_records,
+    heartbeat_interval,
+    is_number,
+    newest_committed_checkpoint,
+    parse_progress,
+)
 from job.storage.folders import retry_transient
-from job.storage.layout import StageLayout, is_plain_file_name
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
 EXIT_NO_RUN = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
-DEFAULT_HEARTBEAT_SECONDS = 30.0
-STALE_AFTER_BEATS = 3
 TREND_EPOCHS = 5
 # progress.json's times are whole seconds, and two machines' clocks differ by a second or two
 # even under NTP: a heartbeat ahead of our clock by less than this is simply fresh.
 CLOCK_TOLERANCE_SECONDS = 5.0
-LIVE_STATUSES = ("starting", "running")
 FINAL_STATUSES = ("completed", "failed", "stalled")  # --watch stops on these: nothing more will happen
 
 EXIT_CODES = {
@@ -70,27 +80,16 @@ class Refused(Unreachable):
     """The store answered that it will never let us read this run folder (and what to fix)."""
 
 
-class RunFolder:
+class RunFolder(FolderReader):
     """Read-only access to a run folder in which any failure of the store (a refused connection,
     missing credentials, a denied request, an unreadable disk) becomes ``Unreachable``, so that
     status answers "unreachable: <reason>" and never a traceback."""
 
     def __init__(self, uri: str):
-        self.folder = _asking_store(open_folder, uri)
+        super().__init__(_asking_store(open_folder, uri))
 
     def read_bytes(self, rel: str) -> bytes | None:
         return _asking_store(self.folder.read_bytes, rel)
-
-    def read_json(self, rel: str, notes: list[str]) -> Any | None:
-        """The parsed file, or None when it is missing or not JSON (then ``notes`` says so)."""
-        data = self.read_bytes(rel)
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            notes.append(f"{rel} is not valid JSON ({exc})")
-            return None
 
     def list_dir(self, rel: str) -> list[str]:
         return _asking_store(self.folder.list_dir, rel)
@@ -202,37 +201,10 @@ def writer_summary(lease: Any, now: datetime) -> dict[str, Any] | None:
     return {**{k: lease.get(k) for k in keys}, "state": state}
 
 
-def parse_progress(data: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
-    """The progress fields, or None and what is wrong with the file."""
-    if data is None:
-        return None, f"no {Layout.progress} (the run has checkpoints but has not reported progress)"
-    try:
-        progress = json.loads(data)
-    except ValueError as exc:
-        return None, f"{Layout.progress} is not valid JSON ({exc}); a partial or corrupt write?"
-    if not isinstance(progress, dict):
-        return None, f"{Layout.progress} holds a {type(progress).__name__}, not an object"
-    return progress, None
 
 
-def heartbeat_interval(config: Any) -> float:
-    try:
-        seconds = float(config["monitor"]["heartbeat_seconds"])
-    except (TypeError, KeyError, ValueError):
-        return DEFAULT_HEARTBEAT_SECONDS
-    return seconds if seconds > 0 else DEFAULT_HEARTBEAT_SECONDS
 
 
-def age_seconds(timestamp: Any, now: datetime) -> float | None:
-    if not isinstance(timestamp, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(timestamp)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:  # the job writes UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return (now - moment).total_seconds()
 
 
 def judge_health(status: Any, heartbeat_age: float | None, stale_after: float) -> str:
@@ -245,56 +217,10 @@ def judge_health(status: Any, heartbeat_age: float | None, stale_after: float) -
     return "unknown"
 
 
-def newest_committed_checkpoint(
-    run: RunFolder, stage: StageLayout, names: list[str], notes: list[str]
-) -> dict[str, Any] | None:
-    """The stage's newest checkpoint whose manifest exists and whose listed files all exist with
-    the manifest's sizes; each newer one that falls short is named in ``notes``."""
-    latest_file = PurePosixPath(stage.latest).name
-    for name in sorted((n for n in names if n != latest_file), reverse=True):
-        manifest = run.read_json(stage.checkpoint_manifest(name), notes)
-        problem = commit_problem(manifest, run.file_sizes(stage.checkpoint_dir(name)) if manifest else {})
-        if problem is None:
-            return {
-                "name": name,
-                "folder": stage.checkpoint_dir(name),
-                "step": manifest.get("step"),
-                "epoch": manifest.get("epoch"),
-                "created_at": manifest.get("created_at"),
-                "committed": True,
-                "sizes_match": True,
-                "verify": verify_result(run.read_json(Layout.verify_report, notes), stage.label + name),
-            }
-        notes.append(f"skipped checkpoint {name}: {problem}")
-    return None
 
 
-def commit_problem(manifest: Any, sizes: dict[str, int]) -> str | None:
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
-        return f"no readable {Layout.checkpoint_manifest_file} (not committed)"
-    foreign = [name for name in manifest["files"] if not is_plain_file_name(name)]
-    if foreign:  # what every reader refuses (job.checkpoints.reader): the checkpoint is invalid
-        return f"its manifest names {foreign[0]!r}, not a plain file of its folder"
-    for filename, entry in sorted(manifest["files"].items()):
-        expected = entry.get("size") if isinstance(entry, dict) else None
-        if filename not in sizes:
-            return f"{filename} is missing"
-        if sizes[filename] != expected:
-            return f"{filename} has {sizes[filename]} bytes, its manifest says {expected}"
-    return None
 
 
-def verify_result(report: Any, checkpoint: str) -> dict[str, Any] | None:
-    """What verify/report.json says, and whether it covers ``checkpoint``: a report written
-    before that checkpoint existed vouches only for older ones."""
-    if not isinstance(report, dict) or not isinstance(report.get("passed"), bool):
-        return None
-    checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
-    return {
-        "passed": report["passed"],
-        "covers_checkpoint": checkpoint in {c.get("name", "").split(" ", 1)[-1] for c in checks},
-        "failed_checks": [str(c.get("name")) for c in checks if c.get("passed") is False],
-    }
 
 
 def loss_trend(metrics: bytes | None, notes: list[str]) -> dict[str, Any] | None:
@@ -306,8 +232,8 @@ def loss_trend(metrics: bytes | None, notes: list[str]) -> dict[str, Any] | None
         {"epoch": e, "train_loss": by_epoch[e].get("train_loss"), "val_loss": by_epoch[e].get("val_loss")}
         for e in sorted(by_epoch)[-TREND_EPOCHS:]
     ]
-    val = [r["val_loss"] for r in recent if _is_number(r["val_loss"])]
-    all_val = [(r.get("val_loss"), e) for e, r in by_epoch.items() if _is_number(r.get("val_loss"))]
+    val = [r["val_loss"] for r in recent if is_number(r["val_loss"])]
+    all_val = [(r.get("val_loss"), e) for e, r in by_epoch.items() if is_number(r.get("val_loss"))]
     best_val, best_epoch = min(all_val) if all_val else (None, None)
     return {
         "recent": recent,
@@ -318,27 +244,8 @@ def loss_trend(metrics: bytes | None, notes: list[str]) -> dict[str, Any] | None
     }
 
 
-def epoch_records(metrics: bytes, notes: list[str]) -> dict[int, dict[str, Any]]:
-    """metrics.jsonl by epoch; a resume that repeated an epoch counts with its last record."""
-    records: dict[int, dict[str, Any]] = {}
-    unreadable = 0
-    for line in metrics.decode(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            unreadable += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records[record["epoch"]] = record
-    if unreadable:
-        notes.append(f"{unreadable} line(s) of {Layout.metrics} are not valid JSON")
-    return records
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --- showing it --------------------------------------------------------------------------
@@ -451,7 +358,7 @@ def loss_trend_lines(trend: dict[str, Any] | None) -> list[str]:
 
 
 def _loss(value: Any) -> str:
-    return f"{value:.5f}" if _is_number(value) else "-"
+    return f"{value:.5f}" if is_number(value) else "-"
 
 
 def _row(label: str, value: str) -> str:
@@ -470,33 +377,53 @@ def show(report: RunReport, json_output: bool, clear_screen: bool = False) -> No
 # --- the mode ----------------------------------------------------------------------------
 
 
-def main(uri: str, as_json: bool, watch: float | None) -> int:
+def main(uri: str, as_json: bool, watch: float | None, html: str | None = None, open_page: bool = False) -> int:
     """Print where the run at ``uri`` stands; with ``watch``, again every ``watch`` seconds until
-    the run ends or Ctrl-C. Returns the exit code (0 healthy or completed, 1 not healthy,
-    2 no such run or unreachable)."""
+    the run ends or Ctrl-C; with ``html``, also write the run page there (and open it). Returns
+    the exit code (0 healthy or completed, 1 not healthy, 2 no such run or unreachable)."""
     try:
         if watch is None:
             report = read_run(uri)
             show(report, as_json)
+            if html and report.exit_code != EXIT_NO_RUN:
+                write_page(uri, html, open_page)
             return report.exit_code
         # Ctrl-C ends a watch even where SIGINT came ignored (a shell starts its background
         # commands so, and Python then installs no handler of its own).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        return watch_run(uri, as_json, watch)
+        return watch_run(uri, as_json, watch, html, open_page)
     except KeyboardInterrupt:
         # Ctrl-C is how a person ends --watch: that is success, not an error.
         return EXIT_HEALTHY if watch is not None else EXIT_INTERRUPTED
 
 
-def watch_run(uri: str, as_json: bool, every: float) -> int:
+def write_page(uri: str, path: str, open_page: bool) -> None:
+    """The run page of ``uri`` into the file ``path`` (the same page the job keeps in the run
+    folder, from the run folder alone); a store that stops answering meanwhile is said on stderr."""
+    try:
+        html = page_html(RunFolder(uri), uri)
+    except Unreachable as exc:
+        print(f"no page written: {exc}", file=sys.stderr)
+        return
+    target = Path(path).resolve()
+    target.write_text(html, encoding="utf-8")
+    print(f"page: {target}", file=sys.stderr)
+    if open_page:
+        webbrowser.open(target.as_uri())
+
+
+def watch_run(uri: str, as_json: bool, every: float, html: str | None = None, open_page: bool = False) -> int:
     clear_screen = not as_json and sys.stdout.isatty()
     # A blank line between reports in a log or a pipe; a terminal is cleared instead.
     between_reports = "" if clear_screen or as_json else "\n"
-    separator = ""
+    separator, opened = "", False
     while True:
         report = read_run(uri)
         sys.stdout.write(separator)
         show(report, as_json, clear_screen)
+        if html and report.exit_code != EXIT_NO_RUN:
+            write_page(uri, html, open_page and not opened)  # opened once, then refreshed in place
+            opened = True
         if report.finished:
             return report.exit_code
         separator = between_reports

@@ -1,5 +1,6 @@
-"""Structured logs (docs/run-folder.md): JSON lines on stdout (a readable line on a terminal), the same
-records in the run folder's ``logs/``, and secrets redacted before anything is written."""
+"""Structured logs (docs/run-folder.md): JSON lines on stdout (on a terminal, readable lines above a
+progress bar), the same records in the run folder's ``logs/``, and secrets redacted before anything
+is written."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from job.monitoring.console import ConsoleProgress
 from job.runtime.files import NO_SPACE, disk_full
 from job.storage import Layout, RunStore
 
@@ -73,15 +75,6 @@ def _redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str
     return redact_environment_secrets(event)
 
 
-def _progress_bar(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    """For a person at a terminal: a bar on batch-progress lines."""
-    step, total = event.get("step"), event.get("total_steps")
-    if event.get("event") == "train.progress" and isinstance(step, int) and total:
-        filled = int(30 * step / total)
-        event["bar"] = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * step / total:5.1f}%"
-    return event
-
-
 _SHARED_PROCESSORS = [
     _add_run_context,
     structlog.stdlib.add_logger_name,
@@ -104,11 +97,11 @@ class _JSONLines(structlog.stdlib.ProcessorFormatter):
 
 
 def _formatter(console: bool = False) -> logging.Formatter:
-    """JSON lines, or for a terminal a readable line with a progress bar. Secrets are redacted
-    last, after exceptions have been rendered to text."""
+    """JSON lines, or for a terminal a readable line (the progress bar is ConsoleProgress's).
+    Secrets are redacted last, after exceptions have been rendered to text."""
     render = [structlog.processors.format_exc_info, _redact_secrets]
     if console:
-        render += [_progress_bar, structlog.dev.ConsoleRenderer(colors=False)]
+        render += [structlog.dev.ConsoleRenderer(colors=False)]
     else:
         render += [structlog.processors.JSONRenderer(sort_keys=False)]
     return (structlog.stdlib.ProcessorFormatter if console else _JSONLines)(
@@ -131,8 +124,9 @@ def setup_logging(level: str = "INFO", **context: Any) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    stdout = logging.StreamHandler(sys.stdout)
-    stdout.setFormatter(_formatter(console=sys.stdout.isatty()))
+    terminal = sys.stdout.isatty()
+    stdout = ConsoleProgress(sys.stdout) if terminal else logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(_formatter(console=terminal))
     root.addHandler(stdout)
     root.setLevel(level.upper())
     for name in NOISY_LOGGERS:

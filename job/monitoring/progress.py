@@ -30,8 +30,11 @@ class Progress:
 
     Updated from the training thread and the heartbeat thread, hence the lock."""
 
-    def __init__(self, store: RunStore, **fields: Any):
+    def __init__(self, store: RunStore, on_write: Callable[[], None] = lambda: None, **fields: Any):
+        """``on_write``: told after each rewrite (cheaply: it runs on the writer's thread, the
+        training thread included)."""
         self.store = store
+        self.on_write = on_write
         self._lock = threading.Lock()
         now = utc_now()
         self.fields: dict[str, Any] = {
@@ -79,6 +82,7 @@ class Progress:
         fields = redact_environment_secrets(self.fields)  # an error message may quote anything
         self.store.write_json(Layout.progress, fields)
         self.store.write_text(Layout.progress_text, render_progress(fields))
+        self.on_write()
 
 
 def render_progress(p: dict[str, Any]) -> str:

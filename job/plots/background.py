@@ -19,6 +19,12 @@ from job.runtime.workers import WorkerGone, WorkerProcess
 
 log = structlog.get_logger("job.plots")
 
+WORKER = "job.plots.worker"
+IDLE = "--idle"  # the worker's argument: draw only on CPU time nothing else wants
+# At the end of a run, how long the idle worker may take over what is left before a worker at
+# normal priority takes it over (on a loaded machine an idle one may never get a core).
+IDLE_GRACE_SECONDS = 2.0
+
 # --- the wire format ----------------------------------------------------------------------
 
 
@@ -57,11 +63,12 @@ class BackgroundPlots:
 
     def __init__(self, write: Callable[[str, bytes], None]):
         self._write = write
-        self._slots: dict[str, dict[str, Any]] = {}
+        self._slots: dict[str, tuple[Callable[[str, bytes], None], dict[str, Any]]] = {}
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
-        self._worker = WorkerProcess("job.plots.worker")
+        self._worker = WorkerProcess(WORKER, (IDLE,))
+        self._replacing = False
         self._thread = threading.Thread(target=self._run, name="plots", daemon=True)
         self._thread.start()
 
@@ -71,10 +78,29 @@ class BackgroundPlots:
 
     def submit(self, rel: str, plot: str, **arguments: Any) -> None:
         """Ask for ``plot`` (a job.plots.charts.RENDERERS name) to be drawn into ``rel``."""
+        self.submit_to(rel, self._write, plot, **arguments)
+
+    def submit_to(self, key: str, deliver: Callable[[str, bytes], None], plot: str, **arguments: Any) -> None:
+        """Ask for ``plot`` to be drawn and handed to ``deliver(key, png)``; a newer request of the
+        same ``key`` replaces one not yet drawn."""
         request = encode_request(plot, **arguments)
         with self._cond:
-            self._slots[rel] = request
+            self._slots[key] = (deliver, request)
             self._cond.notify_all()
+
+    def finish(self, timeout: float) -> None:
+        """The end of a run: draw what is pending within ``timeout``, on CPU time of its own if
+        the idle worker has not drawn it within IDLE_GRACE_SECONDS, then stop the worker."""
+        with self._cond:
+            self._cond.wait_for(lambda: not (self._slots or self._busy), min(timeout, IDLE_GRACE_SECONDS))
+            pending = bool(self._slots or self._busy)
+            if pending:
+                # A drawing in flight on the idle worker fails with WorkerGone and is asked again
+                # of this one (see _render).
+                idle, self._worker, self._replacing = self._worker, WorkerProcess(WORKER), True
+        if pending:
+            idle.stop()
+        self.close(timeout)
 
     def close(self, timeout: float) -> None:
         """Draw what is pending (within ``timeout``), then stop the worker."""
@@ -93,10 +119,11 @@ class BackgroundPlots:
                     self._cond.wait()
                 if self._closed:
                     return
-                rel, request = self._slots.popitem()
+                rel = next(iter(self._slots))  # the oldest first: pictures of epochs in their order
+                deliver, request = self._slots.pop(rel)
                 self._busy = True
             try:
-                self._write(rel, self._render(request))
+                deliver(rel, self._render(request))
             except Exception as exc:  # a plot is never worth a run
                 log.warning("plot.failed", path=rel, error=f"{type(exc).__name__}: {exc}")
             finally:
@@ -111,6 +138,7 @@ class BackgroundPlots:
         except WorkerGone as exc:
             if self._closed:  # stopped by close(), not lost
                 raise
-            log.warning("plot.worker_restarted", reason=str(exc))
+            if not self._replacing:  # finish() did not replace it on purpose: it died
+                log.warning("plot.worker_restarted", reason=str(exc))
             answer = self._worker.request(request)
         return base64.b64decode(answer["png"])

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import base64
+import sys
 from typing import Any
 
-from job.plots.background import decode_request
+from job.plots.background import IDLE, decode_request
 from job.plots.charts import RENDERERS
 from job.runtime.workers import run_in_idle_time, serve
 
@@ -17,5 +18,6 @@ def render(request: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_in_idle_time()  # a picture can wait: the worker gets only CPU time that training leaves
+    if IDLE in sys.argv[1:]:
+        run_in_idle_time()  # a picture can wait: the worker gets only CPU time that training leaves
     serve(render)

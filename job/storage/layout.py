@@ -23,7 +23,7 @@ class StageLayout:
     loss_plot: str
     picture_plot: str
     label: str  # how reports name its checkpoints: label + name
-
+    tensorboard: str  # its TensorBoard event files, one per attempt
 
     @property
     def latest(self) -> str:
@@ -60,9 +60,15 @@ class Layout:
     predictions_index = "predictions/index.json"
     checkpoint_manifest_file = MANIFEST_FILE
 
-    tokenizer = StageLayout("checkpoints", "metrics.jsonl", "plots/loss.png", "plots/reconstruction.png", "")
+    page = "index.html"  # the run page: one self-contained file (job.monitoring.page)
+    tensorboard = "tensorboard"
+
+    tokenizer = StageLayout(
+        "checkpoints", "metrics.jsonl", "plots/loss.png", "plots/reconstruction.png", "", "tensorboard/tokenizer"
+    )
     transformer = StageLayout(
-        "stage2/checkpoints", "stage2/metrics.jsonl", "plots/stage2-loss.png", "plots/stage2-predictions.png", "stage2/"
+        "stage2/checkpoints", "stage2/metrics.jsonl", "plots/stage2-loss.png", "plots/stage2-predictions.png", "stage2/",
+        "tensorboard/transformer",
     )
     stages = (tokenizer, transformer)  # in the order a run trains them
 
@@ -82,9 +88,9 @@ class Layout:
     checkpoint_manifest = tokenizer.checkpoint_manifest
 
     # Files whose remote copies must arrive in the order they were written (a manifest after
-    # the files it lists, latest.json after the manifest); everything else only needs its
-    # newest content to arrive.
-    ordered_prefixes = ("checkpoints/", "stage2/checkpoints/", "data/")
+    # the files it lists, latest.json after the manifest; TensorBoard's events after the
+    # checkpoint that finished their epochs); everything else only needs its newest content to arrive.
+    ordered_prefixes = ("checkpoints/", "stage2/checkpoints/", "data/", "tensorboard/")
 
     @staticmethod
     def checkpoint_name(step: int) -> str:

@@ -108,10 +108,11 @@ class RunStore:
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, json_bytes(value))
 
-    def publish(self, rel: str) -> None:
-        """Mirror the local file ``rel`` (e.g. a log the logging module appends to)."""
+    def publish(self, rel: str, data: bytes | None = None) -> None:
+        """Mirror the local file ``rel`` (e.g. a log the logging module appends to); ``data``: its
+        bytes as of now, for a file that grows while it waits and whose order counts."""
         if self.uploader:
-            self.uploader.submit(Op("put", rel))
+            self.uploader.submit(Op("put", rel, data=data))
 
     def delete_tree(self, rel: str, first: tuple[str, ...] = (), known: tuple[str, ...] | None = None) -> None:
         """Delete folder ``rel`` here and at the run URI; the files named in ``first`` go before
@@ -160,6 +161,11 @@ class RunStore:
         if self.remote:
             names |= set(self.remote.list_dir(rel))
         return sorted(names)
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        """Name -> size of the files in folder ``rel``: the run URI's, then the local copy's."""
+        sizes = self.remote.file_sizes(rel) if self.remote else {}
+        return sizes | self.local.file_sizes(rel)
 
     def fetch(self, rel: str) -> Path | None:
         """Make sure the local copy holds ``rel``, downloading it if needed; None if nowhere."""

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
@@ -35,6 +35,8 @@ from job.checkpoints.train_state import TrainState
 from job.config import Config, get_value
 from job.data.dataset import VideoDataset, prepare_dataset_in_turn
 from job.monitoring.logs import RunLog, bind_run_context
+from job.monitoring.page.write import PageWriter
+from job.monitoring.tensorboard import TensorBoardLog
 from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.monitoring.watchdog import Watchdog
 from job.plots.background import BackgroundPlots
@@ -98,12 +100,16 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     bind_run_context(attempt=attempt)
     store.write_json(Layout.config, cfg.to_dict())
 
-    progress = Progress(store, attempt=attempt, stages=len(stages), **stage_progress(cfg, stages[0], resume.previous))
+    # The run page follows progress.json (its own thread redraws it, at most as often as live
+    # files are uploaded), reading this attempt's working copy.
+    page = PageWriter.for_store(store, min_seconds=max(cfg.storage.live_upload_seconds, cfg.monitor.progress_every_seconds))
+    progress = Progress(store, on_write=page.request, attempt=attempt, stages=len(stages),
+                        **stage_progress(cfg, stages[0], resume.previous))
     progress.update(status="starting")
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
     try:
-        with stop_requests() as stop, heartbeat:
+        with stop_requests() as stop, heartbeat, page:
             dataset = prepare_dataset_in_turn(cfg, store, topology)
             watchdog = Watchdog(
                 progress, cfg.monitor.watchdog_minutes * 60,
@@ -115,21 +121,26 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
                 with watchdog:
                     for stage in stages:
                         shared.run_stage(stage, resume if stage is stages[0] else None)
-                plots.close(timeout=cfg.storage.signal_flush_seconds)  # the final plots
+                plots.finish(timeout=cfg.storage.flush_seconds)  # the final plots, even on a loaded CPU
             finally:
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
+                for events in shared.tensorboard:  # after the plots: the last pictures are in
+                    events.close()
     except Stopped:  # in training (Preempted, saved) or in a phase before it (nothing half-written)
         record_end(progress, status="preempted")
+        page.write_now()  # from the working copy: inside docker stop's 10 s, no listing of the bucket
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
     except LeaseError:
         raise  # this process may not write the run: not a word more to it
     except Exception as exc:
         record_end(progress, status="failed", error=f"{type(exc).__name__}: {exc}")
+        page.write_now()
         flush_quietly(store, publish_log, cfg.storage.signal_flush_seconds)
         raise
     progress.update(status="completed", eta_seconds=0)
     log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
+    page.write_now(store)  # the whole run folder, earlier attempts' logs in the bucket included
     publish_log()
     store.flush(cfg.storage.flush_seconds)  # while the lease is still held
 
@@ -197,6 +208,7 @@ class Attempt:
     stop: StopRequest
     watchdog: Watchdog
     plots: BackgroundPlots
+    tensorboard: list[TensorBoardLog] = field(default_factory=list)  # each stage's, on the writer
 
     def run_stage(self, stage: Stage, resume: ResumePoint | None) -> None:
         """Find the stage's newest checkpoint (unless ``resume`` already is it), build its task,
@@ -231,10 +243,17 @@ class Attempt:
             log.info("train.already_complete", stage=stage.number, step=state.step, total_steps=total_steps)
             return
 
-        def committed(name: str) -> None:  # on the checkpoint writer's thread
+        events = None
+        if topology.is_writer:
+            events = TensorBoardLog(store, stage.layout, self.attempt, history=state.metrics[: state.epoch])
+            self.tensorboard.append(events)
+
+        def committed(name: str, epochs: int) -> None:  # on the checkpoint writer's thread
             # progress.json and the log reach the run URI with the next progress write or
             # heartbeat, which publishes the log too: nothing more to write or send per commit.
             self.progress.remember(last_checkpoint=name)
+            if events is not None:
+                events.committed(epochs, state.metrics)
 
         checkpoints = CheckpointManager(
             store, stage.layout, cfg.checkpoint, parts, extra={"config": cfg.to_dict(), **identity},
@@ -242,7 +261,7 @@ class Attempt:
         )
         try:
             Trainer(cfg, stage, task, self.dataset, optimizer, scheduler, state, checkpoints, self.progress, topology, self.stop,
-                    self.watchdog, self.plots).run(total_steps)
+                    self.watchdog, self.plots, events).run(total_steps)
         finally:
             checkpoints.close()
         self.progress.update(step=state.step, eta_seconds=0)
@@ -256,10 +275,12 @@ class Trainer:
         self, cfg: Config, stage: Stage, task: Task, dataset: VideoDataset, optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, checkpoints: CheckpointManager,
         progress: Progress, topology: Topology, stop: StopRequest, watchdog: Watchdog, plots: BackgroundPlots,
+        events: TensorBoardLog | None = None,
     ):
         self.cfg, self.stage, self.task, self.state, self.checkpoints = cfg, stage, task, state, checkpoints
         self.optimizer, self.scheduler = optimizer, scheduler
         self.progress, self.topology, self.stop, self.watchdog, self.plots = progress, topology, stop, watchdog, plots
+        self.events = events  # TensorBoard: the writer's, None on other ranks
         self.store = checkpoints.store
         self.device = next(task.model.parameters()).device
         # DDP averages gradients across ranks; saving, validating and plotting use the bare model.
@@ -365,6 +386,19 @@ class Trainer:
         loss_plot = self.stage.layout.loss_plot
         if self.topology.is_writer and self.plot_due(loss_plot, final):  # the only rank that stores it
             self.plots.submit(loss_plot, "loss_curves", metrics=list(state.metrics))
+        if self.events is not None:
+            self.picture_for_tensorboard(record["epoch"], state.step)
+
+    def picture_for_tensorboard(self, epoch: int, step: int) -> None:
+        """The stage's picture of this epoch, drawn by the plot worker into TensorBoard's events
+        (a forward pass of one validation video per class here; the drawing off this thread)."""
+        with self.evaluating():
+            plot, arguments = self.task.picture(self.picture_indices, f"{self.stage.name} epoch {epoch}")
+        events = self.events
+        self.plots.submit_to(
+            f"{self.stage.layout.tensorboard}/epoch-{epoch}", lambda _key, png: events.picture(epoch, step, png),
+            plot, **arguments,
+        )
 
     def save(self, reason: str, val_loss: float | None = None) -> None:
         if not self.topology.is_writer:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pty
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,11 +17,9 @@ from job.checkpoints.format import DATA_FILES, FORMAT_VERSION
 from tests.helpers import (
     FAKE_SECRET,
     HANG_AT_STEP,
-    ROOT,
     JobProcess,
     assert_workers_end,
     final_model,
-    job_command,
     job_env,
     log_events,
     run_job,
@@ -169,28 +165,3 @@ def test_a_planted_pickle_checkpoint_is_never_executed(tmp_path, smoke_baseline)
     assert evaluate.returncode == 0, evaluate.stderr  # it evaluates a sound checkpoint instead
     assert json.loads((run / "eval" / "report.json").read_text())["checkpoint"] != "step-99999999"
     assert not marker.exists()
-
-
-def test_a_terminal_gets_readable_lines_with_a_progress_bar(tmp_path):
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        job_command("train", "--preset", "smoke", "--run-uri", str(tmp_path / "run"), "--set", "train.epochs=1"),
-        cwd=ROOT, env=job_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-    )
-    os.close(slave)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the terminal closed: the process is gone
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(master)
-    assert proc.wait(timeout=60) == 0
-    text = output.decode(errors="replace")
-    progress_lines = [line for line in text.splitlines() if "train.progress" in line]
-    assert progress_lines and not any(line.lstrip().startswith("{") for line in progress_lines)
-    assert "[###" in text and "%" in progress_lines[-1]
-    assert (tmp_path / "run" / "logs" / "attempt-001.jsonl").read_text().startswith("{")  # the file stays JSON

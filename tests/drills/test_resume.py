@@ -17,6 +17,7 @@ import signal
 import subprocess
 
 import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from job.checkpoints.format import MODEL_FILE, STATE_FILE, decode_state, encode_state
 from job.exits import EXIT_BAD_DATA, EXIT_USAGE
@@ -51,6 +52,17 @@ def final_files(read) -> dict[str, str]:
     return hashes
 
 
+def tensorboard_steps(run, folder: str, tmp_path) -> list[int]:
+    """The steps of the train_loss values in a stage's event files, file after file."""
+    steps = []
+    for rel in run.listed(folder):
+        copy = tmp_path / "events" / rel
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(run.read(rel))
+        steps += [e.step for e in EventFileLoader(str(copy)).Load() for v in e.summary.value if v.tag == "train_loss"]
+    return steps
+
+
 class LocalRun:
     def __init__(self, tmp_path, request):
         self.run = tmp_path / "run"
@@ -63,6 +75,9 @@ class LocalRun:
 
     def attempts(self) -> int:
         return json.loads((self.run / "progress.json").read_text())["attempt"]
+
+    def listed(self, folder: str) -> list[str]:
+        return sorted(f"{folder}/{p.name}" for p in (self.run / folder).iterdir())
 
     @property
     def uri(self) -> str:
@@ -85,6 +100,9 @@ class BucketRun:
 
     def attempts(self) -> int:
         return json.loads(self.s3.get("run/progress.json"))["attempt"]
+
+    def listed(self, folder: str) -> list[str]:
+        return sorted(key.removeprefix("run/") for key in self.s3.keys(f"run/{folder}/"))
 
     @property
     def uri(self) -> str:
@@ -129,6 +147,10 @@ def test_sigkill_at_random_moments_resumes_to_identical_weights(where, tmp_path,
 
     expected = final_files(lambda rel: (smoke_baseline / rel).read_bytes())
     assert final_files(run.read) == expected, f"kill seed {seed}"
+    for events, metrics in (("tensorboard/tokenizer", "metrics.jsonl"), ("tensorboard/transformer", "stage2/metrics.jsonl")):
+        # TensorBoard's own reader finds each epoch once, in order, across the attempts' files.
+        epochs = [json.loads(line)["step"] for line in run.read(metrics).decode().splitlines()]
+        assert tensorboard_steps(run, events, tmp_path) == epochs, f"kill seed {seed}: {events}"
     assert run.attempts() >= KILLS + 1
     status = run_job("status", run.uri, "--json")
     assert status.returncode == 0, status.stdout + status.stderr

@@ -2,7 +2,7 @@
 user runs it (`python -m job ...` on a local run folder), against the budgets the README states.
 
     python bench/bench_demo_budget.py [--preset small] [--train-budget 720] [--evaluate-budget 90]
-                                      [--evaluate-gb 1.5]
+                                      [--evaluate-gb 1.5] [--run-dir DIR]
 
 One JSON line per command: wall seconds, each stage's training seconds (the sum of its epochs'
 ``seconds`` in metrics.jsonl), the command's peak RSS (ru_maxrss of exactly that child, from
@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("--train-budget", type=float, default=720.0, help="seconds for both stages (12 min)")
     parser.add_argument("--evaluate-budget", type=float, default=90.0)
     parser.add_argument("--evaluate-gb", type=float, default=1.5)
+    parser.add_argument("--run-dir", help="train into this new folder and keep it (default: a temporary one)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        run_dir = Path(work) / "run"
+        run_dir = Path(options.run_dir) if options.run_dir else Path(work) / "run"
         common = ["--preset", options.preset, "--run-uri", str(run_dir)]
         note(f"train --preset {options.preset}")
         train_wall, train_gb = run(["train", *common])

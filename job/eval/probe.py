@@ -94,14 +94,13 @@ def confusion_matrix(true: torch.Tensor, predicted: torch.Tensor, num_classes: i
 
 
 def symmetric_views(videos: torch.Tensor) -> list[torch.Tensor]:
-    """``videos`` (..., H, W) under each symmetry of the frame: the 8 rotations by quarter turns
-    and mirror images of a square frame, the 4 of a rectangle (identity, two mirrors, half turn).
+    """``videos`` (..., H, W) under each rotation that keeps the frame's shape: the 4 quarter
+    turns of a square frame, the identity and the half turn of a rectangle.
 
     The data are drawn invariant under these (job.data.synthetic: the path spins uniformly about the
-    optical axis, tilts and shifts are symmetric about 0, the blob is round, the principal point
-    is the frame's centre), so each view is another sample of the same class. The classifier
-    learns from all of them: a linear probe on codes at fixed positions needs a template for
-    every orientation, and 8x the train videos cover them (docs/quality.md)."""
+    optical axis, the blob is round, the principal point is the frame's centre), so each view is
+    another sample of the same class. The classifier learns from all of them: a linear probe on
+    codes at fixed positions needs a template for every orientation (docs/quality.md). The mirror
+    images are samples too, but they bought nothing measurable for twice the encoding."""
     turns = (0, 1, 2, 3) if videos.shape[-1] == videos.shape[-2] else (0, 2)
-    rotated = [torch.rot90(videos, k, dims=(-2, -1)) for k in turns]
-    return rotated + [view.flip(-1) for view in rotated]
+    return [torch.rot90(videos, k, dims=(-2, -1)) for k in turns]

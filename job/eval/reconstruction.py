@@ -63,7 +63,7 @@ def scan_train_split(model: VideoTokenizer, dataset: VideoDataset, cfg: Config, 
 
 def fit_code_probe(train_pass: TrainPass, cfg: Config, device: torch.device) -> LinearProbe:
     """The code classifier: a linear probe on the LFQ bits of the train pass's codes, fitted on
-    ``device`` (8 views of 8,000 videos are GBs of features on the GPU preset)."""
+    ``device`` (4 views of 8,000 videos are GBs of features on the GPU preset)."""
     features = code_bits(train_pass.codes.to(device), cfg.model.codebook_bits)
     return fit_linear_probe(features, train_pass.labels.to(device), len(cfg.data.classes))
 
@@ -123,7 +123,7 @@ def classify_codes(probe: LinearProbe, train_pass: TrainPass, test_pass: TestPas
         "features": f"LFQ code bits as +-1 at every latent position, standardised: {t}x{h}x{w} positions x {bits} bits"
         f" = {t * h * w * bits} features",
         "probe": "multinomial logistic regression, L2 1e-2, full-batch L-BFGS from zero weights (deterministic), "
-        f"trained on each train video under the frame's {train_pass.views} symmetries (rotations, mirror images)",
+        f"trained on each train video under the frame's {train_pass.views} symmetries (quarter turns)",
         "train_samples": train_pass.videos,
         "train_views": train_pass.views,
         "test_samples": len(test_pass.labels),

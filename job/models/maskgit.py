@@ -47,23 +47,25 @@ def decode(
     ``generator`` (torch's global one if None): the same generator state gives the same tokens.
     Returns the (B, L) tokens, none of them masked.
     """
-    batch, length = tokens.shape
     device = tokens.device
     total = (tokens == mask_id).sum(1)
     for step in range(steps):
-        logits = logits_fn(tokens).float()
-        probs = F.softmax(logits / max(temperature, 1e-6), dim=-1)
-        sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(batch, length)
-        confidence = probs.gather(-1, sampled[..., None]).squeeze(-1).log()
-        noise = -torch.log(-torch.log(torch.rand(confidence.shape, generator=generator, device=device) + 1e-20) + 1e-20)
-        confidence = confidence + temperature * (1 - (step + 1) / steps) * noise
         still_masked = tokens == mask_id
-        tokens = torch.where(still_masked, sampled, tokens)
+        # Only the unknown tokens are scored and drawn: beside a small model, softmax and sampling
+        # over every position are most of a step, and the known ones (given, or fixed by an
+        # earlier step) would be drawn only to be discarded.
+        probs = F.softmax(logits_fn(tokens)[still_masked].float() / max(temperature, 1e-6), dim=-1)
+        drawn = torch.multinomial(probs, 1, generator=generator)
+        noise = -torch.log(-torch.log(torch.rand(len(drawn), generator=generator, device=device) + 1e-20) + 1e-20)
+        tokens = tokens.masked_scatter(still_masked, drawn.squeeze(1))
+        # Known tokens are never re-masked: infinitely confident.
+        confidence = torch.full(tokens.shape, math.inf, device=device).masked_scatter(
+            still_masked, probs.gather(-1, drawn).squeeze(1).log() + temperature * (1 - (step + 1) / steps) * noise
+        )
         left = (schedule((step + 1) / steps) * total).floor().long()
         if step + 1 == steps or not bool((left > 0).any()):
             break
         # Re-mask the least confident of this step's choices; earlier choices stay.
-        confidence = confidence.masked_fill(~still_masked, math.inf)
         ranks = confidence.argsort(dim=1).argsort(dim=1)
         tokens = torch.where(ranks < left[:, None], torch.full_like(tokens, mask_id), tokens)
     return tokens

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from job.data.shards import VISIBLE_PIXEL
-from job.eval.frame_metrics import centroids, single_object_share
+from job.eval.frame_metrics import centroids, single_object_share, visible
 from job.eval.pixel_judges import PixelJudges
 from job.eval.probe import LinearProbe, code_bits
 
@@ -22,11 +21,10 @@ ENCODE_BATCH = 64  # generated videos re-encoded by the tokenizer together
 
 
 def presence(frames: torch.Tensor) -> float | None:
-    """Share of frames (N, T, H, W) whose brightest pixel, in 8 bits, reaches VISIBLE_PIXEL."""
+    """Share of frames (N, T, H, W) with a visible pixel (frame_metrics.visible)."""
     if not frames.numel():
         return None
-    brightest = torch.round(frames.float().amax(dim=(-2, -1)) * 255.0)
-    return float((brightest >= VISIBLE_PIXEL).double().mean())
+    return float(visible(frames).any(dim=(-2, -1)).double().mean())
 
 
 def second_difference(frames: torch.Tensor, threshold: float) -> float | None:

@@ -9,6 +9,7 @@ hashing, writing and pruning happen on one writer thread, one checkpoint in flig
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -25,7 +26,8 @@ from job.checkpoints.train_state import TrainState
 from job.config import CheckpointConfig
 from job.exits import EXIT_FAILED
 from job.storage import Layout, RunStore
-from job.storage.layout import StageLayout
+from job.storage.folders import Stored
+from job.storage.layout import StageLayout, is_plain_file_name
 
 log = structlog.get_logger("job.checkpoint")
 
@@ -148,23 +150,36 @@ class CheckpointManager:
 
 
 def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
-    """Queue for upload, in commit order, the checkpoints this machine's working copy holds
-    but the run URI does not (an earlier attempt ended before its backlog drained). Only those
-    newer than the run URI's latest.json: older ones are what a later writer pruned there (this
-    cache's writer lost the run's lease), and must neither return nor turn latest.json back."""
+    """Make the run URI hold what this machine's working copy has committed, from one listing of
+    the stage's checkpoints there:
+
+    - queue for upload, in commit order, the checkpoints the run URI lacks (an earlier attempt
+      ended before its backlog drained). Only those newer than the run URI's latest.json: older
+      ones are what a later writer pruned there (this cache's writer lost the run's lease), and
+      must neither return nor turn latest.json back;
+    - heal the ones whose manifest there is this one's but whose files are damaged or missing
+      there, when the cached files verify against that manifest: their good bytes are sent again.
+      Anything else (a cached copy that does not verify, a manifest another attempt wrote) is
+      left as it is, and readers skip what does not verify."""
     if store.remote is None:
         return
+    there = store.remote.stored(stage.checkpoints)
     newest_there = ""
     try:
         newest_there = str(json.loads(store.remote.read_bytes(stage.latest) or b"{}").get("checkpoint") or "")
     except (ValueError, AttributeError):
         pass  # an unreadable latest.json: every unsent checkpoint goes, as before it existed
-    local = [n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-") and n > newest_there]
-    unsent = [
-        n for n in local
-        if store.local.exists(stage.checkpoint_manifest(n))
-        and not store.exists_remotely(stage.checkpoint_manifest(n))
-    ]
+    unsent = []
+    for name in sorted(n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-")):
+        manifest_rel = stage.checkpoint_manifest(name)
+        manifest = store.local.read_bytes(manifest_rel)
+        if manifest is None:
+            continue  # not committed here
+        if manifest_rel not in there:
+            if name > newest_there:
+                unsent.append(name)
+        elif holds(store, manifest_rel, there[manifest_rel], manifest):
+            heal(store, stage, name, manifest, there)
     for name in unsent:
         manifest = store.read_json(stage.checkpoint_manifest(name)) or {}
         for filename in manifest.get("files", {}):
@@ -173,6 +188,35 @@ def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
         log.info("checkpoint.reupload", checkpoint=name)
     if unsent and store.local.exists(stage.latest):
         store.publish(stage.latest)
+
+
+def holds(store: RunStore, rel: str, stored: Stored, data: bytes) -> bool:
+    """Whether the run URI's ``rel`` is ``data``: by the store's checksum where it proves it (no
+    download), else by the object's own bytes."""
+    return stored.proves(data) or store.remote.read_bytes(rel) == data
+
+
+def heal(store: RunStore, stage: StageLayout, name: str, manifest_bytes: bytes, there: dict[str, Stored]) -> None:
+    """Send again the files of committed checkpoint ``name`` that the run URI lacks or holds
+    damaged, if every cached file verifies against the manifest both copies share."""
+    try:
+        files = json.loads(manifest_bytes)["files"]
+        sums = {filename: entry["sha256"] for filename, entry in files.items() if is_plain_file_name(filename)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return
+    cached = {filename: store.local.read_bytes(stage.checkpoint_file(name, filename)) for filename in sums}
+    if len(sums) != len(files) or not all(
+        data is not None and hashlib.sha256(data).hexdigest() == sums[filename] for filename, data in cached.items()
+    ):
+        return  # the cached copy is no better than the run URI's: readers skip what does not verify
+    damaged = [
+        filename for filename, data in cached.items()
+        if (rel := stage.checkpoint_file(name, filename)) not in there or not holds(store, rel, there[rel], data)
+    ]
+    for filename in damaged:
+        store.publish(stage.checkpoint_file(name, filename))
+    if damaged:
+        log.warning("checkpoint.healed", checkpoint=name, files=damaged, uri=store.uri)
 
 
 def refuse_non_finite_loss(name: str, val_loss: float | None, loss_sum: float) -> None:

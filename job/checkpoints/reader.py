@@ -125,13 +125,15 @@ class CheckpointReader:
         blobs = {}
         for filename, expected in manifest["files"].items():
             stop_point(f"reading checkpoint {name}")
-            data = self.store.read_bytes(self.stage.checkpoint_file(name, filename))
+            rel = self.stage.checkpoint_file(name, filename)
+            data = self.store.read_bytes(rel)
+            where = f"{self.store.uri.rstrip('/')}/{rel}"  # the object to look at (or restore)
             if data is None:
-                raise ManifestMismatch(f"{name}/{filename}: missing")
+                raise ManifestMismatch(f"{name}/{filename}: missing ({where})")
             if not isinstance(expected, dict) or len(data) != expected.get("size"):
-                raise ManifestMismatch(f"{name}/{filename}: size {len(data)}, manifest says {expected}")
+                raise ManifestMismatch(f"{name}/{filename}: size {len(data)}, manifest says {expected} ({where})")
             if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
-                raise ManifestMismatch(f"{name}/{filename}: sha256 does not match the manifest")
+                raise ManifestMismatch(f"{name}/{filename}: sha256 does not match the manifest ({where})")
             blobs[filename] = data
         try:
             optimizer, rng, state = decode_state(blobs[STATE_FILE])

@@ -17,14 +17,15 @@ T = TypeVar("T")
 
 def open_run(
     run: Callable[[Config, RunStore], T], cfg: Config, run_uri: str, cache_dir: str | None,
-    preflight_and_flush: bool = True,
+    preflight_and_flush: bool = True, proven_reads: bool = False,
 ) -> T:
     """Run a mode's ``run(cfg, store)`` on the run folder and return what it returns. Under
     torchrun only rank 0 writes (the others get a read-only store).
     ``preflight_and_flush``: wait (boundedly) for the run URI to answer first, and deliver the
-    uploads at the end; ``train`` does both itself, inside its lease."""
+    uploads at the end; ``train`` does both itself, inside its lease. ``proven_reads``: read what
+    the run URI holds, the cache only where it provably holds the same bytes (RunStore)."""
     topology = Topology.from_env()
-    store = RunStore.for_job(run_uri, cache_dir, cfg.storage, read_only=not topology.is_writer)
+    store = RunStore.for_job(run_uri, cache_dir, cfg.storage, read_only=not topology.is_writer, proven_reads=proven_reads)
     try:
         if preflight_and_flush:
             store.preflight(cfg.storage.connect_seconds, sleep=sleep_unless_stopped(WAITING_FOR_STORE))

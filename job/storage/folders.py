@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
@@ -273,6 +274,16 @@ class RemoteFolder:
     def exists(self, rel: str) -> bool:
         return self._ask(self.fs.exists, self._full(rel))
 
+    def stored(self, rel: str) -> dict[str, Stored]:
+        """Every file under folder ``rel`` (the whole run for ""), by relative path, with its size
+        and the checksum the store reports for it: one listing (a request per 1000 files)."""
+        found = self._ask(self.fs.find, self._full(rel), detail=True, missing={})
+        return {
+            name[len(self.base) + 1 :]: Stored(entry["size"], str(entry.get("ETag") or "").strip('"'))
+            for name, entry in found.items()
+            if entry.get("type") == "file"
+        }
+
     def delete(self, rel: str) -> None:
         self._ask(self.fs.rm_file, self._full(rel), missing=None)
 
@@ -360,6 +371,21 @@ def _error_code(exc: BaseException) -> str | None:
     """The store's error code of a botocore ClientError (None for anything else)."""
     response = getattr(exc, "response", None)
     return str((response.get("Error") or {}).get("Code")) if isinstance(response, dict) else None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What a store says of one of its objects without sending it: size and ETag."""
+
+    size: int
+    etag: str
+
+    def proves(self, data: bytes) -> bool:
+        """Whether the store's word proves the object is ``data``, byte for byte: its size and an
+        ETag that is the MD5 of ``data`` (a single-part upload's ETag is its content's MD5). A
+        multipart upload's ETag ("md5-of-part-md5s-N") or an SSE-KMS object's proves nothing: the
+        caller then reads the object itself."""
+        return len(data) == self.size and content_tag(data) == self.etag
 
 
 def content_tag(data: bytes) -> str:

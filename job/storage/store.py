@@ -17,6 +17,7 @@ from job.storage.folders import (
     LocalFolder,
     RemoteFolder,
     StorageError,
+    Stored,
     StoreRefused,
     default_cache_dir,
     is_remote,
@@ -34,12 +35,14 @@ class RunStore:
 
     def __init__(
         self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0, read_only: bool = False,
-        live_upload_seconds: float = 0.0,
+        live_upload_seconds: float = 0.0, proven_reads: bool = False,
     ):
         """``read_only``: a process that only reads the run (a DDP rank other than 0). Its writes
         are dropped on purpose, so that exactly one process owns every file of the run.
         ``live_upload_seconds``: live files (progress, logs, plots) reach the run URI at most
-        this often; checkpoints and data are never held back."""
+        this often; checkpoints and data are never held back. ``proven_reads``: every read
+        answers what the run URI holds (verify): a cached file counts only when the store's own
+        checksum proves it holds the run URI's bytes, anything else is read from the run URI."""
         uri = str(uri)
         self.uri = uri
         self.read_only = read_only
@@ -49,6 +52,8 @@ class RunStore:
         self.remote: RemoteFolder | None = None
         self.uploader: Uploader | None = None
         self._sender: WorkerFolder | None = None
+        self.proven_reads = proven_reads and is_remote(uri)
+        self._stored: dict[str, Stored] | None = None  # the run URI's files, listed once for proven reads
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
@@ -80,11 +85,13 @@ class RunStore:
         return self.remote or self.local
 
     @classmethod
-    def for_job(cls, uri: str, cache_dir: str | Path | None, storage: Any, read_only: bool = False) -> RunStore:
+    def for_job(
+        cls, uri: str, cache_dir: str | Path | None, storage: Any, read_only: bool = False, proven_reads: bool = False,
+    ) -> RunStore:
         """The store a job process uses, tuned by its config's ``storage`` section."""
         return cls(
             uri, cache_dir, retry_max_seconds=storage.retry_max_seconds, read_only=read_only,
-            live_upload_seconds=storage.live_upload_seconds,
+            live_upload_seconds=storage.live_upload_seconds, proven_reads=proven_reads,
         )
 
     # writes: local, then mirrored
@@ -134,10 +141,25 @@ class RunStore:
 
     # reads: the local copy first, then the run URI
     def read_bytes(self, rel: str) -> bytes | None:
+        if self.proven_reads:
+            return self._read_proven(rel)
         data = self.local.read_bytes(rel)
         if data is None and self.remote:
             data = self.remote.read_bytes(rel)
         return data
+
+    def _read_proven(self, rel: str) -> bytes | None:
+        stored = self.stored().get(rel)
+        if stored is None:
+            return None  # whatever the cache holds, the run URI has no such file
+        data = self.local.read_bytes(rel)
+        return data if data is not None and stored.proves(data) else self.remote.read_bytes(rel)
+
+    def stored(self) -> dict[str, Stored]:
+        """The run URI's files with their sizes and checksums, listed once (proven reads)."""
+        if self._stored is None:
+            self._stored = self.remote.stored("")
+        return self._stored
 
     def read_json(self, rel: str) -> Any | None:
         """The parsed file, or None when it is missing or not valid JSON."""
@@ -150,13 +172,14 @@ class RunStore:
             return None
 
     def exists(self, rel: str) -> bool:
+        if self.proven_reads:
+            return rel in self.stored() or bool(self.list_dir(rel))
         return self.local.exists(rel) or bool(self.remote and self.remote.exists(rel))
 
-    def exists_remotely(self, rel: str) -> bool:
-        """Whether the run URI itself holds ``rel`` (always true for a local run)."""
-        return self.remote.exists(rel) if self.remote else self.local.exists(rel)
-
     def list_dir(self, rel: str) -> list[str]:
+        if self.proven_reads:
+            prefix = f"{rel}/" if rel else ""
+            return sorted({path[len(prefix):].split("/")[0] for path in self.stored() if path.startswith(prefix)})
         names = set(self.local.list_dir(rel))
         if self.remote:
             names |= set(self.remote.list_dir(rel))

@@ -235,12 +235,32 @@ def test_a_run_killed_and_resumed_passes(tmp_path):
     assert report["passed"] is True
 
 
-def test_a_bucket_run_verifies_from_an_empty_cache(s3, tmp_path):
-    trained = run_job("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(tmp_path / "train-cache"))
+def test_a_bucket_run_verifies_from_an_empty_cache_and_bit_rot_there_fails_on_the_training_host_until_a_resume_heals_it(
+    s3, tmp_path,
+):
+    env = job_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))  # the default cache of this "host"
+    on_the_host = ("--preset", "smoke", "--run-uri", s3.uri())
+    trained = run_job("train", *on_the_host, env=env)
     assert trained.returncode == 0, trained.stderr
     empty_cache = tmp_path / "verify-cache"
-    result = run_job("verify", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(empty_cache))
+    result = run_job("verify", *on_the_host, "--cache-dir", str(empty_cache))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     report = json.loads(s3.get("run/verify/report.json"))
     assert report["passed"] is True and report["checkpoints"]
     assert {check["name"].split()[0] for check in report["checks"]} == CHECK_KINDS
+
+    newest = json.loads(s3.get("run/checkpoints/latest.json"))["checkpoint"]
+    key = f"run/checkpoints/{newest}/model.safetensors"
+    good = s3.get(key)
+    s3.put(key, good[:-1] + bytes([good[-1] ^ 1]))  # a byte flipped in the bucket; the host's cache is sound
+    rotten = run_job("verify", *on_the_host, env=env)
+    assert rotten.returncode == 1, rotten.stdout[-3000:]
+    failed = failed_checks(json.loads(s3.get("run/verify/report.json")))
+    assert "sha256" in failed[f"manifest {newest}"] and s3.uri(f"run/checkpoints/{newest}/model.safetensors") in failed[
+        f"manifest {newest}"]
+
+    healed = run_job("train", *on_the_host, env=env)  # the run is complete: a start heals the bucket, trains nothing
+    assert healed.returncode == 0, healed.stderr
+    assert [e["files"] for e in log_events(healed.stdout) if e["event"] == "checkpoint.healed"] == [["model.safetensors"]]
+    assert s3.get(key) == good
+    assert run_job("verify", *on_the_host, env=env).returncode == 0

@@ -149,3 +149,32 @@ def test_checkpoints_this_attempt_committed_are_pruned_from_the_bucket_without_a
         [f"prune-own/{Layout.latest}"]
         + [f"prune-own/{Layout.checkpoint_file(n, f)}" for n in kept for f in ("manifest.json", "model.safetensors", "state.safetensors")]
     )
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_heals_bucket_files_that_rotted_from_a_cache_that_verifies_and_leaves_the_rest(s3, tmp_path):
+    store = RunStore(s3.uri("heal"), tmp_path / "cache")
+    checkpoints = smoke_manager(store, step=0)
+    for step in (1, 2):
+        checkpoints.state.step = step
+        checkpoints.save("steps")
+    checkpoints.wait()
+    store.flush(30)
+    store.close()
+    first, second = (Layout.checkpoint_name(s) for s in (1, 2))
+    good = {name: s3.get(f"heal/{Layout.checkpoint_file(name, MODEL_FILE)}") for name in (first, second)}
+    for name in (first, second):  # bit rot in the bucket's copies of both
+        s3.put(f"heal/{Layout.checkpoint_file(name, MODEL_FILE)}", good[name][:-1] + bytes([good[name][-1] ^ 1]))
+    rotten_cache = tmp_path / "cache" / Layout.checkpoint_file(first, STATE_FILE)
+    rotten_cache.write_bytes(rotten_cache.read_bytes()[:-1])  # the first one's cached copy is damaged too
+
+    from job.checkpoints.manager import mirror_unsent
+
+    resumed = RunStore(s3.uri("heal"), tmp_path / "cache")
+    sent = record_sends(resumed)
+    mirror_unsent(resumed, Layout.tokenizer)
+    resumed.flush(30)
+    resumed.close()
+    assert sent == [Layout.checkpoint_file(second, MODEL_FILE)]  # only what was damaged, from a copy that verifies
+    assert s3.get(f"heal/{Layout.checkpoint_file(second, MODEL_FILE)}") == good[second]
+    assert s3.get(f"heal/{Layout.checkpoint_file(first, MODEL_FILE)}") != good[first]  # skipped by readers, as before

@@ -51,3 +51,24 @@ def test_a_missing_bucket_is_a_refusal_not_an_empty_run(s3, tmp_path):
             read()
     present = RemoteFolder(s3.uri())
     assert present.read_bytes(Layout.progress) is None and present.list_dir(Layout.checkpoints) == []  # a missing key is an answer
+
+
+def test_proven_reads_answer_what_the_bucket_holds_and_use_the_cache_only_where_its_checksum_proves_it(
+    faulty_store, monkeypatch, s3, tmp_path,
+):
+    weights, manifest = Layout.checkpoint_file("step-00000001", "model.safetensors"), Layout.checkpoint_manifest("step-00000001")
+    writer = RunStore(s3.uri(), tmp_path / "cache")
+    writer.write_bytes(weights, b"good weights")
+    writer.write_json(manifest, {"files": {}})
+    writer.flush(30)
+    writer.close()
+    s3.put(f"run/{weights}", b"rotten weigh")  # the same size: only the bytes differ
+    writer.local.write_bytes(Layout.progress, b"{}")  # in the cache alone (never uploaded)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)  # to count the requests
+    store = RunStore(s3.uri(), tmp_path / "cache", proven_reads=True, read_only=True)
+    assert store.read_bytes(weights) == b"rotten weigh"
+    assert store.read_json(manifest) == {"files": {}}
+    assert store.read_bytes(Layout.progress) is None and not store.exists(Layout.progress)
+    assert store.list_dir("") == ["checkpoints"] and store.exists("checkpoints/step-00000001")
+    assert faulty_store.requests == 2  # one listing, then the one object the cache could not stand for

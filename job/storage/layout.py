@@ -60,6 +60,11 @@ class Layout:
     predictions_index = "predictions/index.json"
     checkpoint_manifest_file = MANIFEST_FILE
 
+    # The local cache's own files, never uploaded: the identity of the run it belongs to, and the
+    # caches of other runs it replaced, moved aside (job.storage.cache).
+    cache_run_id = ".run-id"
+    cache_moved_aside = ".moved-aside"
+
     page = "index.html"  # the run page: one self-contained file (job.monitoring.page)
     tensorboard = "tensorboard"
 

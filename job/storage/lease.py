@@ -10,6 +10,9 @@ the old one still runs) never both commit.
   until three quarters of the TTL after it *sent* its last successful renewal. The taker waits a
   whole TTL after it first *saw* that renewal, so the holder stops committing at least a quarter
   TTL before anyone may take over.
+- The run's identity (``run_id``) rides in the lease: minted by the start that finds no lease
+  (the run's first), copied by every later holder from the lease it replaced, so that a cache can
+  tell its own run from another one at the same URI (job.storage.cache).
 - Past that deadline the lease has lapsed: writes that reach the run wait (``check`` raises
   ``LeaseLapsed``; the uploader retries them) while training goes on. A later renewal with the
   same etag proves nobody took over, and writing resumes; a refused one (412: someone else's
@@ -129,6 +132,7 @@ class Lease:
         self.clock, self.sleep, self.wall = clock, sleep, wall
         self.machine = machine or Machine()
         self.holder = uuid.uuid4().hex
+        self.run_id: str | None = None  # the run's identity, known once the lease is taken
         self.attempt: int | None = None
         self.previous_attempt: Any = None  # the attempt named in the lease this one replaced, if any
         self.acquired_at: str | None = None
@@ -158,13 +162,17 @@ class Lease:
                     seen, seen_since = etag, self.clock()
                 reason = self._free(doc, self.clock() - seen_since)
             if reason:
+                self.run_id = _run_id(doc) or uuid.uuid4().hex
                 try:
                     self._write(etag)
                 except WriteConflict:
                     continue  # another starter won the race: look again
                 self._lost = None
                 self.previous_attempt = (doc or {}).get("attempt")
-                log.info("lease.taken", reason=reason, holder=self.holder, previous=_who(doc), ttl_seconds=self.ttl)
+                log.info(
+                    "lease.taken", reason=reason, holder=self.holder, previous=_who(doc), ttl_seconds=self.ttl,
+                    run_id=self.run_id,
+                )
                 return reason
             left = deadline - self.clock()
             if left <= 0:
@@ -273,7 +281,7 @@ class Lease:
         now = self.wall()
         self.acquired_at = self.acquired_at or utc(now)
         doc = {
-            "holder": self.holder, **self.machine.fields(), "attempt": self.attempt,
+            "run_id": self.run_id, "holder": self.holder, **self.machine.fields(), "attempt": self.attempt,
             "acquired_at": self.acquired_at, "renewed_at": utc(now),
             "expires_at": utc(now + timedelta(seconds=self.ttl)), "ttl_seconds": self.ttl,
             "renewals": self.renewals,  # the content, hence the tag, changes at every renewal
@@ -291,6 +299,13 @@ def _parse(data: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _run_id(doc: dict[str, Any] | None) -> str | None:
+    """The identity a lease carries, when it is one this job mints (hex digits only: it names a
+    folder of the cache)."""
+    run_id = (doc or {}).get("run_id")
+    return run_id if isinstance(run_id, str) and 0 < len(run_id) <= 64 and all(c in "0123456789abcdef" for c in run_id) else None
 
 
 def _ttl(doc: dict[str, Any] | None, default: float) -> float:

@@ -18,6 +18,7 @@ from job.monitoring.watchdog import LeaseKeeper
 from job.runtime.distributed import Topology
 from job.runtime.signals import WAITING_FOR_STORE, sleep_unless_stopped
 from job.storage import Layout, RunStore, StorageError
+from job.storage.cache import bind_cache
 from job.storage.lease import Lease
 from job.training.stages import Stage
 
@@ -53,7 +54,8 @@ def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[L
     """One writer per run (docs/storage.md): the writing rank takes the run's lease before it writes
     anything, waiting up to two lease times for a live holder (LeaseBusy after that), fences
     every write of the store with it, renews it while the attempt runs, and releases it at the
-    end, after the caller's last upload."""
+    end, after the caller's last upload. A remote run's cache is bound to the run first
+    (job.storage.cache)."""
     if not topology.is_writer:
         yield None
         return
@@ -61,6 +63,8 @@ def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[L
     lease = Lease(store.run_folder, ttl, sleep=sleep_unless_stopped("waiting for the run's lease"))
     lease.acquire(wait_seconds=2 * ttl)
     store.lease = lease
+    if store.remote is not None:
+        bind_cache(store.local, lease.run_id)  # before anything reads the cache: another run's is moved aside
     try:
         with LeaseKeeper(lease):
             yield lease

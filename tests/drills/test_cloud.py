@@ -202,3 +202,19 @@ def test_a_store_that_stays_away_ends_the_start_with_exit_1_and_touches_nothing(
     finally:
         s3.endpoint.start()
     assert {k: s3.get(k) for k in s3.keys("run/checkpoints/")} == before
+
+
+def test_a_cache_of_another_run_at_the_same_uri_is_moved_aside_and_never_resumed_from(s3, tmp_path):
+    cache, short = tmp_path / "cache", ("--set", "train.epochs=1", *TOKENIZER_ONLY)
+    assert train_s3(s3, cache, *short).returncode == 0
+    first_run = json.loads(s3.get(f"run/{Layout.lease}"))["run_id"]
+    s3.client.delete_objects(Bucket=s3.name, Delete={"Objects": [{"Key": k} for k in s3.keys("run/")]})  # wiped
+
+    result = train_s3(s3, cache, *short)  # the same host, the same --cache-dir
+    assert result.returncode == 0, result.stderr
+    events = log_events(result.stdout)
+    assert [e["event"] for e in events if e["event"] in ("train.fresh_start", "train.resumed")] == ["train.fresh_start"]
+    (moved,) = [Path(e["moved_to"]) for e in events if e["event"] == "cache.moved_aside"]
+    assert moved.name.endswith(first_run) and (moved / Layout.tokenizer.latest).exists()  # nothing lost
+    assert not any(e["event"] == "checkpoint.reupload" for e in events)
+    assert json.loads(s3.get(f"run/{Layout.lease}"))["run_id"] != first_run

@@ -273,6 +273,7 @@ class FaultyStore:
         self.faults: list[tuple[int, str, str]] = []  # (status, code, message): each answers one request
         self.always: tuple[int, str, str] | None = None  # answers every request once faults run out
         self.requests = 0
+        self.delay = 0.0  # seconds added to each direction of every request it forwards (a slow store)
         self._lock = threading.Lock()
         proxy = self
 
@@ -316,6 +317,7 @@ class FaultyStore:
             request.end_headers()
             request.wfile.write(document)
             return
+        time.sleep(self.delay)
         connection = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
             connection.request(request.command, request.path, body, dict(request.headers))
@@ -323,6 +325,7 @@ class FaultyStore:
             data = response.read()
         finally:
             connection.close()
+        time.sleep(self.delay)
         request.send_response(response.status)
         for name, value in response.getheaders():
             if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
@@ -339,12 +342,20 @@ class FaultyStore:
 
 class RecordingFolder(LocalFolder):
     """A real folder on disk that remembers the order of the writes it received, and can be
-    told to fail the next N of them (the store answering 503)."""
+    told to fail the next N of them (the store answering 503), to hold them until ``gate`` is
+    set, or to take ``seconds`` over each (a slow store); ``most_at_once``: the most writes it
+    had in flight together."""
 
     def __init__(self, root):
         super().__init__(root)
         self.written: list[str] = []
+        self.finished: list[str] = []
         self.failures_left = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.seconds = 0.0
+        self.most_at_once = 0
+        self._in_flight = 0
         self._lock = threading.Lock()
 
     def write_bytes(self, rel, data):
@@ -353,7 +364,16 @@ class RecordingFolder(LocalFolder):
                 self.failures_left -= 1
                 raise OSError("503 Service Unavailable (injected)")
             self.written.append(rel)
-        super().write_bytes(rel, data)
+            self._in_flight += 1
+            self.most_at_once = max(self.most_at_once, self._in_flight)
+        try:
+            self.gate.wait(30)
+            time.sleep(self.seconds)
+            super().write_bytes(rel, data)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self.finished.append(rel)
 
 
 def entrypoint_env(**extra: str) -> dict[str, str]:

@@ -82,7 +82,8 @@ def thread_stacks() -> dict[str, str]:
 
 
 class LeaseKeeper(PeriodicThread):
-    """Renews the run's lease every quarter of its TTL (docs/storage.md). While no renewal gets through
+    """Renews the run's lease every quarter of its TTL, counted from one renewal's sending to the
+    next's (docs/storage.md). While no renewal gets through
     (the store is away) the lease lapses: the store's fence holds every write to the run back
     and training goes on. When the lease is lost (another writer took it) this thread logs why
     and ends the process with exit 75: the fence has already stopped every write, and a restart
@@ -97,11 +98,20 @@ class LeaseKeeper(PeriodicThread):
         super().__init__(interval=lease.ttl * RENEW_SHARE)
         self.lease, self.exit = lease, exit
         self._told_lapse = False
+        self._failing = False  # the last renewal failed
         self._log = structlog.get_logger("job.lease")
 
+    def _run(self) -> None:
+        # A quarter TTL from one renewal's sending to the next's, whatever its round trip took; a
+        # quarter TTL between tries while renewals fail (the store is away).
+        while not self._stop.wait(self.interval if self._failing else max(0.0, self.lease.renew_in())):
+            self.tick()
+
     def tick(self) -> None:
+        self._failing = True
         try:
             self.lease.renew()
+            self._failing = False
             self._told_lapse = False
         except LeaseLost as exc:
             if self._stop.is_set():  # the attempt is over and released the lease itself

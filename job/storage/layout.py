@@ -96,6 +96,9 @@ class Layout:
     # the files it lists, latest.json after the manifest; TensorBoard's events after the
     # checkpoint that finished their epochs); everything else only needs its newest content to arrive.
     ordered_prefixes = ("checkpoints/", "stage2/checkpoints/", "data/", "tensorboard/")
+    # Of those, the files whose arrival commits what was written before them: a checkpoint's
+    # manifest and a stage's latest.json, the data's manifest.
+    commit_files = (MANIFEST_FILE, "latest.json")
 
     @staticmethod
     def checkpoint_name(step: int) -> str:

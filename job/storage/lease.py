@@ -6,8 +6,10 @@ the old one still runs) never both commit.
   (``If-Match: <etag>``) once it is free: released, its holder provably dead (same machine and
   pid namespace, that pid gone), or unchanged (readable or not) for the holder's ``ttl_seconds``
   as measured by the taker's own monotonic clock. No two hosts' clocks are ever compared.
-- Holding: renewed every quarter of the TTL (``LeaseKeeper``); the holder counts itself valid only
-  until three quarters of the TTL after it *sent* its last successful renewal. The taker waits a
+- Holding: renewed every quarter of the TTL from one renewal's sending to the next's
+  (``LeaseKeeper``); the holder counts itself valid only until three quarters of the TTL after it
+  *sent* its last successful renewal, less the longest round trip of its recent writes, so that a
+  write it lets through then still lands in time. A round trip over a quarter TTL is warned of. The taker waits a
   whole TTL after it first *saw* that renewal, so the holder stops committing at least a quarter
   TTL before anyone may take over.
 - The run's identity (``run_id``) rides in the lease: minted by the start that finds no lease
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 import socket
 import threading
 import time
@@ -43,6 +46,7 @@ log = structlog.get_logger("job.lease")
 
 VALID_SHARE = 0.75  # of the TTL after the last renewal was sent: the holder's own deadline
 RENEW_SHARE = 0.25  # renewals every quarter TTL: three tries fit before the deadline
+ROUND_TRIPS_KEPT = 4  # the margin for a write's trip is the longest of the last few measured
 
 
 class LeaseError(RuntimeError):
@@ -139,6 +143,8 @@ class Lease:
         self.renewals = 0
         self._etag: str | None = None
         self._sent_at = -math.inf  # monotonic time the last successful write was sent
+        self._round_trips: deque[float] = deque(maxlen=ROUND_TRIPS_KEPT)  # of the last successful writes
+        self._warned_slow = False
         self._lost: str | None = "not taken yet"
         self._writing = threading.Lock()  # the keeper's renewals and the main thread's note/release
 
@@ -226,8 +232,9 @@ class Lease:
         lapsed = self.lapsed_for()
         if lapsed is not None:
             raise LeaseLapsed(
-                f"the run's lease has not been renewed for {lapsed + self.ttl * VALID_SHARE:.1f} s "
-                f"(lease {self.ttl:.0f} s): writes to the run wait until a renewal gets through"
+                f"the run's lease has not been renewed for {self.clock() - self._sent_at:.1f} s "
+                f"(lease {self.ttl:.0f} s, round trip {self.round_trip:.1f} s): writes to the run wait "
+                "until a renewal gets through"
             )
 
     def check_held(self) -> None:
@@ -236,9 +243,19 @@ class Lease:
             raise LeaseLost(f"this process no longer holds the run's lease: {self._lost}")
 
     def lapsed_for(self) -> float | None:
-        """Seconds since this holder's own deadline passed, or None while the lease is live."""
-        over = self.clock() - self._sent_at - self.ttl * VALID_SHARE
+        """Seconds since this holder's own deadline passed, or None while the lease is live. The
+        deadline is a round trip early: a write let through just before it lands by then."""
+        over = self.clock() - self._sent_at - (self.ttl * VALID_SHARE - self.round_trip)
         return over if over >= 0 else None
+
+    @property
+    def round_trip(self) -> float:
+        """The longest round trip of the last few writes of the lease (0 before any)."""
+        return max(self._round_trips, default=0.0)
+
+    def renew_in(self) -> float:
+        """Seconds until the next renewal is due: a quarter TTL after the last one was sent."""
+        return self._sent_at + self.ttl * RENEW_SHARE - self.clock()
 
     def note_attempt(self, attempt: int) -> None:
         """Record the attempt number in the lease at once (it is known only once the lease is held)."""
@@ -290,7 +307,16 @@ class Lease:
         sent = self.clock()
         self._etag = self.folder.write_if(Layout.lease, json_bytes(doc), etag)
         self._sent_at = sent
+        self._round_trips.append(self.clock() - sent)
         self.renewals += 1
+        if self.round_trip > self.ttl * RENEW_SHARE and not self._warned_slow:
+            self._warned_slow = True
+            log.warning(
+                "lease.slow_store", round_trip_seconds=round(self.round_trip, 2), lease_seconds=self.ttl,
+                setting="storage.lease_seconds", advice=f"at least {20 * self.round_trip:.0f} s (20 round trips)",
+                why="a round trip over a quarter of the lease leaves too little of it to write in: "
+                    "writes to the run keep waiting for renewals",
+            )
 
 
 def _parse(data: bytes) -> dict[str, Any] | None:

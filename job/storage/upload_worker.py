@@ -1,12 +1,12 @@
-"""``python -m job.storage.upload_worker URI``: the process that makes the upload lanes'
+"""``python -m job.storage.upload_worker URI AT_ONCE``: the process that makes the upload lanes'
 requests to a remote run URI (job.runtime.workers; the lanes' side is job.storage.uploader.WorkerFolder).
 
 An S3 request costs the client milliseconds of pure Python (botocore building, signing and
 parsing it) under the interpreter lock; in the training process that is taken from the training
 step, which needs the lock between its kernels (docs/benchmarks.md, "Why the code is as it
 is"). So the lanes send through this process, with
-its own S3 client, one request of each lane at a time (two at once: a checkpoint's upload never
-holds back a heartbeat); the lanes (order, pacing, retries, the lease's fence) stay in the
+its own S3 client, working on up to AT_ONCE requests together (both lanes': a checkpoint's upload
+never holds back a heartbeat, and a slow store's round trips overlap); the lanes (order, pacing, retries, the lease's fence) stay in the
 training process and hand over bytes and names only.
 """
 
@@ -42,4 +42,4 @@ def handler(folder: RemoteFolder):
 if __name__ == "__main__":
     remote = RemoteFolder(sys.argv[1])
     remote.connect()
-    serve(handler(remote), concurrency=2)  # one request of each lane
+    serve(handler(remote), concurrency=int(sys.argv[2]))

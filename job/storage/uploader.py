@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -30,6 +30,11 @@ from job.storage.lease import LeaseLost
 
 log = structlog.get_logger("job.storage")
 
+# Requests in flight per lane: a store's round trip (ms on a local one, seconds on a distant or
+# slow one) is then paid once per round of files rather than once per file. A checkpoint's data
+# files go together; more would only queue at the store.
+AT_ONCE = 4
+
 
 @dataclass(frozen=True)
 class Op:
@@ -41,37 +46,70 @@ class Op:
 
 
 class Lane:
-    """One background thread delivering operations to the remote folder in order.
+    """Background threads delivering operations to the remote folder, several at once (a slow
+    store's latency is paid once per round, not once per file), in order where order counts.
 
     Submitting an operation on a path that is already waiting moves it to the back of the line
-    (its content is read when it is sent, so the newest content goes and goes once)."""
+    (its content is read when it is sent, so the newest content goes and goes once). An operation
+    that ``commits`` (a manifest, latest.json, a delete) starts only once everything before it
+    has arrived, and nothing after it starts before it has: so files arrive before the manifest
+    that lists them, and the manifest before latest.json. A folder deleted while its files still
+    wait (a checkpoint pruned before it was sent) drops them: they are never sent."""
 
     def __init__(
         self, name: str, local: Folder, remote: Folder, max_wait: float, pause: float = 0.0,
         clock: Callable[[], float] = time.monotonic, guard: Callable[[], None] = lambda: None,
+        commits: Callable[[Op], bool] = lambda op: False, at_once: int = 1,
     ):
         """``pause``: a file is sent again no sooner than this after its last send (unless someone
         waits for a flush), so that a file rewritten many times a second goes once per pause,
-        while a file not sent lately (the first progress of an attempt) goes at once."""
+        while a file not sent lately (the first progress of an attempt) goes at once.
+        ``at_once``: how many requests the lane has in flight at most."""
         self.name, self.local, self.remote, self.max_wait, self.pause = name, local, remote, max_wait, pause
         self.clock = clock  # the pause's clock; tests pass a fake one
         # Before each send: LeaseLost ends the lane (another writer owns the run); LeaseLapsed
         # (no lease renewal got through lately) is retried like a store error.
         self.guard = guard
-        self._pending: OrderedDict[str, Op] = OrderedDict()
+        self.commits = commits
+        self._pending: OrderedDict[str, Op] = OrderedDict()  # in line, those in flight included
+        self._sending: dict[str, Op] = {}  # in flight, by path
+        self._reached: set[str] = set()  # paths of puts that have started: the run URI may hold them
         self._cond = threading.Condition()
-        self._busy = False
         self._last_sent: dict[str, float] = {}
         self._flushers = 0
         self._abandon = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"upload-{name}-{i}", daemon=True) for i in range(at_once)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, op: Op) -> None:
         with self._cond:
+            if op.kind == "delete_tree":
+                op = self._drop_unsent(op)
+                if op is None:
+                    return
             self._pending.pop(op.rel, None)
             self._pending[op.rel] = op
             self._cond.notify_all()
+
+    def _drop_unsent(self, op: Op) -> Op | None:
+        """A folder is being deleted: its files that wait are never sent, and when none of its
+        files ever started and the deleter wrote them all (``known``: no older copy can be at the
+        run URI), the delete itself has nothing to do."""
+        inside = f"{op.rel}/"
+        dropped = [rel for rel in self._pending if rel.startswith(inside) and rel not in self._sending]
+        for rel in dropped:
+            del self._pending[rel]
+        earlier = self._pending.get(op.rel)
+        if earlier is not None and earlier.known is None:  # an earlier delete of whatever the run URI held there
+            op = replace(op, known=None)
+        if op.known is not None and not any(rel.startswith(inside) for rel in self._reached):
+            if dropped:
+                log.info("upload.never_sent", lane=self.name, path=op.rel, files=len(dropped))
+            return None
+        return op
 
     def backlog(self) -> list[str]:
         with self._cond:
@@ -82,7 +120,7 @@ class Lane:
             self._flushers += 1
             self._cond.notify_all()  # ends a rest
             try:
-                while self._pending or self._busy:
+                while self._pending or self._sending:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
@@ -101,34 +139,41 @@ class Lane:
         while True:
             with self._cond:
                 while not self._abandon.is_set():
-                    rel, wait = self._next_due()
-                    if rel is not None:
+                    op, wait = self._next_due()
+                    if op is not None:
                         break
                     self._cond.wait(wait)
                 if self._abandon.is_set():
                     return
-                op = self._pending[rel]
-                self._busy = True
+                self._sending[op.rel] = op
+                if op.kind == "put":
+                    self._reached.add(op.rel)
             delivered = self._deliver(op)
             with self._cond:
-                if delivered and self._pending.get(rel) is op:
-                    del self._pending[rel]
+                del self._sending[op.rel]
+                if delivered and self._pending.get(op.rel) is op:
+                    del self._pending[op.rel]
+                if delivered and op.kind == "delete_tree":
+                    self._reached = {rel for rel in self._reached if not rel.startswith(f"{op.rel}/")}
                 if self.pause:
-                    self._last_sent[rel] = self.clock()
-                self._busy = False
+                    self._last_sent[op.rel] = self.clock()
                 self._cond.notify_all()
 
-    def _next_due(self) -> tuple[str | None, float | None]:
-        """The oldest waiting path that may be sent now, else (None, seconds until one may)."""
-        if not self._pending:
-            return None, None
+    def _next_due(self) -> tuple[Op | None, float | None]:
+        """The oldest waiting operation that may start now, else (None, seconds until one may)."""
+        if any(self.commits(op) for op in self._sending.values()):
+            return None, None  # nothing overtakes a commit in flight
         now, soonest = self.clock(), math.inf
-        for rel in self._pending:
+        for position, (rel, op) in enumerate(self._pending.items()):
+            if self.commits(op) and (position or self._sending):
+                return None, (None if soonest == math.inf else soonest)  # it waits for all before it
+            if rel in self._sending:
+                continue  # in flight, or its older content is: one request per path at a time
             due = self._last_sent.get(rel, -math.inf) + self.pause
             if due <= now or self._flushers:
-                return rel, None
+                return op, None
             soonest = min(soonest, due - now)
-        return None, soonest
+        return None, (None if soonest == math.inf else soonest)
 
     def _deliver(self, op: Op) -> bool:
         retrying = Retrying(
@@ -172,20 +217,26 @@ def describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
 
 
+def commits(op: Op) -> bool:
+    """Whether ``op`` commits what was written before it (a manifest, latest.json) or removes a
+    folder: the ordered lane sends it alone, after everything before it."""
+    return op.kind == "delete_tree" or op.rel.rsplit("/", 1)[-1] in Layout.commit_files
+
+
 class Uploader:
     """Mirrors the local working copy to the remote folder in the background: one lane for
     files whose order matters (checkpoints, data), one for live files (progress, logs, plots),
-    so that a large checkpoint never holds back a heartbeat (``remote`` must take a request of
-    each at once, as WorkerFolder does)."""
+    so that a large checkpoint never holds back a heartbeat (``remote`` must take AT_ONCE
+    requests of each at once, as WorkerFolder does)."""
 
     def __init__(
         self, local: Folder, remote: Folder, max_wait: float, live_pause: float = 0.0,
         guard: Callable[[], None] = lambda: None,
     ):
-        self.ordered = Lane("ordered", local, remote, max_wait, guard=guard)
+        self.ordered = Lane("ordered", local, remote, max_wait, guard=guard, commits=commits, at_once=AT_ONCE)
         # Every request costs CPU (the S3 client's, and the store's): progress and logs,
         # rewritten several times a second, rest between sends.
-        self.live = Lane("live", local, remote, max_wait, pause=live_pause, guard=guard)
+        self.live = Lane("live", local, remote, max_wait, pause=live_pause, guard=guard, at_once=AT_ONCE)
 
     def lane(self, rel: str) -> Lane:
         return self.ordered if rel.startswith(Layout.ordered_prefixes) else self.live
@@ -207,14 +258,14 @@ class Uploader:
 
 class WorkerFolder:
     """The writes of a RemoteFolder (what an upload lane needs: write, delete, list to delete),
-    made by one worker process for both lanes, which works on a request of each at once. It
+    made by one worker process for both lanes, which works on all their requests at once. It
     starts at once, so that its imports and its S3 client's set-up overlap the job's own start.
     A failed request raises StorageError with the store's words; a worker that died is started
     again by the next request (the lane retries)."""
 
     def __init__(self, uri: str):
         self.uri = uri
-        self._worker = WorkerProcess("job.storage.upload_worker", (uri,))
+        self._worker = WorkerProcess("job.storage.upload_worker", (uri, str(2 * AT_ONCE)))
         self._worker.start()
 
     @property

@@ -19,6 +19,7 @@ from tests.helpers import (
     SMOKE_STEPS,
     TOKENIZER_ONLY,
     JobProcess,
+    job_env,
     log_events,
     poll_until,
     run_job,
@@ -218,3 +219,24 @@ def test_a_cache_of_another_run_at_the_same_uri_is_moved_aside_and_never_resumed
     assert moved.name.endswith(first_run) and (moved / Layout.tokenizer.latest).exists()  # nothing lost
     assert not any(e["event"] == "checkpoint.reupload" for e in events)
     assert json.loads(s3.get(f"run/{Layout.lease}"))["run_id"] != first_run
+
+
+def test_a_slow_store_with_a_lease_of_20_round_trips_completes_uploads_everything_and_verifies(faulty_store, s3, tmp_path):
+    faulty_store.delay = 1.5  # added to each direction of every request: a 3 s round trip
+    cache = tmp_path / "cache"
+    result = run_job("train", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(cache), *TOKENIZER_ONLY,
+                     "--set", "storage.lease_seconds=60", env=job_env(**faulty_store.env), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = log_events(result.stdout)
+    assert not [e for e in events if e["event"] in ("lease.slow_store", "lease.lapsed", "upload.retry")]
+    # Everything the run wrote is in the bucket, byte for byte (its log goes on after the last
+    # flush, and TensorBoard's writer adds its last bytes when it closes).
+    for path in cache.rglob("*"):
+        rel = path.relative_to(cache).as_posix()
+        if path.is_file() and not rel.startswith((".", "logs/", "tensorboard/")):
+            assert s3.get(f"run/{rel}") == path.read_bytes(), rel
+        elif path.is_file() and rel.startswith("tensorboard/"):
+            assert f"run/{rel}" in s3.keys("run/tensorboard/"), rel
+    assert bucket_checkpoints(s3) == sorted(p.parent.name for p in (cache / "checkpoints").glob("*/manifest.json"))
+    verified = run_job("verify", "--preset", "smoke", "--run-uri", s3.uri(), "--cache-dir", str(tmp_path / "verify"))
+    assert verified.returncode == 0, verified.stdout[-3000:]

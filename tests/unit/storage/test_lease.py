@@ -187,3 +187,37 @@ def test_a_cache_left_by_a_writer_that_lost_the_run_never_turns_the_bucket_back(
         "run/checkpoints/step-00000015/manifest.json", "run/checkpoints/step-00000015/model.safetensors",
     ]
     assert json.loads(s3.get(f"run/{stage.latest}"))["checkpoint"] == "step-00000015"
+
+
+class SlowFolder(LocalFolder):
+    """A folder whose conditional writes take ``seconds`` of a fake clock (a distant or slow store)."""
+
+    def __init__(self, root, clock: FakeClock, seconds: float):
+        super().__init__(root)
+        self.clock, self.seconds = clock, seconds
+
+    def write_if(self, rel, data, etag):
+        self.clock.now += self.seconds
+        return super().write_if(rel, data, etag)
+
+
+def test_a_slow_stores_round_trip_brings_the_holders_deadline_forward_and_is_warned_of_once(tmp_path):
+    from structlog.testing import capture_logs
+
+    clock = FakeClock()
+    folder = SlowFolder(tmp_path / "run", clock, seconds=0.5)
+    lease = Lease(folder, TTL, clock=clock)
+    with capture_logs() as logs:
+        lease.acquire(wait_seconds=0)  # sent at 1000, answered at 1000.5
+        assert lease.round_trip == 0.5 and lease.renew_in() == pytest.approx(TTL / 4 - 0.5)  # a quarter TTL after sending
+        clock.now += TTL * 0.75 - 1.0 - 0.01  # a write let through now lands by three quarters of the TTL
+        lease.check()
+        clock.now += 0.02
+        with pytest.raises(LeaseLapsed):
+            lease.check()
+        assert not [e for e in logs if e["event"] == "lease.slow_store"]
+        folder.seconds = TTL / 4 + 0.5  # a round trip over a quarter of the lease
+        lease.renew()
+        lease.renew()
+    (warning,) = [e for e in logs if e["event"] == "lease.slow_store"]
+    assert warning["setting"] == "storage.lease_seconds" and warning["round_trip_seconds"] == TTL / 4 + 0.5

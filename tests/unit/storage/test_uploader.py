@@ -8,7 +8,7 @@ import time
 import pytest
 
 from job.storage import Layout, LocalFolder
-from job.storage.uploader import Lane, Op, Uploader
+from job.storage.uploader import AT_ONCE, Lane, Op, Uploader, commits
 from tests.helpers import FakeClock, RecordingFolder, poll_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -84,5 +84,44 @@ def test_abandon_ends_retrying_and_leaves_the_backlog(folders):
     uploader.submit(Op("put", Layout.latest))
     assert uploader.flush(timeout=0.5) == [Layout.latest]
     uploader.abandon()
-    poll_until(lambda: not uploader.ordered._thread.is_alive(), 10, "the lane's thread to end")
+    poll_until(lambda: not any(t.is_alive() for t in uploader.ordered._threads), 10, "the lane's thread to end")
     assert not remote.exists(Layout.latest)
+
+
+def test_the_ordered_lane_sends_a_checkpoints_files_together_then_its_manifest_then_latest(folders):
+    local, remote = folders
+    remote.seconds = 0.3  # a slow store: each write takes a while
+    lane = Lane("ordered", local, remote, max_wait=0.05, commits=commits, at_once=AT_ONCE)
+    try:
+        files = [Layout.checkpoint_file("step-00000001", f) for f in ("model.safetensors", "state.safetensors")]
+        manifest = Layout.checkpoint_manifest("step-00000001")
+        for rel in (*files, manifest, Layout.latest):
+            put(local, lane, rel, rel.encode())
+        assert lane.wait_idle(time.monotonic() + 10)
+    finally:
+        lane.abandon()
+    assert remote.most_at_once == 2  # the two data files together; the manifest and latest.json alone
+    assert sorted(remote.finished[:2]) == files and remote.finished[2:] == [manifest, Layout.latest]
+    assert remote.written[2:] == [manifest, Layout.latest]  # each started after all before it arrived
+
+
+def test_a_checkpoint_pruned_before_it_was_sent_is_never_sent(folders):
+    local, remote = folders
+    remote.gate.clear()  # the store holds the first requests: the checkpoints queue up behind them
+    lane = Lane("ordered", local, remote, max_wait=0.05, commits=commits, at_once=AT_ONCE)
+    try:
+        older, newer = "step-00000001", "step-00000002"
+        put(local, lane, Layout.data_manifest, b"{}")  # in flight, and a commit: the rest waits
+        for name in (older, newer):
+            for f in ("model.safetensors", "manifest.json"):
+                put(local, lane, Layout.checkpoint_file(name, f), f.encode())
+            put(local, lane, Layout.latest, name.encode())
+        local.delete_tree(Layout.checkpoint_dir(older))
+        lane.submit(Op("delete_tree", Layout.checkpoint_dir(older), ("manifest.json",), ("model.safetensors", "manifest.json")))
+        remote.gate.set()
+        assert lane.wait_idle(time.monotonic() + 10)
+    finally:
+        lane.abandon()
+    assert remote.written == [Layout.data_manifest, *(Layout.checkpoint_file(newer, f) for f in ("model.safetensors", "manifest.json")),
+                              Layout.latest]
+    assert remote.read_bytes(Layout.latest) == newer.encode()

@@ -150,8 +150,8 @@ class CheckpointManager:
 
 
 def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
-    """Make the run URI hold what this machine's working copy has committed, from one listing of
-    the stage's checkpoints there:
+    """Make the run URI hold what this machine's working copy has committed, from the store's
+    listing of the run URI (``RunStore.snapshot``):
 
     - queue for upload, in commit order, the checkpoints the run URI lacks (an earlier attempt
       ended before its backlog drained). Only those newer than the run URI's latest.json: older
@@ -163,10 +163,11 @@ def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
       left as it is, and readers skip what does not verify."""
     if store.remote is None:
         return
-    there = store.remote.stored(stage.checkpoints)
+    there = {rel: stored for rel, stored in store.snapshot().items() if rel.startswith(f"{stage.checkpoints}/")}
     newest_there = ""
     try:
-        newest_there = str(json.loads(store.remote.read_bytes(stage.latest) or b"{}").get("checkpoint") or "")
+        latest = store.remote.read_bytes(stage.latest) if stage.latest in there else None
+        newest_there = str(json.loads(latest or b"{}").get("checkpoint") or "")
     except (ValueError, AttributeError):
         pass  # an unreadable latest.json: every unsent checkpoint goes, as before it existed
     unsent = []

@@ -53,7 +53,7 @@ class RunStore:
         self.uploader: Uploader | None = None
         self._sender: WorkerFolder | None = None
         self.proven_reads = proven_reads and is_remote(uri)
-        self._stored: dict[str, Stored] | None = None  # the run URI's files, listed once for proven reads
+        self._stored: dict[str, Stored] | None = None  # the run URI's files, once listed (snapshot)
         if is_remote(uri):
             self.remote = RemoteFolder(uri)
             self.local = LocalFolder(cache_dir or default_cache_dir(uri))
@@ -130,6 +130,8 @@ class RunStore:
             return
         self._fence_write()
         self.local.delete_tree(rel, first)
+        if self._stored is not None:  # a new dict: a reader may be going through the old one
+            self._stored = {path: stored for path, stored in self._stored.items() if not path.startswith(f"{rel}/")}
         if self.uploader:
             self.uploader.submit(Op("delete_tree", rel, first, known))
 
@@ -144,22 +146,35 @@ class RunStore:
         if self.proven_reads:
             return self._read_proven(rel)
         data = self.local.read_bytes(rel)
-        if data is None and self.remote:
+        if data is None and self._may_hold(rel):
             data = self.remote.read_bytes(rel)
         return data
 
     def _read_proven(self, rel: str) -> bytes | None:
-        stored = self.stored().get(rel)
+        stored = self.snapshot().get(rel)
         if stored is None:
             return None  # whatever the cache holds, the run URI has no such file
         data = self.local.read_bytes(rel)
         return data if data is not None and stored.proves(data) else self.remote.read_bytes(rel)
 
-    def stored(self) -> dict[str, Stored]:
-        """The run URI's files with their sizes and checksums, listed once (proven reads)."""
+    def snapshot(self) -> dict[str, Stored]:
+        """The run URI's files with their sizes and checksums: listed at the first call (one
+        request per 1000 files), then kept. From then on the store answers what the run URI holds
+        from this listing and its own writes and deletes, and asks the run URI only for the
+        content of a file it lists: right for the run's one writer (its lease keeps everyone else
+        out), whose start-up decides from one listing, and for a reader that looks once (verify)."""
         if self._stored is None:
             self._stored = self.remote.stored("")
         return self._stored
+
+    def _may_hold(self, rel: str) -> bool:
+        """Whether asking the run URI for file ``rel`` may find it (no request when listed)."""
+        return self.remote is not None and (self._stored is None or rel in self._stored)
+
+    def _listed(self, rel: str) -> dict[str, Stored]:
+        """The listed files directly inside folder ``rel``, by name."""
+        prefix = f"{rel}/" if rel else ""
+        return {path[len(prefix):]: stored for path, stored in self.snapshot().items() if path.startswith(prefix)}
 
     def read_json(self, rel: str) -> Any | None:
         """The parsed file, or None when it is missing or not valid JSON."""
@@ -171,29 +186,38 @@ class RunStore:
         except ValueError:
             return None
 
+    @property
+    def _listing(self) -> bool:
+        """Whether the run URI's side of a question is answered from its snapshot."""
+        return self.proven_reads or self._stored is not None
+
     def exists(self, rel: str) -> bool:
-        if self.proven_reads:
-            return rel in self.stored() or bool(self.list_dir(rel))
-        return self.local.exists(rel) or bool(self.remote and self.remote.exists(rel))
+        if not self.proven_reads and self.local.exists(rel):
+            return True
+        if self._listing:
+            return rel in self.snapshot() or bool(self._listed(rel))
+        return bool(self.remote and self.remote.exists(rel))
 
     def list_dir(self, rel: str) -> list[str]:
-        if self.proven_reads:
-            prefix = f"{rel}/" if rel else ""
-            return sorted({path[len(prefix):].split("/")[0] for path in self.stored() if path.startswith(prefix)})
-        names = set(self.local.list_dir(rel))
-        if self.remote:
+        names = set() if self.proven_reads else set(self.local.list_dir(rel))
+        if self._listing:
+            names |= {path.split("/")[0] for path in self._listed(rel)}
+        elif self.remote:
             names |= set(self.remote.list_dir(rel))
         return sorted(names)
 
     def file_sizes(self, rel: str) -> dict[str, int]:
         """Name -> size of the files in folder ``rel``: the run URI's, then the local copy's."""
-        sizes = self.remote.file_sizes(rel) if self.remote else {}
-        return sizes | self.local.file_sizes(rel)
+        if self._listing:
+            sizes = {name: stored.size for name, stored in self._listed(rel).items() if "/" not in name}
+        else:
+            sizes = self.remote.file_sizes(rel) if self.remote else {}
+        return sizes if self.proven_reads else sizes | self.local.file_sizes(rel)
 
     def fetch(self, rel: str) -> Path | None:
         """Make sure the local copy holds ``rel``, downloading it if needed; None if nowhere."""
         if not self.local.exists(rel):
-            data = self.remote.read_bytes(rel) if self.remote else None
+            data = self.remote.read_bytes(rel) if self._may_hold(rel) else None
             if data is None:
                 return None
             self.local.write_bytes(rel, data)

@@ -65,6 +65,9 @@ def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[L
     store.lease = lease
     if store.remote is not None:
         bind_cache(store.local, lease.run_id)  # before anything reads the cache: another run's is moved aside
+        # The run folder's state, read once: start-up (attempt number, unsent checkpoints, resume
+        # point, refusals, data) decides from this listing and the few objects it names.
+        store.snapshot()
     try:
         with LeaseKeeper(lease):
             yield lease

@@ -235,9 +235,10 @@ def test_a_run_killed_and_resumed_passes(tmp_path):
     assert report["passed"] is True
 
 
-def test_a_bucket_run_verifies_from_an_empty_cache_and_bit_rot_there_fails_on_the_training_host_until_a_resume_heals_it(
-    s3, tmp_path,
-):
+def test_the_bucket_is_the_runs_truth_for_verify_a_resume_heals_it_and_a_cache_of_another_run_is_set_aside(s3, tmp_path):
+    """A bucket run verifies from an empty cache; bit rot in the bucket fails verify on the host
+    that trained (whose cache is sound) until a restart there heals the bucket; and once the
+    bucket is wiped, that host's cache (of another run now) is moved aside, not resumed from."""
     env = job_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))  # the default cache of this "host"
     on_the_host = ("--preset", "smoke", "--run-uri", s3.uri())
     trained = run_job("train", *on_the_host, env=env)
@@ -264,3 +265,14 @@ def test_a_bucket_run_verifies_from_an_empty_cache_and_bit_rot_there_fails_on_th
     assert [e["files"] for e in log_events(healed.stdout) if e["event"] == "checkpoint.healed"] == [["model.safetensors"]]
     assert s3.get(key) == good
     assert run_job("verify", *on_the_host, env=env).returncode == 0
+
+    first_run = json.loads(s3.get("run/lease.json"))["run_id"]
+    s3.client.delete_objects(Bucket=s3.name, Delete={"Objects": [{"Key": k} for k in s3.keys("run/")]})  # wiped
+    again = run_job("train", *on_the_host, "--set", "train.epochs=1", "--set", "stage2.epochs=0", env=env)
+    assert again.returncode == 0, again.stderr
+    events = log_events(again.stdout)
+    assert [e["event"] for e in events if e["event"] in ("train.fresh_start", "train.resumed")] == ["train.fresh_start"]
+    (moved,) = [Path(e["moved_to"]) for e in events if e["event"] == "cache.moved_aside"]
+    assert moved.name.endswith(first_run) and (moved / "checkpoints" / "latest.json").exists()  # nothing lost
+    assert not any(e["event"] == "checkpoint.reupload" for e in events)
+    assert json.loads(s3.get("run/lease.json"))["run_id"] != first_run

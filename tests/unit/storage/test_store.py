@@ -72,3 +72,27 @@ def test_proven_reads_answer_what_the_bucket_holds_and_use_the_cache_only_where_
     assert store.read_bytes(Layout.progress) is None and not store.exists(Layout.progress)
     assert store.list_dir("") == ["checkpoints"] and store.exists("checkpoints/step-00000001")
     assert faulty_store.requests == 2  # one listing, then the one object the cache could not stand for
+
+
+def test_after_its_snapshot_a_writer_asks_the_run_uri_only_for_the_content_of_files_it_lists(
+    faulty_store, monkeypatch, s3, tmp_path,
+):
+    weights = Layout.checkpoint_file("step-00000001", "model.safetensors")
+    s3.put(f"run/{weights}", b"weights")
+    s3.put(f"run/{Layout.progress}", b'{"attempt": 1}')
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)  # to count the requests
+    store = RunStore(s3.uri(), tmp_path / "cache")
+    try:
+        store.local.write_bytes(Layout.config, b"{}")  # this writer's own (local first)
+        assert set(store.snapshot()) == {weights, Layout.progress}
+        listed = faulty_store.requests
+        assert store.list_dir("") == sorted(["checkpoints", Layout.config, Layout.progress])
+        assert store.exists(Layout.checkpoint_dir("step-00000001")) and not store.exists(Layout.latest)
+        assert store.read_bytes(Layout.latest) is None and store.read_json(Layout.config) == {}
+        assert store.file_sizes(Layout.checkpoint_dir("step-00000001")) == {"model.safetensors": 7}
+        assert faulty_store.requests == listed  # all of it answered from the listing and the cache
+        assert store.read_json(Layout.progress) == {"attempt": 1} and faulty_store.requests == listed + 1
+        store.delete_tree(Layout.checkpoint_dir("step-00000001"))
+        assert store.list_dir(Layout.checkpoints) == []
+    finally:
+        store.close()

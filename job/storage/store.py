@@ -172,7 +172,7 @@ class RunStore:
         return self.remote is not None and (self._stored is None or rel in self._stored)
 
     def _listed(self, rel: str) -> dict[str, Stored]:
-        """The listed files directly inside folder ``rel``, by name."""
+        """The listed files under folder ``rel``, by their path inside it."""
         prefix = f"{rel}/" if rel else ""
         return {path[len(prefix):]: stored for path, stored in self.snapshot().items() if path.startswith(prefix)}
 

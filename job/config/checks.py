@@ -39,7 +39,7 @@ def validate(config: Config) -> None:
         "seed": config.seed, "data.seed": d.seed, "optim.warmup_steps": o.warmup_steps,
         "optim.weight_decay": o.weight_decay, "model.temporal_downsample": m.temporal_downsample,
         "model.entropy_loss_weight": m.entropy_loss_weight,
-        "model.commitment_loss_weight": m.commitment_loss_weight, "train.val_batches": t.val_batches,
+        "model.commitment_loss_weight": m.commitment_loss_weight, "model.speck_weight": m.speck_weight, "train.val_batches": t.val_batches,
         "train.threads": t.threads, "checkpoint.every_epochs": c.every_epochs,
         "checkpoint.every_steps": c.every_steps, "checkpoint.every_minutes": c.every_minutes,
         "storage.connect_seconds": config.storage.connect_seconds,

@@ -51,6 +51,10 @@ class ModelConfig:
     diversity_gamma: float = 1.0
     foreground_threshold: float = 0.05  # a pixel brighter than this belongs to the object
     foreground_balance: float = 0.5  # share of the reconstruction loss given to object pixels
+    # A background pixel drawn brighter than foreground_threshold costs its squared excess summed
+    # over the frame (times this weight), not averaged with ~1,000 black pixels: a speck of a few
+    # pixels is a second object to every judge, but the balanced mean hardly sees it.
+    speck_weight: float = 0.0
     # The next three default to what runs made before they existed used, so that such a run's
     # config.json still rebuilds its model; every preset sets what docs/quality.md measured best.
     recon_loss: str = "mse"  # mse or l1: the per-pixel error that reconstruction_loss balances

@@ -142,7 +142,7 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
     page.write_now(store)  # the whole run folder, earlier attempts' logs in the bucket included
     publish_log()
-    store.flush(cfg.storage.flush_seconds)  # while the lease is still held
+    store.flush(cfg.storage.end_flush_seconds)  # while the lease is still held
 
 
 @dataclass

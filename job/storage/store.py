@@ -20,6 +20,10 @@ from job.storage.lease import Lease
 from job.storage.patience import Patience
 from job.storage.uploader import Op, Uploader, WorkerFolder
 
+# How long a preflight waits for the upload worker's imports (one still importing then is left
+# to the uploads, which wait for it).
+WORKER_START_SECONDS = 60.0
+
 
 class RunStore:
     """A run folder addressed by relative paths (see ``Layout``): written locally first, then
@@ -192,6 +196,8 @@ class RunStore:
         if not self.remote:
             return
         self.patience((lambda: self.remote.list_dir("")) if self.read_only else self.remote.check)
+        if self._sender:
+            self._sender.check_started(WORKER_START_SECONDS)
 
     def flush(self, timeout: float) -> None:
         """Deliver the backlog within ``timeout`` seconds, or raise StorageError naming what is

@@ -9,6 +9,8 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
@@ -296,6 +298,18 @@ class RemoteFolder:
 
     def check(self) -> None:
         _probe(self)
+
+    def now(self) -> datetime:
+        """The store's clock: the Date header of its answer to a listing of one key of this folder
+        (a request the least IAM policy allows)."""
+        bucket, key, _ = self.fs.split_path(self.base)
+
+        async def ask() -> str:
+            s3 = await self._client(bucket)
+            answer = await s3.list_objects_v2(Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+            return answer["ResponseMetadata"]["HTTPHeaders"]["date"]
+
+        return parsedate_to_datetime(self._ask(self._sync, ask))
 
     def connect(self) -> None:
         """Set up the S3 client now (its service model is parsed once per client) rather than

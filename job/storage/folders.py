@@ -66,6 +66,11 @@ REFUSALS = {
 retry_transient = retry_if_exception_type(Exception) & retry_if_not_exception_type(StoreRefused)
 
 
+def describe(exc: BaseException | None) -> str:
+    """The store's own words: botocore's ClientError carries its code and message in str()."""
+    return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+
+
 def refusal_code(exc: BaseException) -> str | None:
     """The store's error code if ``exc`` is a refusal for good (a key of REFUSALS), else None.
     s3fs turns botocore's errors into OSErrors, so the code is read from the exception chain."""

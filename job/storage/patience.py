@@ -17,8 +17,7 @@ import structlog
 from tenacity import Retrying, retry_if_not_exception_type, wait_exponential_jitter
 
 from job.runtime.signals import WAITING_FOR_STORE, sleep_unless_stopped
-from job.storage.folders import StorageError, WriteConflict, retry_transient
-from job.storage.uploader import describe
+from job.storage.folders import StorageError, WriteConflict, describe, retry_transient
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ from tenacity import (
 )
 
 from job.runtime.workers import WorkerBroken, WorkerError, WorkerGone, WorkerProcess
-from job.storage.folders import Folder, StorageError, delete_remote_tree
+from job.storage.folders import Folder, StorageError, delete_remote_tree, describe
 from job.storage.layout import Layout
 from job.storage.lease import LeaseLost
 
@@ -169,11 +169,6 @@ class Lane:
             "upload.retry", lane=self.name, path=op.rel, attempt=state.attempt_number,
             wait_seconds=round(state.upcoming_sleep, 2), error=describe(state.outcome.exception()),
         )
-
-
-def describe(exc: BaseException | None) -> str:
-    """The store's own words: botocore's ClientError carries its code and message in str()."""
-    return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
 
 
 class Uploader:

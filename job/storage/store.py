@@ -32,18 +32,17 @@ class RunStore:
     def __init__(
         self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0, read_only: bool = False,
         live_upload_seconds: float = 0.0, connect_seconds: float = StorageConfig.connect_seconds,
-        patience: Patience | None = None,
     ):
         """``read_only``: a process that only reads the run (a DDP rank other than 0). Its writes
         are dropped on purpose, so that exactly one process owns every file of the run.
         ``live_upload_seconds``: live files (progress, logs, plots) reach the run URI at most
         this often; checkpoints and data are never held back. ``connect_seconds``: how long every
         request this process makes itself to the run URI (reads, listings, the preflight) rides
-        out a store that does not answer (``patience``: that rule, with a test's clock)."""
+        out a store that does not answer."""
         uri = str(uri)
         self.uri = uri
         self.read_only = read_only
-        self.patience = patience or Patience(uri, connect_seconds)
+        self.patience = Patience(uri, connect_seconds)
         # The writer's lease (set once taken) fences every write: nothing reaches the run URI
         # unless the lease is live, and nothing is written at all once it is lost.
         self.lease: Lease | None = None
@@ -141,9 +140,7 @@ class RunStore:
         return data
 
     def read_remotely(self, rel: str) -> bytes | None:
-        """The run URI's own copy of ``rel`` (the local one for a local run)."""
-        if self.remote is None:
-            return self.local.read_bytes(rel)
+        """A remote run URI's own copy of ``rel``, whatever the working copy holds."""
         return self.patience(lambda: self.remote.read_bytes(rel))
 
     def read_json(self, rel: str) -> Any | None:

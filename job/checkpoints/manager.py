@@ -156,7 +156,7 @@ def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
         return
     newest_there = ""
     try:
-        newest_there = str(json.loads(store.remote.read_bytes(stage.latest) or b"{}").get("checkpoint") or "")
+        newest_there = str(json.loads(store.read_remotely(stage.latest) or b"{}").get("checkpoint") or "")
     except (ValueError, AttributeError):
         pass  # an unreadable latest.json: every unsent checkpoint goes, as before it existed
     local = [n for n in store.local.list_dir(stage.checkpoints) if n.startswith("step-") and n > newest_there]

@@ -146,7 +146,7 @@ class MonitorConfig:
 
 @dataclass
 class StorageConfig:
-    connect_seconds: float = 300.0  # how long a start retries an unreachable run URI before exit 1
+    connect_seconds: float = 300.0  # how long each request to the run URI rides out a store that is away, before exit 1
     flush_seconds: float = 120.0  # how long the end of a run waits for the upload backlog
     signal_flush_seconds: float = 5.0  # the same after SIGTERM, inside docker stop's 10 s
     retry_max_seconds: float = 30.0  # longest pause between two upload retries
@@ -155,6 +155,12 @@ class StorageConfig:
     # quarter of it). A start after a kill -9 on another machine waits this long; a start waits
     # at most twice this for a live writer before exit 75.
     lease_seconds: float = 60.0
+
+    @property
+    def end_flush_seconds(self) -> float:
+        """How long the end of a mode waits for its uploads: the backlog's time, but never less
+        than a store that is away is waited for anywhere else."""
+        return max(self.flush_seconds, self.connect_seconds)
 
 
 @dataclass

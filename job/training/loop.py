@@ -17,6 +17,7 @@ run that was never interrupted (on the same CPU machine).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 
 import structlog
@@ -82,10 +83,9 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
         publish_log = RunLog(store, attempt).publish  # before the checkpoint search, so its warnings land there
         for stage in stages:
             mirror_unsent(store, stage.layout)  # what a previous attempt committed locally but could not upload
-    # The first stage's checkpoint is found, and a change of math refused, before any data work.
-    attempt, resume = find_resume_point(cfg, store, topology, device, stages[0], attempt)
-    if topology.is_writer:
-        refuse_to_orphan_later_stages(store, stages, resume.previous, cfg)
+    # The checkpoints to resume from are found, and a change of math refused, before any data work.
+    attempt, resumes = find_resume_points(cfg, store, topology, device, stages, attempt)
+    resuming = stages[len(resumes) - 1]
     bind_run_context(attempt=attempt)
     store.write_json(Layout.config, cfg.to_dict())
 
@@ -93,7 +93,7 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     # files are uploaded), reading this attempt's working copy.
     page = PageWriter.for_store(store, min_seconds=max(cfg.storage.live_upload_seconds, cfg.monitor.progress_every_seconds))
     progress = Progress(store, on_write=page.request, attempt=attempt, stages=len(stages),
-                        **stage_progress(cfg, stages[0], resume.previous))
+                        **stage_progress(cfg, resuming, resumes[-1].previous))
     progress.update(status="starting")
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
@@ -108,8 +108,8 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
             shared = Attempt(cfg, store, topology, device, attempt, dataset, progress, stop, watchdog, plots)
             try:
                 with watchdog:
-                    for stage in stages:
-                        shared.run_stage(stage, resume if stage is stages[0] else None)
+                    for stage, resume in itertools.zip_longest(stages, resumes):
+                        shared.run_stage(stage, resume)
                 plots.finish(timeout=cfg.storage.flush_seconds)  # the final plots, even on a loaded CPU
             finally:
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
@@ -131,13 +131,32 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
     page.write_now(store)  # the whole run folder, earlier attempts' logs in the bucket included
     publish_log()
-    store.flush(cfg.storage.flush_seconds)  # while the lease is still held
+    store.flush(cfg.storage.end_flush_seconds)  # while the lease is still held
 
 
 @dataclass
 class ResumePoint:
     inventory: dict[str, bool]  # the stage's checkpoint folders, listed when the store last answered
     previous: Checkpoint | None  # the newest valid one, if any
+
+
+def find_resume_points(
+    cfg: Config, store: RunStore, topology: Topology, device, stages: list[Stage], attempt: int,
+) -> tuple[int, list[ResumePoint]]:
+    """The resume points of the first stage and of each later one that a restart resumes into:
+    the list ends with the first stage not finished yet (the last stage if all are), the one
+    the attempt's progress names from its first write."""
+    attempt, first = find_resume_point(cfg, store, topology, device, stages[0], attempt)
+    if topology.is_writer:
+        refuse_to_orphan_later_stages(store, stages, first.previous, cfg)
+    resumes = [first]
+    for finished, stage in zip(stages, stages[1:]):
+        done = resumes[-1].previous
+        if done is None or done.step < finished.total_steps(cfg):
+            break
+        attempt, resume = find_resume_point(cfg, store, topology, device, stage, attempt)
+        resumes.append(resume)
+    return attempt, resumes
 
 
 def find_resume_point(
@@ -227,10 +246,10 @@ class Attempt:
             log.info("train.fresh_start", stage=stage.number, total_steps=total_steps)
         state.attempt = self.attempt
         write_metrics(store, stage.layout.metrics, state.metrics)
-        self.progress.update(**stage_progress(cfg, stage, previous))
-        if state.step >= total_steps:
+        if state.step >= total_steps:  # progress already names a later stage, or this last one
             log.info("train.already_complete", stage=stage.number, step=state.step, total_steps=total_steps)
             return
+        self.progress.update(**stage_progress(cfg, stage, previous))
 
         events = None
         if topology.is_writer:

@@ -154,10 +154,10 @@ def timed(action):
 
 def checkpoint_split(uri: str, cache: Path, cfg, total_steps: int, dataset: bool = True) -> dict[str, float]:
     """What a resuming job does before its first step, in its order, with an empty cache."""
-    store = RunStore(uri, cache)
+    store = RunStore(uri, cache, connect_seconds=cfg.storage.connect_seconds)
     parts: dict[str, float] = {}
     try:
-        _, parts["preflight"] = timed(lambda: store.preflight(cfg.storage.connect_seconds))
+        _, parts["preflight"] = timed(store.preflight)
         names, parts["list"] = timed(CheckpointReader(store).names)
         name = names[-1]
 

@@ -261,10 +261,26 @@ REFUSALS = {
 S3_ERROR = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>injected</RequestId></Error>'
 
 
+class Outage:
+    """A time the store is away: every request in it is cut off unanswered (the connection reset),
+    as a store that went down or a network that dropped does. It begins when ``cut_for`` is called,
+    or at the first request ``at`` matches (cut off too), or right after the first request ``after``
+    matches has been answered; ``at`` and ``after`` see a request as (method, path with query)."""
+
+    def __init__(self, seconds: float, at=None, after=None):
+        self.seconds, self.at, self.after = seconds, at, after
+        self.began: float | None = None if at or after else time.monotonic()
+        self.cut: list[str] = []  # the requests it cut off, "METHOD path"
+
+    def covers(self, now: float) -> bool:
+        return self.began is not None and now < self.began + self.seconds
+
+
 class FaultyStore:
     """An HTTP proxy in front of an S3 endpoint that answers the requests a test chooses with an S3
-    error (status and error document, as a real store sends them) and forwards the others, so
-    that the job meets a store refusing its credentials or busy, through its real client."""
+    error (status and error document, as a real store sends them), or cuts them off while the
+    store is away (``cut_for``), and forwards the others, so that the job meets a store refusing
+    its credentials, busy or away, through its real client."""
 
     def __init__(self, upstream: str):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -272,6 +288,7 @@ class FaultyStore:
         self.upstream = upstream.removeprefix("http://")
         self.faults: list[tuple[int, str, str]] = []  # (status, code, message): each answers one request
         self.always: tuple[int, str, str] | None = None  # answers every request once faults run out
+        self.outages: list[Outage] = []
         self.requests = 0
         self.delay = 0.0  # seconds added to each direction of every request it forwards (a slow store)
         self._lock = threading.Lock()
@@ -301,10 +318,45 @@ class FaultyStore:
     def fail_always(self, status: int, code: str, message: str) -> None:
         self.always = (status, code, message)
 
+    def cut_for(self, seconds: float, at=None, after=None) -> Outage:
+        """Take the store away for ``seconds`` (see ``Outage`` for when it begins)."""
+        outage = Outage(seconds, at, after)
+        with self._lock:
+            self.outages.append(outage)
+        return outage
+
+    def _cut_off(self, request) -> bool:
+        """Whether the store is away for this request: if so it is reset, unanswered."""
+        import socket
+        import struct
+
+        what = (request.command, request.path)
+        now = time.monotonic()
+        with self._lock:
+            for outage in self.outages:
+                if outage.began is None and outage.at and outage.at(*what):
+                    outage.began = now
+            away = next((o for o in self.outages if o.covers(now)), None)
+            if away is None:
+                return False
+            away.cut.append(" ".join(what))
+        request.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        request.close_connection = True
+        return True
+
+    def _answered(self, command: str, path: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for outage in self.outages:
+                if outage.began is None and outage.after and outage.after(command, path):
+                    outage.began = now
+
     def answer(self, request) -> None:
         import http.client
 
         body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        if self._cut_off(request):
+            return
         with self._lock:
             self.requests += 1
             fault = self.faults.pop(0) if self.faults else self.always
@@ -334,6 +386,8 @@ class FaultyStore:
         request.end_headers()
         if request.command != "HEAD":
             request.wfile.write(data)
+        request.wfile.flush()
+        self._answered(request.command, request.path)
 
     def close(self) -> None:
         self.server.shutdown()

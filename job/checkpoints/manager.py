@@ -166,7 +166,7 @@ def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
     there = {rel: stored for rel, stored in store.snapshot().items() if rel.startswith(f"{stage.checkpoints}/")}
     newest_there = ""
     try:
-        latest = store.remote.read_bytes(stage.latest) if stage.latest in there else None
+        latest = store.read_remotely(stage.latest) if stage.latest in there else None
         newest_there = str(json.loads(latest or b"{}").get("checkpoint") or "")
     except (ValueError, AttributeError):
         pass  # an unreadable latest.json: every unsent checkpoint goes, as before it existed
@@ -194,7 +194,7 @@ def mirror_unsent(store: RunStore, stage: StageLayout) -> None:
 def holds(store: RunStore, rel: str, stored: Stored, data: bytes) -> bool:
     """Whether the run URI's ``rel`` is ``data``: by the store's checksum where it proves it (no
     download), else by the object's own bytes."""
-    return stored.proves(data) or store.remote.read_bytes(rel) == data
+    return stored.proves(data) or store.read_remotely(rel) == data
 
 
 def heal(store: RunStore, stage: StageLayout, name: str, manifest_bytes: bytes, there: dict[str, Stored]) -> None:

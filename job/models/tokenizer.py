@@ -372,6 +372,9 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, model: ModelC
     background_weight = (1.0 - model.foreground_balance) * has_background
     weighted = object_weight * object_error + background_weight * background_error
     per_sample = weighted / (object_weight + background_weight)
+    if model.speck_weight:
+        excess = F.relu(recon.float() - model.foreground_threshold).pow(2).flatten(1) * is_background
+        per_sample = per_sample + model.speck_weight * excess.sum(1) / recon.shape[2]  # per frame
     return per_sample.mean()
 
 

@@ -9,7 +9,6 @@ from typing import TypeVar
 from job.config import Config
 from job.monitoring.page.write import PageWriter
 from job.runtime.distributed import Topology
-from job.runtime.signals import WAITING_FOR_STORE, sleep_unless_stopped
 from job.storage import RunStore
 
 T = TypeVar("T")
@@ -28,11 +27,11 @@ def open_run(
     store = RunStore.for_job(run_uri, cache_dir, cfg.storage, read_only=not topology.is_writer, proven_reads=proven_reads)
     try:
         if preflight_and_flush:
-            store.preflight(cfg.storage.connect_seconds, sleep=sleep_unless_stopped(WAITING_FOR_STORE))
+            store.preflight()
         result = run(cfg, store)
         if preflight_and_flush:
             PageWriter.for_store(store).write_now(store)  # what the mode wrote (a report, samples) shows there
-            store.flush(cfg.storage.flush_seconds)
+            store.flush(cfg.storage.end_flush_seconds)
     finally:
         store.close()
     return result

@@ -23,7 +23,7 @@ from tenacity import Retrying, stop_after_attempt, stop_after_delay, wait_expone
 
 from job.monitoring.page.write import page_html
 from job.monitoring.progress import format_duration, render_progress
-from job.storage import Layout, StoreRefused, open_folder
+from job.storage import Layout, RemoteFolder, StoreRefused, open_folder
 from job.monitoring.run_facts import (
     DEFAULT_HEARTBEAT_SECONDS,
     LIVE_STATUSES,
@@ -44,8 +44,9 @@ EXIT_NO_RUN = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 TREND_EPOCHS = 5
-# progress.json's times are whole seconds, and two machines' clocks differ by a second or two
-# even under NTP: a heartbeat ahead of our clock by less than this is simply fresh.
+# progress.json's times and the store's Date header are whole seconds, and two machines' clocks
+# differ by a second or two even under NTP: a heartbeat ahead of the store's clock by less than
+# this is simply fresh, and this machine's clock off by less is not worth a note.
 CLOCK_TOLERANCE_SECONDS = 5.0
 FINAL_STATUSES = ("completed", "failed", "stalled")  # --watch stops on these: nothing more will happen
 
@@ -98,6 +99,11 @@ class RunFolder(FolderReader):
         """Name -> size of the files directly in folder ``rel``, from one listing."""
         return _asking_store(self.folder.file_sizes, rel)
 
+    def now(self, here: datetime) -> datetime:
+        """The store's clock now (the Date of its answer); a local run folder's store is this
+        machine, whose clock says ``here``."""
+        return _asking_store(self.folder.now) if isinstance(self.folder, RemoteFolder) else here
+
 
 def _asking_store(call: Callable[..., T], *args: Any) -> T:
     retrying = Retrying(
@@ -131,6 +137,7 @@ class RunReport:
     loss_trend: dict[str, Any] | None = None
     writer: dict[str, Any] | None = None  # who holds the run's lease (lease.json), if anyone did
     notes: list[str] = field(default_factory=list)
+    clock_skew: float | None = None  # seconds this machine's clock is ahead of the store's
 
     @property
     def exit_code(self) -> int:
@@ -145,14 +152,30 @@ class RunReport:
         return self.status in FINAL_STATUSES
 
 
-def read_run(uri: str, now: datetime | None = None) -> RunReport:
-    now = now or datetime.now(timezone.utc)
+def utc_clock() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def read_run(uri: str, clock: Callable[[], datetime] = utc_clock) -> RunReport:
+    """Where the run at ``uri`` stands. Heartbeat age and lease expiry are measured by the store's
+    clock, never by this machine's (``clock``), which may be minutes off on a laptop: the verdict
+    is the same, and a note says by how much the two disagree."""
     try:
-        return assess_run(RunFolder(uri), uri, now)
+        run = RunFolder(uri)
+        now = run.now(clock())
+        skew = (clock() - now).total_seconds()
+        report = assess_run(run, uri, now)
     except Refused as exc:
-        return RunReport(uri, now, "refused", problem=f"refused: {exc}")
+        return RunReport(uri, clock(), "refused", problem=f"refused: {exc}")
     except Unreachable as exc:
-        return RunReport(uri, now, "unreachable", problem=f"unreachable: {exc}")
+        return RunReport(uri, clock(), "unreachable", problem=f"unreachable: {exc}")
+    report.clock_skew = skew
+    if abs(skew) > CLOCK_TOLERANCE_SECONDS:
+        report.notes.append(
+            f"this machine's clock is {format_duration(round(abs(skew)))} {'ahead of' if skew > 0 else 'behind'} the store's; "
+            "heartbeat age and lease expiry are measured by the store's clock"
+        )
+    return report
 
 
 def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
@@ -186,8 +209,8 @@ def assess_run(run: RunFolder, uri: str, now: datetime) -> RunReport:
 
 def writer_summary(lease: Any, now: datetime) -> dict[str, Any] | None:
     """The lease's holder and whether it still holds the run: ``holding`` until its expires_at
-    (by this machine's clock, so only as exact as the clocks agree), else ``expired``, or
-    ``released`` by a writer that ended."""
+    (by the store's clock ``now``: as exact as the writer's clock agrees with it), else
+    ``expired``, or ``released`` by a writer that ended."""
     if not isinstance(lease, dict):
         return None
     expires_in = age_seconds(lease.get("expires_at"), now)
@@ -201,12 +224,6 @@ def writer_summary(lease: Any, now: datetime) -> dict[str, Any] | None:
     return {**{k: lease.get(k) for k in keys}, "state": state}
 
 
-
-
-
-
-
-
 def judge_health(status: Any, heartbeat_age: float | None, stale_after: float) -> str:
     if status in LIVE_STATUSES:
         # No readable heartbeat proves nothing is alive.
@@ -215,12 +232,6 @@ def judge_health(status: Any, heartbeat_age: float | None, stale_after: float) -
     if status in ("completed", "failed", "stalled", "preempted"):
         return status
     return "unknown"
-
-
-
-
-
-
 
 
 def loss_trend(metrics: bytes | None, notes: list[str]) -> dict[str, Any] | None:
@@ -244,10 +255,6 @@ def loss_trend(metrics: bytes | None, notes: list[str]) -> dict[str, Any] | None
     }
 
 
-
-
-
-
 # --- showing it --------------------------------------------------------------------------
 
 
@@ -268,6 +275,7 @@ def report_json(report: RunReport) -> dict[str, Any]:
         "loss_trend": report.loss_trend,
         "writer": report.writer,
         "notes": report.notes,
+        "clock_skew_seconds": None if report.clock_skew is None else round(report.clock_skew, 1),
     }
 
 

@@ -10,6 +10,11 @@ line says how many ("payload" in the message), and they follow it.
 A child lives exactly as long as its requester holds its stdin open: when the requester closes
 it, or dies (even by SIGKILL), the child exits at once, dropping any request in flight, as the
 requester's own threads would have been.
+
+A child says one line ({"serving": true}) once its imports are done and it serves. Its stderr
+passes through the requester's, and a child that ends unasked is logged (``worker.exited``) with
+its exit code and the last lines of its stderr; one that ends before it served (an import error)
+is broken for good: it is not started again, and every request says why at once.
 """
 
 from __future__ import annotations
@@ -21,17 +26,44 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger("job.worker")
+
+STDERR_LINES = 20  # of a child's stderr, kept for the report of its end
 
 
 class WorkerGone(RuntimeError):
     """The worker process ended (or was stopped) while a request was in flight."""
 
 
+class WorkerBroken(RuntimeError):
+    """The worker ended before it served anything (an error at start, e.g. an import error):
+    starting it again would end the same way. The message names its exit code and stderr."""
+
+
 class WorkerError(RuntimeError):
     """The worker could not do what was asked; the message is its own ("ValueError: ...")."""
+
+
+class _Child:
+    """One process of a worker, with what its requester learns of it."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
+        self.serving = False
+        self.settled = threading.Event()  # serving, or ended
+        self.stderr_read = threading.Event()
+
+    def ending(self, module: str, code: int) -> str:
+        tail = "".join(self.stderr).strip()
+        return f"{module} (pid {self.proc.pid}) exited with {code}" + (f": {tail}" if tail else "")
 
 
 # --- the requester's side ------------------------------------------------------------------
@@ -44,31 +76,47 @@ class WorkerProcess:
 
     def __init__(self, module: str, args: tuple[str, ...] = ()):
         self.module, self.args = module, args
-        self._proc: subprocess.Popen | None = None
+        self._child: _Child | None = None
         self._lock = threading.Lock()  # the process, the pipe to it and the table of requests in flight
         self._in_flight: dict[int, tuple[subprocess.Popen, Future]] = {}
         self._numbers = itertools.count()
         self._stopped = False
+        self._broken: WorkerBroken | None = None
 
     @property
     def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
+        child = self._child
+        return child.proc.pid if child is not None and child.proc.poll() is None else None
 
     def start(self) -> None:
         """Start the worker now rather than with the first request (its imports then overlap
         whatever the requester does meanwhile)."""
         with self._lock:
-            if not self._stopped:
+            if not self._stopped and self._broken is None:
                 self._running()
+
+    def check_started(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the worker to serve; WorkerBroken if it ended first.
+        (One still importing after that is left to its first request.)"""
+        with self._lock:
+            if self._broken is None and not self._stopped:
+                self._running()
+            child = self._child
+        if child is not None:
+            child.settled.wait(timeout)
+        if self._broken is not None:
+            raise self._broken
 
     def request(self, message: dict[str, Any], payload: bytes | None = None) -> dict[str, Any]:
         """Send ``message`` (and ``payload``, raw bytes) and return the answer; WorkerError if the
-        worker answered with an error, WorkerGone if it died or was stopped before answering."""
+        worker answered with an error, WorkerGone if it died or was stopped before answering,
+        WorkerBroken if it cannot start."""
         answer: Future = Future()
         with self._lock:
             if self._stopped:
                 raise WorkerGone(f"{self.module} was stopped")
+            if self._broken is not None:
+                raise self._broken
             proc = self._running()
             number = next(self._numbers)
             header = {**message, "id": number, **({"payload": len(payload)} if payload is not None else {})}
@@ -91,7 +139,7 @@ class WorkerProcess:
         """End the worker (and any request in flight); later requests raise WorkerGone."""
         with self._lock:
             self._stopped = True
-            proc = self._proc
+            proc = self._child.proc if self._child else None
         if proc is None:
             return
         try:
@@ -102,28 +150,59 @@ class WorkerProcess:
             proc.wait()
 
     def _running(self) -> subprocess.Popen:
-        if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen(
+        if self._child is None or self._child.proc.poll() is not None:
+            proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, *self.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
-            threading.Thread(target=self._answers, args=(self._proc,), name="worker-answers", daemon=True).start()
-        return self._proc
+            self._child = child = _Child(proc)
+            threading.Thread(target=self._stderr, args=(child,), name="worker-stderr", daemon=True).start()
+            threading.Thread(target=self._answers, args=(child,), name="worker-answers", daemon=True).start()
+        return self._child.proc
 
-    def _answers(self, proc: subprocess.Popen) -> None:
-        """Hand each answer of ``proc`` to its request; when it ends, fail what it left unanswered."""
+    @staticmethod
+    def _stderr(child: _Child) -> None:
+        """Pass the child's stderr through to ours, keeping its last lines for the report of its end."""
+        try:
+            for raw in child.proc.stderr:
+                line = raw.decode(errors="replace")
+                child.stderr.append(line)
+                sys.stderr.write(line)
+        finally:
+            child.stderr_read.set()
+
+    def _answers(self, child: _Child) -> None:
+        """Hand each answer of the child to its request; when it ends, fail what it left
+        unanswered, and report an end nobody asked for."""
+        proc = child.proc
         try:
             for line in proc.stdout:
                 reply = json.loads(line)
+                if "id" not in reply:  # {"serving": true}: its imports are done
+                    child.serving = True
+                    child.settled.set()
+                    continue
                 with self._lock:
                     _, answer = self._in_flight.pop(reply.pop("id"))
                 answer.set_result(reply)
         finally:
             code = proc.wait()
+            child.stderr_read.wait(5)  # the last lines come with the end of the pipe
+            ending = child.ending(self.module, code)
             with self._lock:
+                asked = self._stopped
+                if not child.serving and not asked:
+                    self._broken = WorkerBroken(f"{ending} before it served: it is not started again")
                 lost = [n for n, (p, _) in self._in_flight.items() if p is proc]
                 answers = [self._in_flight.pop(n)[1] for n in lost]
+            child.settled.set()
+            if not asked:  # a killed worker that served is started again by the next request; a broken one is not
+                (log.warning if child.serving else log.error)(
+                    "worker.exited", module=self.module, pid=proc.pid, exit_code=code, served=child.serving,
+                    stderr=list(child.stderr),
+                )
             for answer in answers:
-                answer.set_exception(WorkerGone(f"{self.module} (pid {proc.pid}) exited with {code}"))
+                answer.set_exception(self._broken or WorkerGone(ending))
 
 
 # --- the worker's side ---------------------------------------------------------------------
@@ -161,6 +240,8 @@ def serve(handle: Callable[[dict[str, Any]], dict[str, Any]], concurrency: int =
             answers.write((json.dumps({**reply, "id": number}) + "\n").encode())
             answers.flush()
 
+    answers.write(b'{"serving": true}\n')
+    answers.flush()
     workers = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="request")
     source = sys.stdin.buffer
     while line := source.readline():

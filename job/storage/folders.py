@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
@@ -63,6 +65,11 @@ REFUSALS = {
 # Exceptions: tenacity's "any but StoreRefused" alone would also retry a KeyboardInterrupt that
 # lands inside a request, and a Ctrl-C would be lost.
 retry_transient = retry_if_exception_type(Exception) & retry_if_not_exception_type(StoreRefused)
+
+
+def describe(exc: BaseException | None) -> str:
+    """The store's own words: botocore's ClientError carries its code and message in str()."""
+    return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
 
 
 def refusal_code(exc: BaseException) -> str | None:
@@ -307,6 +314,18 @@ class RemoteFolder:
 
     def check(self) -> None:
         _probe(self)
+
+    def now(self) -> datetime:
+        """The store's clock: the Date header of its answer to a listing of one key of this folder
+        (a request the least IAM policy allows)."""
+        bucket, key, _ = self.fs.split_path(self.base)
+
+        async def ask() -> str:
+            s3 = await self._client(bucket)
+            answer = await s3.list_objects_v2(Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+            return answer["ResponseMetadata"]["HTTPHeaders"]["date"]
+
+        return parsedate_to_datetime(self._ask(self._sync, ask))
 
     def connect(self) -> None:
         """Set up the S3 client now (its service model is parsed once per client) rather than

@@ -129,10 +129,13 @@ class Lease:
         self, folder: Folder, ttl_seconds: float, clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep, machine: Machine | None = None,
         wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        patience: Callable[[Callable[[], Any]], Any] = lambda request: request(),
     ):
         """``clock``/``sleep``: the monotonic clock every deadline uses (tests pass fake ones);
-        ``wall``: only for the timestamps written for people (status), never for decisions."""
-        self.folder, self.ttl = folder, float(ttl_seconds)
+        ``wall``: only for the timestamps written for people (status), never for decisions;
+        ``patience``: how taking the lease rides out a store that is away (the run store's,
+        job.storage.patience); renewals do not wait: one that fails is a lapse."""
+        self.folder, self.ttl, self.patience = folder, float(ttl_seconds), patience
         self.clock, self.sleep, self.wall = clock, sleep, wall
         self.machine = machine or Machine()
         self.holder = uuid.uuid4().hex
@@ -158,7 +161,7 @@ class Lease:
         seen_since = self.clock()
         told: str | None = None
         while True:
-            current = self.folder.read_tagged(Layout.lease)
+            current = self.patience(lambda: self.folder.read_tagged(Layout.lease))
             if current is None:
                 reason, doc, etag = "no lease", None, None
             else:
@@ -170,9 +173,9 @@ class Lease:
             if reason:
                 self.run_id = _run_id(doc) or uuid.uuid4().hex
                 try:
-                    self._write(etag)
-                except WriteConflict:
-                    continue  # another starter won the race: look again
+                    self.patience(lambda: self._write(etag))
+                except WriteConflict:  # another starter won the race, or a try whose answer was lost landed: look again
+                    continue
                 self._lost = None
                 self.previous_attempt = (doc or {}).get("attempt")
                 log.info(
@@ -258,9 +261,17 @@ class Lease:
         return self._sent_at + self.ttl * RENEW_SHARE - self.clock()
 
     def note_attempt(self, attempt: int) -> None:
-        """Record the attempt number in the lease at once (it is known only once the lease is held)."""
+        """Record the attempt number in the lease at once (it is known only once the lease is held).
+        A store that is away meanwhile does not end the start: like any renewal that fails, this
+        one is a lapse (the fence holds writes back), and the keeper's next renewal carries the
+        number."""
         self.attempt = attempt
-        self.renew()
+        try:
+            self.renew()
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            log.warning("lease.renew_failed", attempt=attempt, error=f"{type(exc).__name__}: {exc}")
 
     def release(self) -> None:
         """Mark the lease released, so that the next start takes it at once. Best effort: a

@@ -4,29 +4,26 @@ to the run URI when that is remote. Reads look in the cache first, then in the U
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
-from tenacity import Retrying, wait_exponential_jitter
-
+from job.config import StorageConfig
 from job.runtime.files import DiskFull, json_bytes
 from job.storage.folders import (
     LocalFolder,
     RemoteFolder,
     StorageError,
     Stored,
-    StoreRefused,
     default_cache_dir,
     is_remote,
-    retry_transient,
 )
 from job.storage.lease import Lease
-from job.storage.uploader import Op, Uploader, WorkerFolder, describe
+from job.storage.patience import Patience
+from job.storage.uploader import Op, Uploader, WorkerFolder
 
-log = structlog.get_logger("job.storage")
+# How long a preflight waits for the upload worker's imports (one still importing then is left
+# to the uploads, which wait for it).
+WORKER_START_SECONDS = 60.0
 
 
 class RunStore:
@@ -35,17 +32,21 @@ class RunStore:
 
     def __init__(
         self, uri: str, cache_dir: str | Path | None = None, retry_max_seconds: float = 30.0, read_only: bool = False,
-        live_upload_seconds: float = 0.0, proven_reads: bool = False,
+        live_upload_seconds: float = 0.0, connect_seconds: float = StorageConfig.connect_seconds,
+        proven_reads: bool = False,
     ):
         """``read_only``: a process that only reads the run (a DDP rank other than 0). Its writes
         are dropped on purpose, so that exactly one process owns every file of the run.
         ``live_upload_seconds``: live files (progress, logs, plots) reach the run URI at most
-        this often; checkpoints and data are never held back. ``proven_reads``: every read
-        answers what the run URI holds (verify): a cached file counts only when the store's own
-        checksum proves it holds the run URI's bytes, anything else is read from the run URI."""
+        this often; checkpoints and data are never held back. ``connect_seconds``: how long every
+        request this process makes itself to the run URI (reads, listings, the preflight) rides
+        out a store that does not answer. ``proven_reads``: every read answers what the run URI
+        holds (verify): a cached file counts only when the store's own checksum proves it holds
+        the run URI's bytes, anything else is read from the run URI."""
         uri = str(uri)
         self.uri = uri
         self.read_only = read_only
+        self.patience = Patience(uri, connect_seconds)
         # The writer's lease (set once taken) fences every write: nothing reaches the run URI
         # unless the lease is live, and nothing is written at all once it is lost.
         self.lease: Lease | None = None
@@ -91,7 +92,8 @@ class RunStore:
         """The store a job process uses, tuned by its config's ``storage`` section."""
         return cls(
             uri, cache_dir, retry_max_seconds=storage.retry_max_seconds, read_only=read_only,
-            live_upload_seconds=storage.live_upload_seconds, proven_reads=proven_reads,
+            live_upload_seconds=storage.live_upload_seconds, connect_seconds=storage.connect_seconds,
+            proven_reads=proven_reads,
         )
 
     # writes: local, then mirrored
@@ -141,21 +143,25 @@ class RunStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    # reads: the local copy first, then the run URI
+    # reads: the local copy first, then the run URI (every request there rides out an outage)
     def read_bytes(self, rel: str) -> bytes | None:
         if self.proven_reads:
             return self._read_proven(rel)
         data = self.local.read_bytes(rel)
         if data is None and self._may_hold(rel):
-            data = self.remote.read_bytes(rel)
+            data = self.read_remotely(rel)
         return data
+
+    def read_remotely(self, rel: str) -> bytes | None:
+        """A remote run URI's own copy of ``rel``, whatever the working copy holds."""
+        return self.patience(lambda: self.remote.read_bytes(rel))
 
     def _read_proven(self, rel: str) -> bytes | None:
         stored = self.snapshot().get(rel)
         if stored is None:
             return None  # whatever the cache holds, the run URI has no such file
         data = self.local.read_bytes(rel)
-        return data if data is not None and stored.proves(data) else self.remote.read_bytes(rel)
+        return data if data is not None and stored.proves(data) else self.read_remotely(rel)
 
     def snapshot(self) -> dict[str, Stored]:
         """The run URI's files with their sizes and checksums: listed at the first call (one
@@ -164,7 +170,7 @@ class RunStore:
         content of a file it lists: right for the run's one writer (its lease keeps everyone else
         out), whose start-up decides from one listing, and for a reader that looks once (verify)."""
         if self._stored is None:
-            self._stored = self.remote.stored("")
+            self._stored = self.patience(lambda: self.remote.stored(""))
         return self._stored
 
     def _may_hold(self, rel: str) -> bool:
@@ -196,14 +202,14 @@ class RunStore:
             return True
         if self._listing:
             return rel in self.snapshot() or bool(self._listed(rel))
-        return bool(self.remote and self.remote.exists(rel))
+        return self.remote is not None and self.patience(lambda: self.remote.exists(rel))
 
     def list_dir(self, rel: str) -> list[str]:
         names = set() if self.proven_reads else set(self.local.list_dir(rel))
         if self._listing:
             names |= {path.split("/")[0] for path in self._listed(rel)}
         elif self.remote:
-            names |= set(self.remote.list_dir(rel))
+            names |= set(self.patience(lambda: self.remote.list_dir(rel)))
         return sorted(names)
 
     def file_sizes(self, rel: str) -> dict[str, int]:
@@ -211,46 +217,31 @@ class RunStore:
         if self._listing:
             sizes = {name: stored.size for name, stored in self._listed(rel).items() if "/" not in name}
         else:
-            sizes = self.remote.file_sizes(rel) if self.remote else {}
+            sizes = self.patience(lambda: self.remote.file_sizes(rel)) if self.remote else {}
         return sizes if self.proven_reads else sizes | self.local.file_sizes(rel)
 
     def fetch(self, rel: str) -> Path | None:
         """Make sure the local copy holds ``rel``, downloading it if needed; None if nowhere."""
         if not self.local.exists(rel):
-            data = self.remote.read_bytes(rel) if self._may_hold(rel) else None
+            data = self.read_remotely(rel) if self._may_hold(rel) else None
             if data is None:
                 return None
             self.local.write_bytes(rel, data)
         return self.local.path(rel)
 
     # lifecycle
-    def preflight(self, connect_seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
-        """The working copy and the run URI can be written and read back. A remote that does not
-        answer is retried for ``connect_seconds``: a run that may exist there must never be
-        restarted from scratch because the store was briefly away. A store that refuses us for
-        good (StoreRefused) is not retried: the person who can fix it hears at once. ``sleep``
-        waits between tries (the job's own ends the wait on a stop signal)."""
+    def preflight(self) -> None:
+        """The working copy and the run URI can be written and read back, and the upload worker
+        has started. A remote that does not answer is waited for like every other request
+        (``patience``): a run that may exist there must never be restarted from scratch because
+        the store was briefly away. A store that refuses us for good (StoreRefused) is not
+        retried: the person who can fix it hears at once."""
         self.local.check()
         if not self.remote:
             return
-        check = (lambda: self.remote.list_dir("")) if self.read_only else self.remote.check
-        retrying = Retrying(
-            retry=retry_transient,
-            wait=wait_exponential_jitter(multiplier=0.5, max=10),
-            sleep=sleep,
-            stop=lambda state: state.seconds_since_start >= connect_seconds,
-            before_sleep=lambda state: log.warning(
-                "storage.unreachable", uri=self.uri, attempt=state.attempt_number,
-                error=describe(state.outcome.exception()),
-            ),
-            reraise=True,
-        )
-        try:
-            retrying(check)
-        except StoreRefused:
-            raise
-        except Exception as exc:
-            raise StorageError(f"run URI {self.uri} is not reachable after {connect_seconds:.0f} s: {describe(exc)}") from exc
+        self.patience((lambda: self.remote.list_dir("")) if self.read_only else self.remote.check)
+        if self._sender:
+            self._sender.check_started(WORKER_START_SECONDS)
 
     def flush(self, timeout: float) -> None:
         """Deliver the backlog within ``timeout`` seconds, or raise StorageError naming what is

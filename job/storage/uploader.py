@@ -23,8 +23,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from job.runtime.workers import WorkerError, WorkerGone, WorkerProcess
-from job.storage.folders import Folder, StorageError, delete_remote_tree
+from job.runtime.workers import WorkerBroken, WorkerError, WorkerGone, WorkerProcess
+from job.storage.folders import Folder, StorageError, delete_remote_tree, describe
 from job.storage.layout import Layout
 from job.storage.lease import LeaseLost
 
@@ -178,7 +178,7 @@ class Lane:
     def _deliver(self, op: Op) -> bool:
         retrying = Retrying(
             wait=wait_exponential_jitter(multiplier=0.5, max=self.max_wait),
-            retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(LeaseLost),
+            retry=retry_if_exception_type(Exception) & retry_if_not_exception_type((LeaseLost, WorkerBroken)),
             stop=lambda state: self._abandon.is_set(),
             sleep=self._abandon.wait,  # an abandon ends the wait at once
             before_sleep=self._log_retry,
@@ -190,6 +190,10 @@ class Lane:
         except LeaseLost as exc:  # another writer owns the run now: nothing more goes out
             self._abandon.set()
             log.error("upload.fenced", lane=self.name, path=op.rel, error=str(exc))
+            return False
+        except WorkerBroken as exc:  # the sender cannot start (its log says why): no retry can help
+            self._abandon.set()
+            log.error("upload.stopped", lane=self.name, path=op.rel, error=str(exc))
             return False
         except Exception as exc:  # only reached once abandoned
             log.error("upload.abandoned", lane=self.name, path=op.rel, error=describe(exc))
@@ -210,11 +214,6 @@ class Lane:
             "upload.retry", lane=self.name, path=op.rel, attempt=state.attempt_number,
             wait_seconds=round(state.upcoming_sleep, 2), error=describe(state.outcome.exception()),
         )
-
-
-def describe(exc: BaseException | None) -> str:
-    """The store's own words: botocore's ClientError carries its code and message in str()."""
-    return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
 
 
 def commits(op: Op) -> bool:
@@ -261,7 +260,7 @@ class WorkerFolder:
     made by one worker process for both lanes, which works on all their requests at once. It
     starts at once, so that its imports and its S3 client's set-up overlap the job's own start.
     A failed request raises StorageError with the store's words; a worker that died is started
-    again by the next request (the lane retries)."""
+    again by the next request (the lane retries), unless it died before it served (WorkerBroken)."""
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -283,6 +282,13 @@ class WorkerFolder:
 
     def list_files(self, rel: str) -> list[str]:
         return self._ask({"op": "list_files", "rel": rel})["files"]
+
+    def check_started(self, timeout: float) -> None:
+        """Raise StorageError with the worker's own words (exit code, stderr) if it cannot start."""
+        try:
+            self._worker.check_started(timeout)
+        except WorkerBroken as exc:
+            raise StorageError(f"the upload worker for {self.uri} cannot start: {exc}") from None
 
     def close(self, timeout: float = 0.0) -> None:
         """End the worker; a request in flight is dropped (an S3 PUT is all or nothing)."""

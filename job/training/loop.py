@@ -17,38 +17,31 @@ run that was never interrupted (on the same CPU machine).
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import time
-from collections.abc import Iterator
+import itertools
 from dataclasses import dataclass, field
 
-import numpy as np
 import structlog
-import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from job.checkpoints.format import RNGState
-from job.checkpoints.manager import FINAL, SIGNAL, CheckpointManager, Diverged, mirror_unsent
+from job.checkpoints.manager import CheckpointManager, mirror_unsent
 from job.checkpoints.reader import Checkpoint, CheckpointReader, SourceRef
 from job.checkpoints.train_state import TrainState
 from job.config import Config, get_value
 from job.data.dataset import VideoDataset, prepare_dataset_in_turn
 from job.monitoring.logs import RunLog, bind_run_context
 from job.monitoring.page.write import PageWriter
+from job.monitoring.progress import Heartbeat, Progress
 from job.monitoring.tensorboard import TensorBoardLog
-from job.monitoring.progress import Heartbeat, Progress, RateMeter, format_duration, utc_now
 from job.monitoring.watchdog import Watchdog
 from job.plots.background import BackgroundPlots
-from job.runtime.device import autocast, pick_device
+from job.runtime.device import pick_device
 from job.runtime.distributed import Topology
 from job.runtime.files import DiskFull
 from job.runtime.signals import Stopped, StopRequest, stop_requests
 from job.storage import Layout, RunStore, StorageError
 from job.storage.lease import Lease, LeaseError
-from job.training.optim import build_optimizer, optimizer_step
-from job.training.order import epoch_order
-from job.training.stages import Stage, Task, TaskInputs, stages_of
+from job.training.optim import build_optimizer
+from job.training.stages import Stage, TaskInputs, stages_of
 from job.training.startup import (
     agree_on_start,
     preflight,
@@ -59,12 +52,9 @@ from job.training.startup import (
     refuse_to_start_over,
     writer_lease,
 )
+from job.training.trainer import Trainer, write_metrics
 
 log = structlog.get_logger("job.train")
-
-
-class Preempted(Stopped):
-    """SIGTERM or SIGINT arrived during training; a checkpoint has been saved (exit 143)."""
 
 
 def train(cfg: Config, store: RunStore, topology: Topology = Topology()) -> None:
@@ -93,10 +83,9 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
         publish_log = RunLog(store, attempt).publish  # before the checkpoint search, so its warnings land there
         for stage in stages:
             mirror_unsent(store, stage.layout)  # what a previous attempt committed locally but could not upload
-    # The first stage's checkpoint is found, and a change of math refused, before any data work.
-    attempt, resume = find_resume_point(cfg, store, topology, device, stages[0], attempt)
-    if topology.is_writer:
-        refuse_to_orphan_later_stages(store, stages, resume.previous, cfg)
+    # The checkpoints to resume from are found, and a change of math refused, before any data work.
+    attempt, resumes = find_resume_points(cfg, store, topology, device, stages, attempt)
+    resuming = stages[len(resumes) - 1]
     bind_run_context(attempt=attempt)
     store.write_json(Layout.config, cfg.to_dict())
 
@@ -104,7 +93,7 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     # files are uploaded), reading this attempt's working copy.
     page = PageWriter.for_store(store, min_seconds=max(cfg.storage.live_upload_seconds, cfg.monitor.progress_every_seconds))
     progress = Progress(store, on_write=page.request, attempt=attempt, stages=len(stages),
-                        **stage_progress(cfg, stages[0], resume.previous))
+                        **stage_progress(cfg, resuming, resumes[-1].previous))
     progress.update(status="starting")
     # The heartbeat covers the whole attempt: generating or downloading data can take minutes.
     heartbeat = Heartbeat(progress, cfg.monitor.heartbeat_seconds, on_beat=publish_log)
@@ -119,8 +108,8 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
             shared = Attempt(cfg, store, topology, device, attempt, dataset, progress, stop, watchdog, plots)
             try:
                 with watchdog:
-                    for stage in stages:
-                        shared.run_stage(stage, resume if stage is stages[0] else None)
+                    for stage, resume in itertools.zip_longest(stages, resumes):
+                        shared.run_stage(stage, resume)
                 plots.finish(timeout=cfg.storage.flush_seconds)  # the final plots, even on a loaded CPU
             finally:
                 plots.close(timeout=0)  # after a stop or failure the time is the upload flush's
@@ -142,13 +131,32 @@ def train_attempt(cfg: Config, store: RunStore, topology: Topology, device, leas
     log.info("train.completed", stage=progress.fields["stage"], checkpoint=progress.fields["last_checkpoint"])
     page.write_now(store)  # the whole run folder, earlier attempts' logs in the bucket included
     publish_log()
-    store.flush(cfg.storage.flush_seconds)  # while the lease is still held
+    store.flush(cfg.storage.end_flush_seconds)  # while the lease is still held
 
 
 @dataclass
 class ResumePoint:
     inventory: dict[str, bool]  # the stage's checkpoint folders, listed when the store last answered
     previous: Checkpoint | None  # the newest valid one, if any
+
+
+def find_resume_points(
+    cfg: Config, store: RunStore, topology: Topology, device, stages: list[Stage], attempt: int,
+) -> tuple[int, list[ResumePoint]]:
+    """The resume points of the first stage and of each later one that a restart resumes into:
+    the list ends with the first stage not finished yet (the last stage if all are), the one
+    the attempt's progress names from its first write."""
+    attempt, first = find_resume_point(cfg, store, topology, device, stages[0], attempt)
+    if topology.is_writer:
+        refuse_to_orphan_later_stages(store, stages, first.previous, cfg)
+    resumes = [first]
+    for finished, stage in zip(stages, stages[1:]):
+        done = resumes[-1].previous
+        if done is None or done.step < finished.total_steps(cfg):
+            break
+        attempt, resume = find_resume_point(cfg, store, topology, device, stage, attempt)
+        resumes.append(resume)
+    return attempt, resumes
 
 
 def find_resume_point(
@@ -238,10 +246,10 @@ class Attempt:
             log.info("train.fresh_start", stage=stage.number, total_steps=total_steps)
         state.attempt = self.attempt
         write_metrics(store, stage.layout.metrics, state.metrics)
-        self.progress.update(**stage_progress(cfg, stage, previous))
-        if state.step >= total_steps:
+        if state.step >= total_steps:  # progress already names a later stage, or this last one
             log.info("train.already_complete", stage=stage.number, step=state.step, total_steps=total_steps)
             return
+        self.progress.update(**stage_progress(cfg, stage, previous))
 
         events = None
         if topology.is_writer:
@@ -265,184 +273,6 @@ class Attempt:
         finally:
             checkpoints.close()
         self.progress.update(step=state.step, eta_seconds=0)
-
-
-class Trainer:
-    """The epochs and batches of one attempt: steps, validation, progress, and the checkpoints
-    and plots they trigger."""
-
-    def __init__(
-        self, cfg: Config, stage: Stage, task: Task, dataset: VideoDataset, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, checkpoints: CheckpointManager,
-        progress: Progress, topology: Topology, stop: StopRequest, watchdog: Watchdog, plots: BackgroundPlots,
-        events: TensorBoardLog | None = None,
-    ):
-        self.cfg, self.stage, self.task, self.state, self.checkpoints = cfg, stage, task, state, checkpoints
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.progress, self.topology, self.stop, self.watchdog, self.plots = progress, topology, stop, watchdog, plots
-        self.events = events  # TensorBoard: the writer's, None on other ranks
-        self.store = checkpoints.store
-        self.device = next(task.model.parameters()).device
-        # DDP averages gradients across ranks; saving, validating and plotting use the bare model.
-        self.train_model = DistributedDataParallel(task.model) if topology.distributed else task.model
-        self.precision = autocast(self.device, cfg)
-        self.batch_size, self.epochs = stage.batch_size(cfg), stage.epochs(cfg)
-        self.train_indices = dataset.split("train")
-        val = dataset.split("val")
-        self.val_indices = val[: cfg.train.val_batches * self.batch_size] if cfg.train.val_batches else val
-        self.picture_indices = val[: len(cfg.data.classes)]  # one validation video per class
-        self.rate = RateMeter()
-        self.last_progress_write = 0.0
-        # The plot clock starts with the attempt: a run shorter than plot_every_seconds draws
-        # each plot once, at its end, rather than starting the plot worker (a Python process
-        # importing matplotlib) in the middle of its few seconds of training.
-        self.plots_started = time.monotonic()
-        self.last_plot: dict[str, float] = {}
-
-    def run(self, total_steps: int) -> None:
-        cfg, state, topology, batch_size = self.cfg, self.state, self.topology, self.batch_size
-        self.progress.update(status="running")
-        while state.epoch < self.epochs:
-            epoch_started = time.monotonic()
-            order = epoch_order(cfg.seed, state.epoch, len(self.train_indices), self.stage.order_stream)
-            while state.sample_in_epoch < len(order):
-                batch = order[state.sample_in_epoch : state.sample_in_epoch + batch_size]
-                mine = batch[topology.rank :: topology.world_size]
-                loss = self.step(self.train_indices[mine])
-                if not math.isfinite(loss):
-                    self.diverged(loss)
-                state.step += 1
-                state.sample_in_epoch += len(batch)
-                state.epoch_loss_sum += loss
-                state.epoch_batches += 1
-                state.count_samples(topology.gather_indices(mine, self.device))
-                self.watchdog.touch()
-                self.report_batch(loss, total_steps)
-                if topology.any_rank(self.stop.requested, self.device):
-                    self.save(SIGNAL)
-                    raise Preempted(f"stopped by {self.stop.signal_name or 'a peer rank'} at step {state.step}")
-                if state.sample_in_epoch < len(order):
-                    reason = self.checkpoints.due(at_epoch_end=False)
-                    if reason:
-                        self.save(reason)
-            self.finish_epoch(time.monotonic() - epoch_started, total_steps)
-
-    def step(self, indices: np.ndarray) -> float:
-        return optimizer_step(
-            lambda: self.task.loss(self.train_model, indices), self.task.model, self.optimizer, self.scheduler,
-            self.cfg.optim.grad_clip, self.precision,
-        )
-
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """The model in eval mode, without gradients, under the run's autocast, for a moment."""
-        model = self.task.model
-        model.eval()
-        try:
-            with torch.no_grad(), self.precision:
-                yield
-        finally:
-            model.train()
-
-    def diverged(self, loss: float) -> None:
-        """Stop: every later step and checkpoint would be NaN too (the checkpointer refuses them)."""
-        last = self.progress.fields["last_checkpoint"]
-        lower = f"lower the learning rate ({self.stage.lr_key}={self.scheduler.base_lrs[0]:g})"
-        raise Diverged(
-            f"stage {self.stage.number} ({self.stage.name}) diverged: the training loss is {loss} at step "
-            f"{self.state.step + 1}; " + (
-                f"the newest checkpoint stays {last}; {lower} in a new --run-uri (a resume keeps the run's own)"
-                if last else f"no checkpoint was saved; {lower} and start again"
-            )
-        )
-
-    def finish_epoch(self, seconds: float, total_steps: int) -> None:
-        state = self.state
-        with self.evaluating():
-            val = self.task.validate(self.val_indices, touch=self.watchdog.touch)
-        record = {
-            "epoch": state.epoch + 1,
-            "step": state.step,
-            "samples": state.epoch_sample_count,
-            "samples_complete": state.epoch_complete(len(self.train_indices)),
-            "train_loss": state.epoch_loss_sum / max(1, state.epoch_batches),
-            **val,
-            "lr": self.scheduler.get_last_lr()[0],
-            "seconds": round(seconds, 3),
-            "attempt": state.attempt,
-            "time": utc_now(),
-        }
-        state.metrics.append(record)
-        state.start_next_epoch()
-        write_metrics(self.store, self.stage.layout.metrics, state.metrics)
-        final = state.step >= total_steps
-        log.info("train.epoch", stage=self.stage.number, **record)
-        self.progress.update(epoch=min(state.epoch + 1, self.epochs), loss=record["train_loss"])
-        reason = FINAL if final else self.checkpoints.due(at_epoch_end=True)
-        if reason:
-            self.save(reason, val_loss=val["val_loss"])
-        # After the checkpoint: the final one is committed before the plot worker (a Python
-        # process importing matplotlib, at a run's first plot) competes with its commit.
-        loss_plot = self.stage.layout.loss_plot
-        if self.topology.is_writer and self.plot_due(loss_plot, final):  # the only rank that stores it
-            self.plots.submit(loss_plot, "loss_curves", metrics=list(state.metrics))
-        if self.events is not None:
-            self.picture_for_tensorboard(record["epoch"], state.step)
-
-    def picture_for_tensorboard(self, epoch: int, step: int) -> None:
-        """The stage's picture of this epoch, drawn by the plot worker into TensorBoard's events
-        (a forward pass of one validation video per class here; the drawing off this thread)."""
-        with self.evaluating():
-            plot, arguments = self.task.picture(self.picture_indices, f"{self.stage.name} epoch {epoch}")
-        events = self.events
-        self.plots.submit_to(
-            f"{self.stage.layout.tensorboard}/epoch-{epoch}", lambda _key, png: events.picture(epoch, step, png),
-            plot, **arguments,
-        )
-
-    def save(self, reason: str, val_loss: float | None = None) -> None:
-        if not self.topology.is_writer:
-            return
-        name = self.checkpoints.save(reason, val_loss)
-        picture = self.stage.layout.picture_plot
-        if reason != SIGNAL and self.plot_due(picture, final=reason == FINAL):
-            with self.evaluating():
-                plot, arguments = self.task.picture(self.picture_indices, f"{self.stage.name} {name}")
-            self.plots.submit(picture, plot, **arguments)
-
-    def plot_due(self, rel: str, final: bool) -> bool:
-        """Rendering costs a CPU core (in the plot worker) and the arrays cost a forward pass, so a
-        plot is redrawn at most every ``monitor.plot_every_seconds`` (always at the end)."""
-        now = time.monotonic()
-        if final or now - self.last_plot.get(rel, self.plots_started) >= self.cfg.monitor.plot_every_seconds:
-            self.last_plot[rel] = now
-            return True
-        return False
-
-    def report_batch(self, loss: float, total_steps: int) -> None:
-        state, cfg, stage, batch_size = self.state, self.cfg, self.stage, self.batch_size
-        self.rate.add(state.step * batch_size)
-        if state.step % cfg.train.log_every_batches and state.step != total_steps:
-            return
-        rate = self.rate.rate()
-        eta = self.rate.eta((total_steps - state.step) * batch_size)
-        log.info(
-            "train.progress", stage=stage.number, epoch=state.epoch + 1, epochs=self.epochs,
-            batch=math.ceil(state.sample_in_epoch / batch_size), batches=stage.steps_per_epoch(cfg),
-            step=state.step, total_steps=total_steps, loss=round(loss, 6),
-            lr=self.scheduler.get_last_lr()[0], samples_per_second=rate and round(rate, 1),
-            eta=eta and format_duration(eta),
-        )
-        now = time.monotonic()
-        if now - self.last_progress_write >= cfg.monitor.progress_every_seconds:
-            self.last_progress_write = now
-            self.progress.update(step=state.step, loss=loss, samples_per_second=rate, eta_seconds=eta)
-
-
-def write_metrics(store: RunStore, rel: str, metrics: list[dict]) -> None:
-    """A stage's metrics.jsonl is rewritten whole from the history, so that epochs redone after a
-    resume appear once."""
-    store.write_text(rel, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
 
 
 def record_end(progress: Progress, **fields) -> None:

@@ -16,7 +16,7 @@ from job.config import MATH_SECTIONS, Config, ConfigError, diff_keys, get_value
 from job.models.tokenizer import tokenizer_parameters
 from job.monitoring.watchdog import LeaseKeeper
 from job.runtime.distributed import Topology
-from job.runtime.signals import WAITING_FOR_STORE, sleep_unless_stopped
+from job.runtime.signals import sleep_unless_stopped
 from job.storage import Layout, RunStore, StorageError
 from job.storage.cache import bind_cache
 from job.storage.lease import Lease
@@ -35,7 +35,7 @@ class SourceChanged(ResumeRefused):
 def preflight(cfg: Config, store: RunStore) -> None:
     """Before any work: the run folder is reachable and writable, and the local disk can hold the
     data and the kept checkpoints."""
-    store.preflight(cfg.storage.connect_seconds, sleep=sleep_unless_stopped(WAITING_FOR_STORE))
+    store.preflight()
     d = cfg.data
     dataset_bytes = 0 if d.uri else d.num_samples * (d.frames * d.height * d.width + 8)
     # weights + two AdamW moments, for the kept checkpoints plus best and the one being written
@@ -60,7 +60,7 @@ def writer_lease(cfg: Config, store: RunStore, topology: Topology) -> Iterator[L
         yield None
         return
     ttl = cfg.storage.lease_seconds
-    lease = Lease(store.run_folder, ttl, sleep=sleep_unless_stopped("waiting for the run's lease"))
+    lease = Lease(store.run_folder, ttl, sleep=sleep_unless_stopped("waiting for the run's lease"), patience=store.patience)
     lease.acquire(wait_seconds=2 * ttl)
     store.lease = lease
     if store.remote is not None:

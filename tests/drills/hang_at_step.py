@@ -8,7 +8,7 @@ import sys
 import threading
 
 from job.cli import main
-from job.training.loop import Trainer
+from job.training.trainer import Trainer
 
 hang_at, steps, real_step = int(sys.argv[1]), [0], Trainer.step
 

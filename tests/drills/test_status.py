@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from tests.crafted_runs import crafted_run, damage, status, write_run
+from job.modes.status import read_run
+from tests.crafted_runs import ago, crafted_run, damage, status, write_run
 from tests.helpers import ROOT, free_port, job_command, job_env, run_job
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,6 +140,57 @@ def test_a_real_run_in_a_bucket(s3, smoke_baseline):
     assert {k: got.get(k) for k in SAME_ANSWER} == {k: expected.get(k) for k in SAME_ANSWER}
     text = status_process(remote)
     assert "completed" in text.stdout and f"{expected['newest_checkpoint']['name']}, the newest" in text.stdout
+
+
+# --- the store's clock, not the laptop's ----------------------------------------------------
+
+
+def with_lease(files: dict[str, bytes], renewed_ago: float) -> dict[str, bytes]:
+    """The run's files with the lease of a writer (60 s) that last renewed it ``renewed_ago`` s ago."""
+    lease = {"holder": "h", "attempt": 1, "host": "gpu-1", "pid": 7, "acquired_at": ago(3600),
+             "renewed_at": ago(renewed_ago), "expires_at": ago(renewed_ago - 60), "ttl_seconds": 60, "released_at": None}
+    return files | {"lease.json": json.dumps(lease).encode()}
+
+
+def live_and_dead_runs(s3) -> tuple[str, str]:
+    """A run beating 2 s ago, and one SIGKILLed 200 s ago (stale after 90 s, lease expired)."""
+    live = upload_run(s3, "runs/live", with_lease(crafted_run("running", heartbeat_age=2), renewed_ago=2))
+    dead = upload_run(s3, "runs/dead", with_lease(crafted_run("running", heartbeat_age=200), renewed_ago=200))
+    return live, dead
+
+
+@pytest.mark.parametrize("laptop_minutes", [-10, 0, 10])
+def test_a_laptop_clock_minutes_off_gives_the_same_verdict_and_says_so(s3, laptop_minutes):
+    live, dead = live_and_dead_runs(s3)
+    off = timedelta(minutes=laptop_minutes)
+
+    def laptop() -> datetime:
+        return datetime.now(timezone.utc) + off
+
+    verdicts = {uri: read_run(uri, clock=laptop) for uri in (live, dead)}
+    assert [(r.health, r.exit_code, r.writer["state"]) for r in verdicts.values()] == [
+        ("healthy", 0, "holding"), ("stale", 1, "expired")]
+    for report in verdicts.values():
+        assert abs(report.clock_skew - off.total_seconds()) < 5
+        said = " ".join(note for note in report.notes if "clock" in note)
+        if laptop_minutes:  # 10 minutes, give or take the Date header's whole second and the answer's way back
+            direction = "ahead of" if laptop_minutes > 0 else "behind"
+            assert re.search(rf"this machine's clock is (9m5\d|10m0\d)s {direction} the store's; heartbeat age and "
+                             "lease expiry are measured by the store's clock", said), said
+        else:
+            assert not said
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime (apt-get install faketime, as .ci/run does)")
+def test_status_on_a_laptop_whose_clock_is_ten_minutes_fast_or_slow(s3):
+    live, dead = live_and_dead_runs(s3)
+    env = job_env(FAKETIME_DONT_FAKE_MONOTONIC="1")  # the wall clock is off, as a laptop's would be
+    # What a wrong clock got wrong: a live run called stale by a fast clock, a dead one healthy by a slow one.
+    for offset, uri, exit_code in (("+10m", live, 0), ("-10m", dead, 1)):
+        result = subprocess.run(["faketime", "-f", offset, *job_command("status", uri)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == exit_code, (offset, result.stdout, result.stderr)
+        assert re.search(r"this machine's clock is (9m5\d|10m0\d)s", result.stdout), result.stdout
 
 
 @pytest.mark.parametrize("busy_answers, exit_code", [(3, 0), (100, 2)])

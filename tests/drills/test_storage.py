@@ -48,10 +48,10 @@ def test_a_store_refusing_our_credentials_ends_preflight_at_once_naming_the_fix(
     status, message, fix = REFUSALS[code]
     faulty_store.fail_always(status, code, message)
     monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)
-    store = RunStore(s3.uri(), tmp_path / "cache")
+    store = RunStore(s3.uri(), tmp_path / "cache", connect_seconds=300)
     try:
         with pytest.raises(StoreRefused) as refused:
-            store.preflight(connect_seconds=300)
+            store.preflight()
     finally:
         store.close()
     assert code in str(refused.value) and fix in str(refused.value)
@@ -64,9 +64,9 @@ def test_a_busy_store_is_retried_and_the_preflight_passes(faulty_store, monkeypa
     # More busy answers than botocore's own single retry absorbs: the preflight's retry is needed.
     faulty_store.fail_next(3, status, code, "Please try again.")
     monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)
-    store = RunStore(s3.uri(), tmp_path / "cache")
+    store = RunStore(s3.uri(), tmp_path / "cache", connect_seconds=60)
     try:
-        store.preflight(connect_seconds=60)
+        store.preflight()
     finally:
         store.close()
     assert not faulty_store.faults  # all were answered, then the probe went through

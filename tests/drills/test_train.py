@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SMOKE, SMOKE_STEPS, checkpoint_state, final_model, log_events, rewrite_state, run_job, sha256
+from tests.helpers import (
+    SMOKE,
+    SMOKE_STEPS,
+    JobProcess,
+    checkpoint_state,
+    final_model,
+    log_events,
+    rewrite_state,
+    run_job,
+    sha256,
+)
 from tests.helpers import SMOKE_STAGE2_STEPS as STAGE2_STEPS
 
 pytestmark = pytest.mark.timeout(300)
@@ -150,13 +161,37 @@ def test_a_resume_that_changes_the_math_is_refused(smoke_baseline, tmp_path):
     assert sha256(final_model(run)) == before
 
 
+def progress_while_starting(run: Path, proc: JobProcess, attempt: int) -> list[dict]:
+    """Each content of progress.json that attempt ``attempt`` wrote while it said "starting",
+    read every few milliseconds until it says something else."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            progress = json.loads((run / "progress.json").read_text())
+        except (OSError, ValueError):  # between a write and its rename
+            continue
+        if progress.get("attempt") == attempt:
+            if progress["status"] != "starting":
+                break
+            if progress not in seen:
+                seen.append(progress)
+        time.sleep(0.005)
+    return seen
+
+
 def test_raising_stage2_epochs_continues_stage2(smoke_baseline, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_baseline, run)
     epochs = SMOKE.stage2.epochs + 1
-    result = run_job("train", "--preset", "smoke", "--run-uri", str(run), "--set", f"stage2.epochs={epochs}")
-    assert result.returncode == 0, result.stderr
-    resumed = [e for e in log_events(result.stdout) if e["event"] == "train.resumed"]
+    proc = JobProcess.job("train", "--preset", "smoke", "--run-uri", str(run), "--set", f"stage2.epochs={epochs}")
+    # From its first write on, the restart's progress names the stage it resumes into.
+    starting = progress_while_starting(run, proc, attempt=2)
+    assert starting, "no progress.json said starting"
+    assert all((p["stage"], p["step"], p["epoch"], p["epochs"]) == (2, STAGE2_STEPS, epochs, epochs)
+               for p in starting), [(p["stage"], p["step"], p["epoch"], p["epochs"]) for p in starting]
+    assert proc.wait(timeout=240) == 0, proc.output[-3000:]
+    resumed = proc.events("train.resumed")
     assert [(e["stage"], e["step"]) for e in resumed] == [(1, SMOKE_STEPS), (2, STAGE2_STEPS)]
     metrics = [json.loads(line)["epoch"] for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert metrics == list(range(1, epochs + 1))

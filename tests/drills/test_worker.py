@@ -10,8 +10,11 @@ import threading
 import time
 
 import pytest
+import structlog
 
-from job.runtime.workers import WorkerGone, WorkerProcess
+from job.runtime.workers import WorkerBroken, WorkerGone, WorkerProcess
+from job.storage.uploader import Lane, Op
+from tests.helpers import RecordingFolder, poll_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,3 +67,46 @@ def test_a_killed_worker_fails_the_request_in_flight_and_the_next_request_starts
         worker.stop()
     with pytest.raises(WorkerGone):
         worker.request({"sleep": 0.0})  # stopped for good
+
+
+def test_a_worker_that_cannot_start_says_why_once_and_is_not_started_again():
+    worker = WorkerProcess("tests.drills.broken_worker")
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(WorkerBroken) as broken:
+            worker.request({"sleep": 0.0})
+        started = time.monotonic()
+        with pytest.raises(WorkerBroken):
+            worker.request({"sleep": 0.0})  # at once, without another process
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(WorkerBroken):
+            worker.check_started(timeout=10)
+    assert "cannot import name 'serve_nothing'" in str(broken.value) and "exited with 1" in str(broken.value)
+    exited = [e for e in logs if e["event"] == "worker.exited"]
+    assert len(exited) == 1, exited  # one process, one report
+    assert exited[0]["exit_code"] == 1 and exited[0]["log_level"] == "error"
+    assert any("ImportError: cannot import name 'serve_nothing'" in line for line in exited[0]["stderr"])
+
+
+class BrokenSender(RecordingFolder):
+    """A run URI whose writes go through a worker that cannot start (as WorkerFolder's do)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.worker = WorkerProcess("tests.drills.broken_worker")
+
+    def write_bytes(self, rel, data):
+        self.worker.request({"op": "write_bytes", "rel": rel}, data)
+
+
+def test_an_upload_lane_whose_worker_cannot_start_stops_at_once_instead_of_retrying(tmp_path):
+    local = RecordingFolder(tmp_path / "cache")
+    local.write_bytes("checkpoints/latest.json", b"{}")
+    lane = Lane("ordered", local, BrokenSender(tmp_path / "run"), max_wait=0.1)
+    with structlog.testing.capture_logs() as logs:
+        lane.submit(Op("put", "checkpoints/latest.json"))
+        poll_until(lambda: any(e["event"] == "upload.stopped" for e in logs), 10, "the lane to give up")
+        time.sleep(0.5)  # time enough for a retry, were there one
+    events = [e["event"] for e in logs]
+    assert events.count("upload.stopped") == 1 and "upload.retry" not in events, events
+    assert events.count("worker.exited") == 1
+    assert lane.backlog() == ["checkpoints/latest.json"]  # kept for the next attempt

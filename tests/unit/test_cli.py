@@ -14,7 +14,7 @@ from job.exits import EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_
 from job.runtime.files import DiskFull
 from job.runtime.signals import Stopped
 from job.storage import StorageError
-from job.training.loop import Preempted
+from job.training.trainer import Preempted
 from job.training.startup import ResumeRefused
 
 pytestmark = pytest.mark.timeout(150)

@@ -182,6 +182,23 @@ def test_reconstruction_loss_without_object_pixels_is_background_mse() -> None:
     assert reconstruction_loss(recon, target, model_cfg).item() == pytest.approx(0.09)
 
 
+def test_speck_weight_makes_a_speck_cost_what_it_does_to_the_frame() -> None:
+    """A 3-pixel speck of 0.3 beside a perfect object: the balanced mean spreads it over every
+    background pixel of the frame; the speck term charges its excess summed over the frame."""
+    target = sparse_videos(2, 4, 32, 32, seed=3)
+    speck = target.clone()
+    speck[:, :, :, 0, 0:3] = torch.where(target[:, :, :, 0, 0:3] > 0.05, target[:, :, :, 0, 0:3], 0.3)
+    plain = reconstruction_loss(speck, target, ModelConfig()).item()
+    weighted = reconstruction_loss(speck, target, ModelConfig(speck_weight=1.0)).item()
+    assert plain < 1e-3
+    # 3 pixels a frame, each 0.25 above the foreground threshold of 0.05.
+    assert weighted - plain == pytest.approx(3 * 0.25**2, rel=0.05)
+    # Black background, and object pixels however wrong, cost nothing extra.
+    dim_object = torch.where(target > 0.05, target * 0.5, target)
+    assert reconstruction_loss(dim_object, target, ModelConfig(speck_weight=1.0)).item() == pytest.approx(
+        reconstruction_loss(dim_object, target, ModelConfig()).item())
+
+
 def test_codebook_stats_on_crafted_codes() -> None:
     size = 64
     same = codebook_stats(torch.full((4, 2, 8, 8), 7, dtype=torch.int64), size)

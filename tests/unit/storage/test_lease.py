@@ -10,13 +10,15 @@ import sys
 import time
 
 import pytest
+import structlog
 
 from job.monitoring.watchdog import LeaseKeeper
 from job.storage import Layout, LocalFolder, RemoteFolder, RunStore
 from job.storage.folders import WriteConflict
 from job.storage.lease import Lease, LeaseBusy, LeaseLapsed, LeaseLost, Machine
+from job.storage.patience import Patience
 from job.storage.uploader import Lane, Op
-from tests.helpers import FakeClock, gone, lease_doc
+from tests.helpers import FakeClock, gone, lease_doc, poll_until
 
 pytestmark = pytest.mark.timeout(120)
 TTL = 6.0
@@ -187,6 +189,25 @@ def test_a_cache_left_by_a_writer_that_lost_the_run_never_turns_the_bucket_back(
         "run/checkpoints/step-00000015/manifest.json", "run/checkpoints/step-00000015/model.safetensors",
     ]
     assert json.loads(s3.get(f"run/{stage.latest}"))["checkpoint"] == "step-00000015"
+
+
+def test_taking_the_lease_rides_out_a_store_away_and_a_failed_note_of_the_attempt_is_only_a_lapse(
+    s3, faulty_store, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_store.url)
+    folder = RemoteFolder(s3.uri())
+    away = faulty_store.cut_for(2)
+    lease = Lease(folder, TTL, patience=Patience(folder.uri, 30))
+    assert lease.acquire(wait_seconds=0) == "no lease"
+    assert away.cut  # it was asked while the store was away, and waited for it
+
+    away = faulty_store.cut_for(1)
+    with structlog.testing.capture_logs() as logs:
+        lease.note_attempt(3)  # the start goes on: the keeper's next renewal carries the number
+    assert [e["event"] for e in logs] == ["lease.renew_failed"] and away.cut
+    poll_until(lambda: not away.covers(time.monotonic()), 10, "the store to come back")
+    lease.renew()
+    assert lease_doc(folder)["attempt"] == 3
 
 
 class SlowFolder(LocalFolder):

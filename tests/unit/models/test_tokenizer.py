@@ -287,8 +287,24 @@ def test_a_black_video_encodes_to_one_code_everywhere_with_context_free_layers(n
     black = torch.zeros(2, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
     codes = model.encode(black)
     assert codes.shape == (2, *model.latent_shape()) and codes.unique().numel() == 1
-    older = VideoTokenizer(build_config("small", None, overrides[2:]).model, cfg.data).eval()
+    older = VideoTokenizer(build_config("small", None, ["model.padding=zeros", "model.norm=group", *overrides[2:]]).model,
+                           cfg.data).eval()
     assert older.encode(black).unique().numel() > 1
+
+
+def test_the_demo_tokenizer_encodes_a_black_video_to_one_code_before_and_after_a_training_step():
+    """The `small` preset as `make demo` trains it: black is one code everywhere, from the start
+    and after the weights (and BatchNorm's running statistics) have moved."""
+    cfg = build_config("small")
+    torch.manual_seed(0)
+    model = VideoTokenizer(cfg.model, cfg.data)
+    black = torch.zeros(2, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
+    assert model.eval().encode(black).unique().numel() == 1
+    videos = sparse_videos(4, cfg.data.frames, cfg.data.height, cfg.data.width, seed=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    compute_loss(model.train()(videos), videos, cfg.model)[0].backward()
+    optimizer.step()
+    assert model.eval().encode(black).unique().numel() == 1
 
 
 def test_entropy_on_object_cells_only_trains_and_ignores_a_clip_without_object():

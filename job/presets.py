@@ -43,7 +43,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint.every_minutes": 2.0,
         "monitor.heartbeat_seconds": 10.0,
         # 2,048 tokens per video (8 x 16 x 16): the width that fits the CPU demo's minutes.
-        "stage2.epochs": 12,
+        # Object-token accuracy plateaus from epoch 3 on these tokens (docs/generation.md, row E4).
+        "stage2.epochs": 8,
         "stage2.batch_size": 16,
         "stage2.dim": 32,
         "stage2.depth": 2,

@@ -336,10 +336,11 @@ class FaultyStore:
             for outage in self.outages:
                 if outage.began is None and outage.at and outage.at(*what):
                     outage.began = now
-            away = next((o for o in self.outages if o.covers(now)), None)
-            if away is None:
+            away = [o for o in self.outages if o.covers(now)]
+            if not away:
                 return False
-            away.cut.append(" ".join(what))
+            for outage in away:  # outages that overlap each count the request they cut
+                outage.cut.append(" ".join(what))
         request.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         request.close_connection = True
         return True

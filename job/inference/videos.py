@@ -67,7 +67,12 @@ def predict_videos(
     ``predict_frames()`` latent frames given, class "none", the rest generated. Frames (N, T, H, W)
     in [0, 1]; the given frames are the tokenizer's reconstruction of the real ones."""
     transformer = model.transformer
-    codes = model.tokenizer.encode(videos.to(model.device))
+    # The encoder sees the given frames and black after them: its 3D convolutions (and GroupNorm
+    # over the clip, in older tokenizers) would otherwise let the given codes see the frames the
+    # model is scored on predicting.
+    seen = videos.clone()
+    seen[:, :, given_video_frames(model) :] = 0
+    codes = model.tokenizer.encode(seen.to(model.device))
     none = torch.full((len(videos),), transformer.num_classes, dtype=torch.long, device=model.device)
     predicted = transformer.generate(
         none, given=codes, given_frames=transformer.predict_frames(), steps=steps, temperature=temperature,

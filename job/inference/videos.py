@@ -107,11 +107,6 @@ def predict_test_videos(
     return torch.cat(predicted), torch.cat(truth), torch.cat(labels)
 
 
-# --- the modes ---------------------------------------------------------------------------------
-
-
-
-
 @torch.no_grad()
 def encode_all(tokenizer: VideoTokenizer, dataset: VideoDataset, indices: np.ndarray, batch_size: int,
                device: torch.device, touch=lambda: None) -> torch.Tensor:

@@ -77,11 +77,13 @@ def _norm(channels: int, kind: str = "group") -> nn.Module:
 
 
 def _conv3(
-    in_channels: int, out_channels: int, stride: tuple[int, int, int] = (1, 1, 1), padding: str = "zeros"
+    in_channels: int, out_channels: int, stride: tuple[int, int, int] = (1, 1, 1), padding: str = "zeros",
+    time_kernel: int = 3,
 ) -> nn.Conv3d:
     # ``model.padding``: ``replicate`` extends a constant input by itself, so a black clip stays
     # one constant latent up to the border; ``zeros`` makes the border differ from the interior.
-    return nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, padding_mode=padding)
+    return nn.Conv3d(in_channels, out_channels, kernel_size=(time_kernel, 3, 3), stride=stride,
+                     padding=(time_kernel // 2, 1, 1), padding_mode=padding)
 
 
 def _scale_factors(temporal: bool) -> tuple[int, int, int]:
@@ -91,15 +93,17 @@ def _scale_factors(temporal: bool) -> tuple[int, int, int]:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, plus a (projected) skip connection."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "group", padding: str = "zeros") -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str = "group", padding: str = "zeros", time_kernel: int = 3
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(
             _norm(in_channels, norm),
             nn.SiLU(),
-            _conv3(in_channels, out_channels, padding=padding),
+            _conv3(in_channels, out_channels, padding=padding, time_kernel=time_kernel),
             _norm(out_channels, norm),
             nn.SiLU(),
-            _conv3(out_channels, out_channels, padding=padding),
+            _conv3(out_channels, out_channels, padding=padding, time_kernel=time_kernel),
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
 
@@ -110,9 +114,9 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     """Strided 3x3x3 conv: halves H and W, and T when ``temporal``."""
 
-    def __init__(self, channels: int, temporal: bool, padding: str = "zeros") -> None:
+    def __init__(self, channels: int, temporal: bool, padding: str = "zeros", time_kernel: int = 3) -> None:
         super().__init__()
-        self.conv = _conv3(channels, channels, stride=_scale_factors(temporal), padding=padding)
+        self.conv = _conv3(channels, channels, stride=_scale_factors(temporal), padding=padding, time_kernel=time_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -187,15 +191,15 @@ class Encoder(nn.Module):
     def __init__(self, model: ModelConfig) -> None:
         super().__init__()
         widths = _stage_widths(model)
-        norm, padding = model.norm, model.padding
-        layers: list[nn.Module] = [_conv3(1, widths[0], padding=padding)]
+        norm, padding, time_kernel = model.norm, model.padding, model.encoder_time_kernel
+        layers: list[nn.Module] = [_conv3(1, widths[0], padding=padding, time_kernel=time_kernel)]
         channels = widths[0]
         for stage, width in enumerate(widths):
             for _ in range(model.res_blocks):
-                layers.append(ResBlock(channels, width, norm, padding))
+                layers.append(ResBlock(channels, width, norm, padding, time_kernel))
                 channels = width
             if stage < len(widths) - 1:
-                layers.append(Downsample(width, temporal=_is_temporal(stage, model), padding=padding))
+                layers.append(Downsample(width, _is_temporal(stage, model), padding, time_kernel))
         layers.append(_output_head(widths[-1], model.codebook_bits, norm))
         self.layers = nn.Sequential(*layers)
 

@@ -12,7 +12,8 @@ import torch
 from job.checkpoints.reader import Checkpoint
 from job.config import Config
 from job.data.dataset import VideoDataset
-from job.inference.videos import encode_all, object_cells_all
+from job.inference.load import TrainedGenerator
+from job.inference.videos import encode_all, object_cells_all, predict_videos
 from job.models.tokenizer import trained_tokenizer
 from job.models.transformer import MaskedBatch, initial_transformer, masked_token_loss
 
@@ -99,18 +100,16 @@ class TransformerTask:
 
     @torch.no_grad()
     def picture(self, indices: np.ndarray, title: str) -> tuple[str, dict[str, Any]]:
-        """Frame prediction on one validation video per class: the first latent frames given,
-        the rest decoded from the model's codes."""
+        """Frame prediction on one validation video per class, as `predict` makes it: the first
+        latent frames' codes given (encoded without the frames after them), the rest decoded."""
         videos, labels = self.dataset.get(indices)
-        given_frames = self.model.predict_frames()
         generator = torch.Generator().manual_seed(self.cfg.stage2.sample_seed)
-        none = torch.full((len(indices),), self.model.num_classes, dtype=torch.long)
-        codes = self.model.generate(none.to(self.device), given=self.codes[indices].to(self.device),
-                                    given_frames=given_frames, generator=generator).cpu()
-        predicted = self.tokenizer.decode(codes.to(self.device)).float().cpu()
+        s2 = self.cfg.stage2
+        model = TrainedGenerator(self.cfg, None, None, self.model, self.tokenizer, self.device)
+        predicted = predict_videos(model, videos, s2.sample_steps, s2.temperature, generator)
         classes = self.cfg.data.classes
         return "reconstruction_grid", {
-            "originals": videos[:, 0].numpy(), "reconstructions": predicted[:, 0].numpy(),
+            "originals": videos[:, 0].numpy(), "reconstructions": predicted.numpy(),
             "labels": [classes[int(i)] for i in labels], "title": title,
         }
 

@@ -319,3 +319,25 @@ def test_entropy_on_object_cells_only_trains_and_ignores_a_clip_without_object()
     assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in parts.values())
     empty = model(torch.zeros_like(videos))
     assert torch.isfinite(empty.entropy_loss).all()
+
+
+def test_an_encoder_with_time_kernel_1_codes_each_frame_from_that_frame_alone():
+    """With model.encoder_time_kernel=1 a frame's codes cannot see the frames after it (prediction
+    gives stage 2 the codes of the first frames) nor leave a trail in other frames' black cells;
+    with 3 (the older encoder) they do."""
+    videos = sparse_videos(2, 8, 32, 32, seed=2)
+    changed = videos.clone()
+    changed[:, :, 5:] = sparse_videos(2, 8, 32, 32, seed=3)[:, :, 5:]  # other frames from frame 5 on
+    for kernel, same_before in ((1, True), (3, False)):
+        cfg = build_config("small", None, [f"model.encoder_time_kernel={kernel}"])
+        torch.manual_seed(0)
+        model = VideoTokenizer(cfg.model, cfg.data).eval()
+        before = model.encode(videos)[:, :5], model.encode(changed)[:, :5]
+        assert torch.equal(*before) is same_before
+
+
+def test_an_encoder_that_sees_each_frame_alone_cannot_halve_time():
+    with pytest.raises(ConfigError, match="^model.encoder_time_kernel"):
+        build_config("small", None, ["model.encoder_time_kernel=1", "model.temporal_downsample=1"])
+    with pytest.raises(ConfigError, match="^model.encoder_time_kernel"):
+        build_config("small", None, ["model.encoder_time_kernel=2"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from job.config import Stage2Config
@@ -31,8 +32,9 @@ def codes(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, CODEBOOK, (batch, *LATENT), generator=torch.Generator().manual_seed(seed))
 
 
-def test_logits_for_every_token_position():
-    net = model()
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_logits_for_every_token_position(attention):
+    net = model(attention=attention)
     tokens = codes(2).flatten(1)
     logits = net(tokens, torch.tensor([0, CLASSES]))  # a class, and "none"
     assert logits.shape == (2, net.length, CODEBOOK)

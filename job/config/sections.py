@@ -55,6 +55,11 @@ class ModelConfig:
     # over the frame (times this weight), not averaged with ~1,000 black pixels: a speck of a few
     # pixels is a second object to every judge, but the balanced mean hardly sees it.
     speck_weight: float = 0.0
+    # A latent cell without object pixels (none above foreground_threshold) pays a hinge for each
+    # LFQ bit on the wrong side of the background's code (the batch's most common code of such
+    # cells), times this weight: nothing else stops the encoder from giving the black cells around
+    # the object codes of their own, which the decoder ignores and stage 2 must still predict.
+    background_code_weight: float = 0.0
     # The next three default to what runs made before they existed used, so that such a run's
     # config.json still rebuilds its model; every preset sets what docs/quality.md measured best.
     recon_loss: str = "mse"  # mse or l1: the per-pixel error that reconstruction_loss balances

@@ -35,6 +35,7 @@ class TokenizerOutput:
     codes: torch.Tensor  # (B, t, h, w) int64 in [0, 2**codebook_bits)
     entropy_loss: torch.Tensor  # per-sample entropy - diversity_gamma * batch entropy, unweighted
     commitment_loss: torch.Tensor  # unweighted; zero outside training mode
+    background_loss: torch.Tensor  # unweighted (model.background_code_weight); zero outside training mode
 
 
 # --- building blocks ------------------------------------------------------------------------
@@ -309,12 +310,26 @@ class VideoTokenizer(nn.Module):
             mask = self.object_cells(video, self.config.foreground_threshold)
             batch_entropy = self._codebook_entropy(latent.movedim(1, -1)[mask])
         entropy_loss = breakdown.per_sample_entropy - self.config.diversity_gamma * batch_entropy
+        background_loss = latent.new_zeros(())
+        if self.config.background_code_weight and self.training:
+            background_loss = self._background_code_loss(latent, codes, video)
         return TokenizerOutput(
             recon=self.decoder(quantized),
             codes=codes,
             entropy_loss=entropy_loss,
             commitment_loss=breakdown.commitment,
+            background_loss=background_loss,
         )
+
+    def _background_code_loss(self, latent: torch.Tensor, codes: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """Mean over the cells without object pixels of the hinge ``relu(1 - z * b)`` summed over
+        the bits, where ``b`` (+-1) is the bits of those cells' most common code in the batch."""
+        background = ~self.object_cells(video, self.config.foreground_threshold)
+        if not bool(background.any()):
+            return latent.new_zeros(())
+        common = torch.bincount(codes[background]).argmax()
+        bits = self.quantizer.codebook[common].to(latent.dtype)
+        return F.relu(1.0 - latent.movedim(1, -1)[background] * bits).sum(-1).mean()
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -398,11 +413,13 @@ def compute_loss(
         recon
         + model.entropy_loss_weight * out.entropy_loss
         + model.commitment_loss_weight * out.commitment_loss
+        + model.background_code_weight * out.background_loss
     )
     mse = F.mse_loss(out.recon.detach().float(), target.float())
     # One device-to-host copy for all parts instead of one synchronisation each.
-    values = torch.stack([total, recon, out.entropy_loss, out.commitment_loss, mse]).detach().float().tolist()
-    return total, dict(zip(("loss", "recon", "entropy", "commitment", "mse"), values, strict=True))
+    parts = [total, recon, out.entropy_loss, out.commitment_loss, out.background_loss, mse]
+    values = torch.stack(parts).detach().float().tolist()
+    return total, dict(zip(("loss", "recon", "entropy", "commitment", "background", "mse"), values, strict=True))
 
 
 def trained_tokenizer(

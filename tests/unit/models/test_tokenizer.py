@@ -115,12 +115,13 @@ def test_gradients_reach_the_first_encoder_conv(preset: str) -> None:
     assert isinstance(first_conv, torch.nn.Conv3d)
     grad = first_conv.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
-    assert set(parts) == {"loss", "recon", "entropy", "commitment", "mse"}
+    assert set(parts) == {"loss", "recon", "entropy", "commitment", "background", "mse"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in parts.values())
     expected = (
         parts["recon"]
         + model_cfg.entropy_loss_weight * parts["entropy"]
         + model_cfg.commitment_loss_weight * parts["commitment"]
+        + model_cfg.background_code_weight * parts["background"]
     )
     assert parts["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
@@ -341,3 +342,49 @@ def test_an_encoder_that_sees_each_frame_alone_cannot_halve_time():
         build_config("small", None, ["model.encoder_time_kernel=1", "model.temporal_downsample=1"])
     with pytest.raises(ConfigError, match="^model.encoder_time_kernel"):
         build_config("small", None, ["model.encoder_time_kernel=2"])
+
+
+def test_the_background_code_term_charges_wrong_bits_of_cells_without_object_pixels_only():
+    """``model.background_code_weight``: a latent cell whose pixels are all at most the foreground
+    threshold pays ``relu(1 - z * b)`` for each bit, where ``b`` is the bits of the most common
+    code of such cells in the batch; cells with object pixels pay nothing."""
+    cfg = build_config("small", None, ["model.encoder_time_kernel=1", "model.background_code_weight=1"])
+    model = VideoTokenizer(cfg.model, cfg.data)
+    videos = torch.zeros(1, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
+    videos[0, 0, 0, 0, 0] = 1.0  # an object pixel in the first cell of the first frame
+    t, h, w = model.latent_shape()
+    bits = cfg.model.codebook_bits
+    codes = torch.full((1, t, h, w), 7)  # the cells' codes: which one is most common matters
+    background_bits = model.quantizer.codebook[7]
+    latent = background_bits.view(1, bits, 1, 1, 1).expand(1, bits, t, h, w).clone()
+    assert model._background_code_loss(latent, codes, videos) == 0
+    latent[0, :, 0, 0, 0] = -background_bits  # the object's cell: free to differ
+    assert model._background_code_loss(latent, codes, videos) == 0
+    latent[0, 0, 1, 0, 0] = 0.5 * background_bits[0]  # a background cell's first bit: right side, inside the margin
+    latent[0, 1, 2, 0, 0] = -background_bits[1]  # another's second bit, on the wrong side
+    cells = t * h * w - 1
+    assert model._background_code_loss(latent, codes, videos).item() == pytest.approx((0.5 + 2.0) / cells)
+
+
+def test_training_on_the_background_code_term_gives_the_cells_around_the_object_the_background_code():
+    cfg = build_config("small", None, ["model.encoder_time_kernel=1", "model.background_code_weight=1"])
+    torch.manual_seed(0)
+    model = VideoTokenizer(cfg.model, cfg.data).train()
+    with torch.no_grad():  # a head that scatters: cells near the object get codes of their own
+        model.encoder.layers[-1][-1].weight.mul_(30.0)
+    videos = sparse_videos(4, cfg.data.frames, cfg.data.height, cfg.data.width, seed=5)
+    objects = model.object_cells(videos, cfg.model.foreground_threshold)
+
+    def off_background_cells() -> int:
+        codes = model(videos).codes[~objects]
+        return int((codes != torch.bincount(codes).argmax()).sum())
+
+    before = off_background_cells()
+    assert before > 0
+    optimizer = torch.optim.Adam(model.encoder.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(videos).background_loss.backward()
+        optimizer.step()
+    assert off_background_cells() < before / 4
+    assert model.eval()(videos).background_loss == 0  # a training term only, like LFQ's

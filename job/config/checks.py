@@ -70,10 +70,8 @@ def validate(config: Config) -> None:
     if not m.channel_mults or any(x <= 0 for x in m.channel_mults):
         raise ConfigError(f"model.channel_mults: need positive multipliers, got {list(m.channel_mults)}")
     downs = len(m.channel_mults) - 1
-    if m.encoder_time_kernel not in (1, 3):
-        raise ConfigError(f"model.encoder_time_kernel: 1 or 3, got {m.encoder_time_kernel}")
-    if m.encoder_time_kernel == 1 and m.temporal_downsample:
-        raise ConfigError("model.encoder_time_kernel: 1 (each frame alone) cannot halve time; set model.temporal_downsample=0")
+    if m.encoder_time == "frame" and m.temporal_downsample:
+        raise ConfigError("model.encoder_time: frame (each frame alone) cannot halve time; set model.temporal_downsample=0")
     if m.temporal_downsample > downs:
         raise ConfigError(f"model.temporal_downsample: at most {downs} (stages - 1), got {m.temporal_downsample}")
     for key, size, factor in (
@@ -94,7 +92,7 @@ def validate(config: Config) -> None:
         ("model.decoder_norm", m.decoder_norm, ("group", "channel", "batch", "none")),
         ("model.decoder_padding", m.decoder_padding, ("zeros", "replicate")),
         ("model.entropy_on", m.entropy_on, ("all", "object")),
-        ("stage2.attention", config.stage2.attention, ("factorized", "full")),
+        ("model.encoder_time", m.encoder_time, ("centered", "causal", "frame")),
     ):
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")

@@ -73,10 +73,11 @@ class ModelConfig:
     # constant clip encode to one code everywhere.
     norm: str = "group"  # the encoder's: group, channel, batch or none
     padding: str = "zeros"  # the encoder's: zeros or replicate
-    # The encoder's kernel size in time: 3 lets a frame's codes see the frames around it, so an
-    # object leaves a trail of codes in black cells of other frames, and a given frame's codes see
-    # the future; 1 encodes each frame alone (needs temporal_downsample 0).
-    encoder_time_kernel: int = 3
+    # What of the clip a frame's codes see (the encoder's time kernels): ``centered`` (3 frames:
+    # the frames after it too, so a prediction's given codes see the future it is scored on),
+    # ``causal`` (3 frames ending at it, MAGVIT-v2's: a code knows how the object came, never
+    # where it goes) or ``frame`` (itself alone; needs temporal_downsample 0).
+    encoder_time: str = "centered"
     # Which latent cells LFQ's diversity bonus (codebook entropy, diversity_gamma) is computed over:
     # all, or only those that hold an object pixel, so that it cannot reward scattering black.
     entropy_on: str = "all"  # all or object
@@ -116,10 +117,6 @@ class Stage2Config:
     dim: int = 256
     depth: int = 8
     heads: int = 8
-    # factorized: attention within each latent frame, then across frames at each position (cheap
-    # on long grids); full: every token attends to every other, so the object's tokens in one
-    # frame see its tokens in the others in one hop (affordable on short grids).
-    attention: str = "factorized"
     lr: float = 5e-4
     warmup_steps: int = 200
     # How often each task is drawn for a training sample (relative weights).

@@ -77,12 +77,29 @@ def _norm(channels: int, kind: str = "group") -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
+class CausalConv3d(nn.Conv3d):
+    """A 3x3x3 conv whose output frame t sees input frames t-2..t only: the clip is padded before
+    its first frame (by the padding mode) and not after its last."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int, int], padding: str) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, stride=stride, padding=(0, 1, 1), padding_mode=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        front = self.kernel_size[0] - 1
+        if self.padding_mode == "zeros":
+            return super().forward(F.pad(x, (0, 0, 0, 0, front, 0)))
+        return super().forward(F.pad(x, (0, 0, 0, 0, front, 0), mode=self.padding_mode))
+
+
 def _conv3(
     in_channels: int, out_channels: int, stride: tuple[int, int, int] = (1, 1, 1), padding: str = "zeros",
-    time_kernel: int = 3,
+    time: str = "centered",
 ) -> nn.Conv3d:
     # ``model.padding``: ``replicate`` extends a constant input by itself, so a black clip stays
     # one constant latent up to the border; ``zeros`` makes the border differ from the interior.
+    if time == "causal":
+        return CausalConv3d(in_channels, out_channels, stride, padding)
+    time_kernel = 1 if time == "frame" else 3
     return nn.Conv3d(in_channels, out_channels, kernel_size=(time_kernel, 3, 3), stride=stride,
                      padding=(time_kernel // 2, 1, 1), padding_mode=padding)
 
@@ -95,16 +112,16 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, plus a (projected) skip connection."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, norm: str = "group", padding: str = "zeros", time_kernel: int = 3
+        self, in_channels: int, out_channels: int, norm: str = "group", padding: str = "zeros", time: str = "centered"
     ) -> None:
         super().__init__()
         self.body = nn.Sequential(
             _norm(in_channels, norm),
             nn.SiLU(),
-            _conv3(in_channels, out_channels, padding=padding, time_kernel=time_kernel),
+            _conv3(in_channels, out_channels, padding=padding, time=time),
             _norm(out_channels, norm),
             nn.SiLU(),
-            _conv3(out_channels, out_channels, padding=padding, time_kernel=time_kernel),
+            _conv3(out_channels, out_channels, padding=padding, time=time),
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
 
@@ -115,9 +132,9 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     """Strided 3x3x3 conv: halves H and W, and T when ``temporal``."""
 
-    def __init__(self, channels: int, temporal: bool, padding: str = "zeros", time_kernel: int = 3) -> None:
+    def __init__(self, channels: int, temporal: bool, padding: str = "zeros", time: str = "centered") -> None:
         super().__init__()
-        self.conv = _conv3(channels, channels, stride=_scale_factors(temporal), padding=padding, time_kernel=time_kernel)
+        self.conv = _conv3(channels, channels, stride=_scale_factors(temporal), padding=padding, time=time)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -192,15 +209,15 @@ class Encoder(nn.Module):
     def __init__(self, model: ModelConfig) -> None:
         super().__init__()
         widths = _stage_widths(model)
-        norm, padding, time_kernel = model.norm, model.padding, model.encoder_time_kernel
-        layers: list[nn.Module] = [_conv3(1, widths[0], padding=padding, time_kernel=time_kernel)]
+        norm, padding, time = model.norm, model.padding, model.encoder_time
+        layers: list[nn.Module] = [_conv3(1, widths[0], padding=padding, time=time)]
         channels = widths[0]
         for stage, width in enumerate(widths):
             for _ in range(model.res_blocks):
-                layers.append(ResBlock(channels, width, norm, padding, time_kernel))
+                layers.append(ResBlock(channels, width, norm, padding, time))
                 channels = width
             if stage < len(widths) - 1:
-                layers.append(Downsample(width, _is_temporal(stage, model), padding, time_kernel))
+                layers.append(Downsample(width, _is_temporal(stage, model), padding, time))
         layers.append(_output_head(widths[-1], model.codebook_bits, norm))
         self.layers = nn.Sequential(*layers)
 

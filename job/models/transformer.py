@@ -9,11 +9,10 @@ scheduled share of the tokens that are not given and learns to predict them; sam
 from all of them masked and, over ``steps`` rounds, keeps the most confident predictions and
 masks the rest again.
 
-Attention is factorized by default (``stage2.attention``), as in video transformers such as ViViT
-and TimeSformer: each block attends within every latent frame (space), then across frames at every
-position (time), then applies its MLP: cheaper than full attention over all tokens
-(docs/benchmarks.md, "Why the code is as it is"), and every token still reaches every other in
-two hops. ``full`` attends over every token at once. The attention itself is PyTorch's own
+Attention is factorized, as in video transformers such as ViViT and TimeSformer: each block
+attends within every latent frame (space), then across frames at every position (time), then
+applies its MLP: cheaper than full attention over all tokens (docs/benchmarks.md, "Why the code is
+as it is"), and every token still reaches every other in two hops. The attention itself is PyTorch's own
 ``nn.MultiheadAttention`` (scaled-dot-product kernels, deterministic on the CPU under
 ``torch.use_deterministic_algorithms``).
 """
@@ -68,24 +67,6 @@ class FactorizedBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class FullBlock(nn.Module):
-    """Pre-norm residual block: attention over every token of the video, then a GELU MLP."""
-
-    def __init__(self, dim: int, heads: int, latent_shape: tuple[int, int, int]):
-        super().__init__()
-        self.attention_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.attention_norm(x)
-        x = x + self.attention(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.mlp_norm(x))
-
-
-BLOCKS = {"factorized": FactorizedBlock, "full": FullBlock}  # stage2.attention
-
-
 def masked_token_loss(
     logits: torch.Tensor, batch: MaskedBatch, common_code: int | None = None, object_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +94,7 @@ class MaskedVideoTransformer(nn.Module):
         self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
         self.position = nn.Parameter(torch.zeros(1, self.length, cfg.dim))
         nn.init.normal_(self.position, std=0.02)
-        block = BLOCKS[cfg.attention]
-        self.blocks = nn.Sequential(*(block(cfg.dim, cfg.heads, self.latent_shape) for _ in range(cfg.depth)))
+        self.blocks = nn.Sequential(*(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape) for _ in range(cfg.depth)))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, codebook_size)
 

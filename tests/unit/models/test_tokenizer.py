@@ -322,33 +322,37 @@ def test_entropy_on_object_cells_only_trains_and_ignores_a_clip_without_object()
     assert torch.isfinite(empty.entropy_loss).all()
 
 
-def test_an_encoder_with_time_kernel_1_codes_each_frame_from_that_frame_alone():
-    """With model.encoder_time_kernel=1 a frame's codes cannot see the frames after it (prediction
-    gives stage 2 the codes of the first frames) nor leave a trail in other frames' black cells;
-    with 3 (the older encoder) they do."""
+@pytest.mark.parametrize("time, sees_after, sees_before", [
+    ("frame", False, False), ("causal", False, True), ("centered", True, True)])
+def test_what_of_the_clip_a_frames_codes_see(time, sees_after, sees_before):
+    """model.encoder_time: with ``frame`` a frame's codes come from that frame alone; with
+    ``causal`` from it and the frames before it, never the ones after (a prediction's given codes
+    cannot see the future it is scored on); ``centered`` (the older encoder) sees both sides."""
     videos = sparse_videos(2, 8, 32, 32, seed=2)
-    changed = videos.clone()
-    changed[:, :, 5:] = sparse_videos(2, 8, 32, 32, seed=3)[:, :, 5:]  # other frames from frame 5 on
-    for kernel, same_before in ((1, True), (3, False)):
-        cfg = build_config("small", None, [f"model.encoder_time_kernel={kernel}"])
-        torch.manual_seed(0)
-        model = VideoTokenizer(cfg.model, cfg.data).eval()
-        before = model.encode(videos)[:, :5], model.encode(changed)[:, :5]
-        assert torch.equal(*before) is same_before
+    later, earlier = videos.clone(), videos.clone()
+    later[:, :, 5:] = sparse_videos(2, 8, 32, 32, seed=3)[:, :, 5:]  # other frames from frame 5 on
+    earlier[:, :, :3] = sparse_videos(2, 8, 32, 32, seed=3)[:, :, :3]  # other frames before frame 3
+    cfg = build_config("small", None, [f"model.encoder_time={time}"])
+    torch.manual_seed(0)
+    model = VideoTokenizer(cfg.model, cfg.data).eval()
+    codes = model.encode(videos)
+    assert (not torch.equal(codes[:, :5], model.encode(later)[:, :5])) is sees_after
+    assert (not torch.equal(codes[:, 3:], model.encode(earlier)[:, 3:])) is sees_before
 
 
 def test_an_encoder_that_sees_each_frame_alone_cannot_halve_time():
-    with pytest.raises(ConfigError, match="^model.encoder_time_kernel"):
-        build_config("small", None, ["model.encoder_time_kernel=1", "model.temporal_downsample=1"])
-    with pytest.raises(ConfigError, match="^model.encoder_time_kernel"):
-        build_config("small", None, ["model.encoder_time_kernel=2"])
+    with pytest.raises(ConfigError, match="^model.encoder_time"):
+        build_config("small", None, ["model.encoder_time=frame", "model.temporal_downsample=1"])
+    with pytest.raises(ConfigError, match="^model.encoder_time"):
+        build_config("small", None, ["model.encoder_time=both"])
+    build_config("small", None, ["model.encoder_time=causal", "model.temporal_downsample=1"])
 
 
 def test_the_background_code_term_charges_wrong_bits_of_cells_without_object_pixels_only():
     """``model.background_code_weight``: a latent cell whose pixels are all at most the foreground
     threshold pays ``relu(1 - z * b)`` for each bit, where ``b`` is the bits of the most common
     code of such cells in the batch; cells with object pixels pay nothing."""
-    cfg = build_config("small", None, ["model.encoder_time_kernel=1", "model.background_code_weight=1"])
+    cfg = build_config("small", None, ["model.encoder_time=frame", "model.background_code_weight=1"])
     model = VideoTokenizer(cfg.model, cfg.data)
     videos = torch.zeros(1, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
     videos[0, 0, 0, 0, 0] = 1.0  # an object pixel in the first cell of the first frame
@@ -367,7 +371,7 @@ def test_the_background_code_term_charges_wrong_bits_of_cells_without_object_pix
 
 
 def test_training_on_the_background_code_term_gives_the_cells_around_the_object_the_background_code():
-    cfg = build_config("small", None, ["model.encoder_time_kernel=1", "model.background_code_weight=1"])
+    cfg = build_config("small", None, ["model.encoder_time=frame", "model.background_code_weight=1"])
     torch.manual_seed(0)
     model = VideoTokenizer(cfg.model, cfg.data).train()
     with torch.no_grad():  # a head that scatters: cells near the object get codes of their own

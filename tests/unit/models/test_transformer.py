@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from job.config import Stage2Config
@@ -32,9 +31,8 @@ def codes(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, CODEBOOK, (batch, *LATENT), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("attention", ["factorized", "full"])
-def test_logits_for_every_token_position(attention):
-    net = model(attention=attention)
+def test_logits_for_every_token_position():
+    net = model()
     tokens = codes(2).flatten(1)
     logits = net(tokens, torch.tensor([0, CLASSES]))  # a class, and "none"
     assert logits.shape == (2, net.length, CODEBOOK)

@@ -12,6 +12,17 @@ from typing import Any
 # temporal compression: no GPU was at hand to measure it.
 QUALITY_OUTPUT = {"model.output": "clamp", "model.output_bias_init": -0.5}
 
+# docs/generation.md, "Tokens that mean something": a black clip is one code (eval-mode BatchNorm
+# and replicate padding carry no statistic of the clip to a black cell), no diversity bonus to
+# scatter codes, and specks charged for what they are.
+TOKENS = {
+    "model.norm": "batch",
+    "model.padding": "replicate",
+    "model.decoder_padding": "replicate",
+    "model.diversity_gamma": 0.0,
+    "model.speck_weight": 0.1,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {**QUALITY_OUTPUT},
     "small": {
@@ -26,15 +37,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.temporal_downsample": 0,
         "model.codebook_bits": 8,
         **QUALITY_OUTPUT,
-        # docs/generation.md, "Tokens that mean something": a black clip is one code (eval-mode
-        # BatchNorm and replicate padding carry no statistic of the clip to a black cell), no
-        # diversity bonus to scatter codes, and specks charged for what they are: every
-        # tokenizer goal met, 11 object codes in use where the bonus made 238.
-        "model.norm": "batch",
-        "model.padding": "replicate",
-        "model.decoder_padding": "replicate",
-        "model.diversity_gamma": 0.0,
-        "model.speck_weight": 0.1,
+        # docs/generation.md, "Tokens that mean something": every tokenizer goal met, 11 object
+        # codes in use where the diversity bonus made 238.
+        **TOKENS,
         "optim.lr": 2e-3,
         "optim.warmup_steps": 50,
         "train.epochs": 10,
@@ -65,6 +70,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.temporal_downsample": 0,
         "model.codebook_bits": 6,
         **QUALITY_OUTPUT,
+        # Tokens that mean something (docs/generation.md): black is one code, no diversity bonus,
+        # specks charged, each frame encoded alone (no trail of codes in other frames, and a
+        # third of the encoder's time), black cells pulled to the background's code.
+        **TOKENS,
+        "model.encoder_time": "frame",
+        "model.background_code_weight": 0.1,
         "optim.lr": 3e-3,
         "optim.warmup_steps": 4,
         "train.epochs": 4,

@@ -350,10 +350,11 @@ class VideoTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Integer codes (B, t, h, w) int64; the same codes forward gives, in either mode."""
+        """Integer codes (B, t, h, w) int64: the codes forward gives in eval mode, whatever mode
+        the model is in. Eval mode skips LFQ's entropy terms, which would only cost time here, and
+        makes BatchNorm use (and not update) its running statistics, so encoding changes no state."""
         self._check_video(video)
-        # Eval mode skips LFQ's entropy terms, which would only cost time here.
-        with _eval_mode(self.quantizer):
+        with _eval_mode(self):
             _, codes, _ = self._quantize(self.encoder(video))
         return codes
 

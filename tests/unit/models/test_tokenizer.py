@@ -87,7 +87,7 @@ def test_encode_and_decode_match_forward_in_either_mode() -> None:
     video = videos_for(model)
     model.train()
     train_codes = model.encode(video)
-    assert model.training and model.quantizer.training  # encode restores the mode it found
+    assert model.training and model.quantizer.training and model.encoder.training  # encode restores the mode it found
     model.eval()
     with torch.no_grad():
         out = model(video)

@@ -2,7 +2,7 @@
 user runs it (`python -m job ...` on a local run folder), against the budgets the README states.
 
     python bench/bench_demo_budget.py [--preset small] [--train-budget 720] [--evaluate-budget 90]
-                                      [--evaluate-gb 1.5] [--run-dir DIR]
+                                      [--evaluate-gb 1.5] [--run-dir DIR] [--evaluate-only]
 
 One JSON line per command: wall seconds, each stage's training seconds (the sum of its epochs'
 ``seconds`` in metrics.jsonl), the command's peak RSS (ru_maxrss of exactly that child, from
@@ -49,23 +49,35 @@ def main() -> None:
     parser.add_argument("--evaluate-budget", type=float, default=90.0)
     parser.add_argument("--evaluate-gb", type=float, default=1.5)
     parser.add_argument("--run-dir", help="train into this new folder and keep it (default: a temporary one)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="only evaluate the run already trained in --run-dir (a change to evaluate alone)")
     options = parser.parse_args()
+    if options.evaluate_only and not options.run_dir:
+        parser.error("--evaluate-only needs --run-dir")
     with tempfile.TemporaryDirectory() as work:
         run_dir = Path(options.run_dir) if options.run_dir else Path(work) / "run"
         common = ["--preset", options.preset, "--run-uri", str(run_dir)]
-        note(f"train --preset {options.preset}")
-        train_wall, train_gb = run(["train", *common])
-        stage1, stage2 = epoch_seconds(run_dir / "metrics.jsonl"), epoch_seconds(run_dir / "stage2" / "metrics.jsonl")
-        emit({"bench": "demo_budget", "command": "train", "preset": options.preset, "wall_seconds": round(train_wall, 1),
-              "stage1_train_seconds": round(stage1, 1), "stage2_train_seconds": round(stage2, 1),
-              "budget_seconds": options.train_budget, "ratio_to_budget": round(train_wall / options.train_budget, 3),
-              "peak_rss_gb": round(train_gb, 2)})
+        if not options.evaluate_only:
+            train(options, run_dir, common)
         note("evaluate")
         eval_wall, eval_gb = run(["evaluate", *common])
         emit({"bench": "demo_budget", "command": "evaluate", "preset": options.preset,
               "wall_seconds": round(eval_wall, 1), "budget_seconds": options.evaluate_budget,
               "ratio_to_budget": round(eval_wall / options.evaluate_budget, 3), "peak_rss_gb": round(eval_gb, 2),
               "budget_gb": options.evaluate_gb, "memory_ratio_to_budget": round(eval_gb / options.evaluate_gb, 3)})
+
+
+def train(options: argparse.Namespace, run_dir: Path, common: list[str]) -> None:
+    """Trains both stages into ``run_dir`` and emits the train line."""
+    note(f"train --preset {options.preset}")
+    train_wall, train_gb = run(["train", *common])
+    stage1, stage2 = epoch_seconds(run_dir / "metrics.jsonl"), epoch_seconds(run_dir / "stage2" / "metrics.jsonl")
+    emit({"bench": "demo_budget", "command": "train", "preset": options.preset, "wall_seconds": round(train_wall, 1),
+          "stage1_train_seconds": round(stage1, 1), "stage2_train_seconds": round(stage2, 1),
+          "budget_seconds": options.train_budget, "ratio_to_budget": round(train_wall / options.train_budget, 3),
+          "peak_rss_gb": round(train_gb, 2)})
+
+
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def prediction_summary(scores: FrameScores, given: int) -> dict[str, Any]:
         return {
             "psnr_db": s["psnr_db"], "centroid_error_px": s["centroid_error_px"],
             "centroid_misses": int(part.centroid_missed.sum()), "object_frames": s["object_frames"],
+            "single_object_share": s["single_object_share"],
         }
 
     frames = scores.psnr.shape[1]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from job.eval.frame_metrics import CONSTANT_VELOCITY, COPY_LAST, MODEL, PSNR_CAP_DB
+from job.eval.goals import generation_goals
 from job.eval.prediction import (
     PREDICTION_KINDS,
     constant_velocity_baseline,
@@ -19,7 +20,8 @@ from tests.blobs import blob_videos, linear_blobs
 
 pytestmark = pytest.mark.timeout(600)
 THRESHOLD = 0.05
-SUMMARY_KEYS = {"psnr_db", "centroid_error_px", "centroid_misses", "object_frames", "videos", "per_frame"}
+SUMMARY_KEYS = {"psnr_db", "centroid_error_px", "centroid_misses", "object_frames", "single_object_share", "videos",
+                "per_frame"}
 
 
 # --- prediction metrics and baselines, on crafted videos -------------------------------------------
@@ -73,3 +75,22 @@ def test_prediction_section_has_the_same_keys_for_model_and_baselines_overall_an
             assert set(by_kind[kind]) == SUMMARY_KEYS
             assert len(by_kind[kind]["per_frame"]) == 3
     assert section["per_class"]["b"][MODEL]["videos"] == 2
+
+
+def test_blobs_either_side_of_the_truth_do_not_pass_for_a_prediction():
+    """Two blobs whose centroid is the true one: no centroid error and no miss, but a frame with two
+    objects is not a prediction; the goals need one object in >= 95% of the predicted frames."""
+    path = np.array([[[4.0 + t, 5.0 + t] for t in range(6)], [[5.0, 4.0 + t] for t in range(6)]])
+    split = torch.maximum(blob_videos(path + [0.0, 3.0]), blob_videos(path - [0.0, 3.0]))
+    truth = blob_videos(path)
+    labels = torch.tensor([1, 1])  # circular, a class the constant-velocity goal is held on
+    section = prediction_section(split, truth, labels, ("linear", "circular"), given=3, threshold=THRESHOLD)
+    model = section["overall"][MODEL]
+    assert model["centroid_error_px"] < 0.05 and model["centroid_misses"] == 0
+    assert model["single_object_share"] == 0.0
+    nothing_generated = {"accuracy": 0.0, "track_accuracy": 0.0, "presence": 0.0, "single_object": 0.0, "per_class": {}}
+    goals = generation_goals(nothing_generated, section)
+    assert not goals["prediction_centroid_below_constant_velocity"]["met"]
+    assert not goals["prediction_centroid_below_constant_velocity_circular"]["met"]
+    honest = prediction_section(truth.clone(), truth, labels, ("linear", "circular"), given=3, threshold=THRESHOLD)
+    assert honest["overall"][MODEL]["single_object_share"] == 1.0

@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from job.config import ConfigError, ModelConfig, build_config, config_from_dict
-from job.models.tokenizer import (
-    Upsample,
-    VideoTokenizer,
-    codebook_stats,
-    compute_loss,
-    output_activation,
-    reconstruction_loss,
-)
+from job.models.blocks import Upsample, output_activation
+from job.models.tokenizer import VideoTokenizer, codebook_stats, compute_loss, reconstruction_loss
 
 pytestmark = pytest.mark.timeout(120)
 

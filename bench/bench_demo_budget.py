@@ -78,7 +78,5 @@ def train(options: argparse.Namespace, run_dir: Path, common: list[str]) -> None
           "peak_rss_gb": round(train_gb, 2)})
 
 
-
-
 if __name__ == "__main__":
     main()

@@ -95,17 +95,21 @@ def _below_baseline(by_kind: dict[str, dict[str, Any]]) -> dict[str, Any]:
     model, baseline = by_kind[MODEL], by_kind[CONSTANT_VELOCITY]
     miss_rate = model["centroid_misses"] / model["object_frames"] if model["object_frames"] else None
     result = goal(model["centroid_error_px"], baseline["centroid_error_px"] or 0.0, "<")
-    # Blobs either side of the object have its centroid: a prediction draws one object.
-    single = model.get("single_object_share")
     result["met"] = (
         model["centroid_error_px"] is not None and baseline["centroid_error_px"] is not None
         and model["centroid_error_px"] < baseline["centroid_error_px"]
         and miss_rate is not None and miss_rate <= MAX_CENTROID_MISS_RATE
-        and single is not None and single >= MIN_SINGLE_OBJECT
+        and _draws_one_object(model)
     )
     result.update(baseline="constant velocity", miss_rate=miss_rate, max_miss_rate=MAX_CENTROID_MISS_RATE,
-                  single_object=single, min_single_object=MIN_SINGLE_OBJECT)
+                  single_object=model.get("single_object_share"), min_single_object=MIN_SINGLE_OBJECT)
     return result
+
+
+def _draws_one_object(summary: dict[str, Any]) -> bool:
+    """Blobs either side of the object have its centroid: a prediction draws one object."""
+    single = summary.get("single_object_share")
+    return single is not None and single >= MIN_SINGLE_OBJECT
 
 
 def generation_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -128,8 +132,7 @@ def generation_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> 
     if "linear" in prediction["per_class"]:
         linear = prediction["per_class"]["linear"][MODEL]
         goals["prediction_centroid_linear_px"] = goal(linear["centroid_error_px"], MAX_LINEAR_PREDICTION_PX, "<=")
-        single = linear.get("single_object_share")
-        goals["prediction_centroid_linear_px"]["met"] &= single is not None and single >= MIN_SINGLE_OBJECT
+        goals["prediction_centroid_linear_px"]["met"] &= _draws_one_object(linear)
     model = prediction["overall"][MODEL]
     misses = model["centroid_misses"] / model["object_frames"] if model["object_frames"] else None
     goals["prediction_miss_rate"] = goal(misses, MAX_CENTROID_MISS_RATE, "<=")

@@ -24,13 +24,22 @@ class NoTrainedGenerator(ConfigError):
 
 
 @dataclass
-class TrainedGenerator:
+class VideoModels:
+    """The two stages and where they run: all that encoding, generating and predicting need
+    (stage 2's training plot holds these without a checkpoint)."""
+
+    tokenizer: VideoTokenizer
+    transformer: MaskedVideoTransformer
+    device: torch.device
+
+
+@dataclass
+class TrainedGenerator(VideoModels):
+    """The two stages as a run trained them, and the checkpoints they came from."""
+
     cfg: Config  # the run's own config, with this machine's device choices
     checkpoint: Checkpoint
     tokenizer_checkpoint: Checkpoint
-    transformer: MaskedVideoTransformer
-    tokenizer: VideoTokenizer
-    device: torch.device
 
     @property
     def complete(self) -> bool:
@@ -81,7 +90,7 @@ def load_generator(cfg: Config, store: RunStore, device: torch.device) -> Traine
         ) from exc
     if checkpoint.state.get("reason") != "final":
         log.warning("generation.stage2_unfinished", checkpoint=checkpoint.name, step=checkpoint.step)
-    return TrainedGenerator(run_cfg, checkpoint, tokenizer_checkpoint, transformer, tokenizer, device)
+    return TrainedGenerator(tokenizer, transformer, device, run_cfg, checkpoint, tokenizer_checkpoint)
 
 
 class NothingToEvaluate(ConfigError):

@@ -10,7 +10,7 @@ import torch
 
 from job.config import Config
 from job.data.dataset import VideoDataset
-from job.inference.load import TrainedGenerator
+from job.inference.load import VideoModels
 from job.models.tokenizer import VideoTokenizer
 from job.runtime.signals import stop_point
 
@@ -25,7 +25,7 @@ def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def decode(model: TrainedGenerator, codes: torch.Tensor) -> torch.Tensor:
+def decode(model: VideoModels, codes: torch.Tensor) -> torch.Tensor:
     """Frames (N, T, H, W) float32 in [0, 1], on the CPU, decoded GENERATION_BATCH videos at a time."""
     frames = [
         model.tokenizer.decode(codes[s : s + GENERATION_BATCH].to(model.device))[:, 0].float().clamp(0.0, 1.0).cpu()
@@ -36,7 +36,7 @@ def decode(model: TrainedGenerator, codes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_class_videos(
-    model: TrainedGenerator, per_class: int, steps: int, temperature: float, seed: int
+    model: VideoModels, per_class: int, steps: int, temperature: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` class-conditional videos of every class, class by class: (frames (N, T, H,
     W) in [0, 1], labels (N,)). Deterministic for a seed: one generator, fixed batches."""
@@ -52,7 +52,7 @@ def generate_class_videos(
     return torch.cat(frames) if frames else torch.zeros(0, *model.tokenizer.input_shape), labels
 
 
-def given_video_frames(model: TrainedGenerator) -> int:
+def given_video_frames(model: VideoModels) -> int:
     """Video frames covered by the latent frames the prediction task gives."""
     frames = model.tokenizer.input_shape[0]
     latent_frames = model.tokenizer.latent_shape()[0]
@@ -61,7 +61,7 @@ def given_video_frames(model: TrainedGenerator) -> int:
 
 @torch.no_grad()
 def predict_videos(
-    model: TrainedGenerator, videos: torch.Tensor, steps: int, temperature: float, generator: torch.Generator
+    model: VideoModels, videos: torch.Tensor, steps: int, temperature: float, generator: torch.Generator
 ) -> torch.Tensor:
     """The model's continuation of ``videos`` (N, 1, T, H, W): the tokenizer's codes of their first
     ``predict_frames()`` latent frames given, class "none", the rest generated. Frames (N, T, H, W)
@@ -88,7 +88,7 @@ def prediction_indices(dataset: VideoDataset, eval_videos: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict_test_videos(
-    model: TrainedGenerator, dataset: VideoDataset, indices: np.ndarray, cfg: Config
+    model: VideoModels, dataset: VideoDataset, indices: np.ndarray, cfg: Config
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(predicted frames, true frames, labels) of the test videos ``indices``, with the sampling
     settings of ``cfg.stage2`` and one generator seeded with its sample_seed."""

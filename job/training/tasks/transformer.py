@@ -12,7 +12,7 @@ import torch
 from job.checkpoints.reader import Checkpoint
 from job.config import Config
 from job.data.dataset import VideoDataset
-from job.inference.load import TrainedGenerator
+from job.inference.load import VideoModels
 from job.inference.videos import encode_all, object_cells_all, predict_videos
 from job.models.tokenizer import trained_tokenizer
 from job.models.transformer import MaskedBatch, initial_transformer, masked_token_loss
@@ -105,8 +105,8 @@ class TransformerTask:
         videos, labels = self.dataset.get(indices)
         generator = torch.Generator().manual_seed(self.cfg.stage2.sample_seed)
         s2 = self.cfg.stage2
-        model = TrainedGenerator(self.cfg, None, None, self.model, self.tokenizer, self.device)
-        predicted = predict_videos(model, videos, s2.sample_steps, s2.temperature, generator)
+        models = VideoModels(self.tokenizer, self.model, self.device)
+        predicted = predict_videos(models, videos, s2.sample_steps, s2.temperature, generator)
         classes = self.cfg.data.classes
         return "reconstruction_grid", {
             "originals": videos[:, 0].numpy(), "reconstructions": predicted.numpy(),

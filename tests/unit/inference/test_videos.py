@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from job.config import build_config
-from job.inference.load import TrainedGenerator
+from job.inference.load import VideoModels
 from job.inference.videos import given_video_frames, predict_videos, sampling_generator
 from job.models.tokenizer import VideoTokenizer
 from job.models.transformer import initial_transformer
@@ -20,7 +20,7 @@ def test_a_prediction_depends_on_the_given_frames_only_not_on_the_ones_it_predic
     cfg = build_config("smoke", None, ["model.encoder_time=centered", "model.norm=group"])
     torch.manual_seed(0)
     tokenizer = VideoTokenizer(cfg.model, cfg.data).eval()
-    model = TrainedGenerator(cfg, None, None, initial_transformer(cfg, tokenizer).eval(), tokenizer, torch.device("cpu"))
+    model = VideoModels(tokenizer, initial_transformer(cfg, tokenizer).eval(), torch.device("cpu"))
     given = given_video_frames(model)
     frames = cfg.data.frames
     assert 0 < given < frames

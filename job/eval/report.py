@@ -200,7 +200,9 @@ def stage2_health_lines(health: dict[str, Any]) -> list[str]:
         f"object's tokens {formatted(health['val_object_accuracy'], '{:.1%}')}; "
         f"{formatted(health['val_gain_over_lookup'], '{:+.1%}')} over a per-position lookup table "
         f"({formatted(health['val_lookup_accuracy'], '{:.1%}')}); the true class against a wrong one lowers the loss "
-        f"by {formatted(health['val_class_effect_nats'], '{:.3f}')} nats"
+        f"by {formatted(health['val_class_effect_nats'], '{:.3f}')} nats, on the object's tokens by "
+        f"{formatted(health.get('val_class_effect_object_nats'), '{:.3f}')} (their loss "
+        f"{formatted(health.get('val_object_loss'), '{:.3f}')})"
     ]
 
 

@@ -59,44 +59,20 @@ class TransformerTask:
 
     @torch.no_grad()
     def validate(self, indices: np.ndarray, touch) -> dict[str, float | None]:
-        """Masked-token loss and accuracy on ``indices``, with masks from a fixed generator so that
-        epochs are compared on the same masks (and training's random stream is untouched); and
-        what the headline accuracy hides: the accuracy on the object's tokens, the accuracy over
-        the per-position lookup table's on the same tokens, and how much the true class lowers
-        the loss against a wrong one."""
+        """Stage 2's health on ``indices`` (``health_metrics``), with masks from a fixed generator so
+        that epochs are compared on the same masks (and training's random stream is untouched)."""
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        sums: dict[str, float] = dict.fromkeys(
-            ("loss", "accuracy", "hits", "lookup_hits", "masked", "object_hits", "objects", "class_effect"), 0.0)
-        batch_size, classes = self.cfg.stage2.batch_size, self.model.num_classes
+        sums: dict[str, float] = {}
         lookup = self.lookup.to(self.device)
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
+        for start in range(0, len(indices), self.cfg.stage2.batch_size):
+            chunk = indices[start : start + self.cfg.stage2.batch_size]
             batch = self._on_device(self.model.mask_for_training(self.codes[chunk], self.labels[chunk], generator=generator))
-            logits = self.model(batch.tokens, batch.classes)
-            loss, accuracy = masked_token_loss(logits, batch)
-            sums["loss"] += float(loss) * len(chunk)
-            sums["accuracy"] += float(accuracy) * len(chunk)
-            right = logits.argmax(-1) == batch.targets
-            objects = self.objects[chunk].flatten(1).to(self.device) & batch.masked
-            sums["hits"] += float(right[batch.masked].sum())
-            sums["lookup_hits"] += float((lookup[None] == batch.targets)[batch.masked].sum())
-            sums["masked"] += float(batch.masked.sum())
-            sums["object_hits"] += float(right[objects].sum())
-            sums["objects"] += float(objects.sum())
+            objects = self.objects[chunk].flatten(1).to(self.device)
             labels = self.labels[chunk].to(self.device)
-            true_class = masked_token_loss(self.model(batch.tokens, labels), batch)[0]
-            wrong_class = masked_token_loss(self.model(batch.tokens, (labels + 1) % classes), batch)[0]
-            sums["class_effect"] += float(wrong_class - true_class) * len(chunk)
+            for key, value in health_sums(self.model, batch, objects, labels, lookup, self.model.num_classes).items():
+                sums[key] = sums.get(key, 0.0) + value
             touch()
-        n = len(indices)
-        return {
-            "val_loss": sums["loss"] / n,
-            "val_accuracy": sums["accuracy"] / n,
-            "val_object_accuracy": sums["object_hits"] / sums["objects"] if sums["objects"] else None,
-            "val_lookup_accuracy": sums["lookup_hits"] / sums["masked"],
-            "val_gain_over_lookup": (sums["hits"] - sums["lookup_hits"]) / sums["masked"],
-            "val_class_effect_nats": sums["class_effect"] / n,
-        }
+        return health_metrics(sums, len(indices))
 
     @torch.no_grad()
     def picture(self, indices: np.ndarray, title: str) -> tuple[str, dict[str, Any]]:
@@ -112,6 +88,57 @@ class TransformerTask:
             "originals": videos[:, 0].numpy(), "reconstructions": predicted.numpy(),
             "labels": [classes[int(i)] for i in labels], "title": title,
         }
+
+
+def health_sums(model, batch: MaskedBatch, objects: torch.Tensor, labels: torch.Tensor, lookup: torch.Tensor,
+                num_classes: int) -> dict[str, float]:
+    """One validation batch's sums for ``health_metrics``. ``model(tokens, classes)`` gives logits;
+    ``objects`` (B, L) marks the tokens on the object's cells, ``lookup`` (L,) the most common
+    code at each position."""
+    logits = model(batch.tokens, batch.classes)
+    loss, accuracy = masked_token_loss(logits, batch)
+    right = logits.argmax(-1) == batch.targets
+    on_object = objects & batch.masked
+    true_class = token_losses(model(batch.tokens, labels), batch.targets)
+    wrong_class = token_losses(model(batch.tokens, (labels + 1) % num_classes), batch.targets)
+    effect = wrong_class - true_class
+    videos = len(labels)
+    return {
+        "loss": float(loss) * videos,
+        "accuracy": float(accuracy) * videos,
+        "hits": float(right[batch.masked].sum()),
+        "lookup_hits": float((lookup[None] == batch.targets)[batch.masked].sum()),
+        "masked": float(batch.masked.sum()),
+        "object_hits": float(right[on_object].sum()),
+        "object_loss": float(token_losses(logits, batch.targets)[on_object].sum()),
+        "objects": float(on_object.sum()),
+        "class_effect": float(effect[batch.masked].mean()) * videos,
+        "class_effect_object": float(effect[on_object].sum()),
+    }
+
+
+def health_metrics(sums: dict[str, float], videos: int) -> dict[str, float | None]:
+    """What the headline masked-token loss and accuracy are made of: the object's tokens (their
+    loss, and their accuracy, which stays at 0 while the object's probability is shared among
+    its codes), the gain over a per-position lookup table that knows no context, and the loss
+    with a wrong class minus the loss with the true one, over all masked tokens (where the
+    background's certain tokens dilute it) and over the object's."""
+    objects = sums["objects"]
+    return {
+        "val_loss": sums["loss"] / videos,
+        "val_accuracy": sums["accuracy"] / videos,
+        "val_object_accuracy": sums["object_hits"] / objects if objects else None,
+        "val_object_loss": sums["object_loss"] / objects if objects else None,
+        "val_lookup_accuracy": sums["lookup_hits"] / sums["masked"],
+        "val_gain_over_lookup": (sums["hits"] - sums["lookup_hits"]) / sums["masked"],
+        "val_class_effect_nats": sums["class_effect"] / videos,
+        "val_class_effect_object_nats": sums["class_effect_object"] / objects if objects else None,
+    }
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, L) cross-entropy of every token."""
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 
 
 def most_common_codes(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:

@@ -77,8 +77,10 @@ def set_value(config: Config, key: str, value: Any) -> None:
 
 
 def diff_keys(old: dict[str, Any], new: dict[str, Any], sections: typing.Sequence[str]) -> list[str]:
-    """Dotted keys under ``sections`` whose values differ between two ``to_dict`` configs."""
-    flat_old, flat_new = flatten(old), flatten(new)
+    """Dotted keys under ``sections`` whose values differ between two ``to_dict`` configs. A key
+    that ``old`` lacks (a run saved before the option existed) counts at its default: every
+    option's default is the behaviour that came before it."""
+    flat_old, flat_new = {**flatten(Config().to_dict()), **flatten(old)}, flatten(new)
     changed = []
     for key in sorted(set(flat_old) | set(flat_new)):
         in_scope = any(key == s or key.startswith(s + ".") for s in sections)

@@ -10,7 +10,7 @@ import typing
 
 import pytest
 
-from job.config import MATH_SECTIONS, Config, ConfigError, build_config, diff_keys
+from job.config import MATH_SECTIONS, STAGE2_MATH_SECTIONS, Config, ConfigError, build_config, diff_keys
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,3 +112,15 @@ def test_math_keys_are_data_model_optim_seed_not_epochs():
     a = build_config("smoke").to_dict()
     b = build_config("smoke", None, ["train.epochs=9", "checkpoint.every_steps=2", "model.channels=4", "seed=1"]).to_dict()
     assert diff_keys(a, b, MATH_SECTIONS) == ["model.channels", "seed"]
+
+
+def test_a_key_added_since_a_run_was_saved_counts_at_its_default():
+    """A run saved before an option existed has no such key; the option's default is the
+    behaviour it was trained with, so resuming it with the default changes nothing, and setting
+    the option is a change like any other."""
+    saved = build_config("smoke").to_dict()
+    del saved["stage2"]["conv_position"]
+    same = build_config("smoke", None, ["stage2.conv_position=false"]).to_dict()
+    assert diff_keys(saved, same, STAGE2_MATH_SECTIONS) == []
+    changed = build_config("smoke", None, ["stage2.conv_position=true"]).to_dict()
+    assert diff_keys(saved, changed, STAGE2_MATH_SECTIONS) == ["stage2.conv_position"]

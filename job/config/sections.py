@@ -127,6 +127,11 @@ class Stage2Config:
     # split's most common code), against 1 for background tokens; validation stays unweighted.
     object_weight: float = 1.0
     predict_latent_frames: int = 0  # latent frames given when predicting; 0 means half of them
+    # A depthwise 3x3x3 convolution over the token grid at the start of each block (a conditional
+    # position encoding, as in CPVT): where the object is next to a token, from the first step,
+    # where learned absolute positions take hundreds of steps to matter (docs/generation.md).
+    # Off by default only so that runs trained before it still load; every preset turns it on.
+    conv_position: bool = False
     # Sampling (sample, predict, evaluate): not part of the training math.
     sample_steps: int = 12
     temperature: float = 1.0

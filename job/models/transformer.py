@@ -45,12 +45,15 @@ class MaskedBatch:
 
 
 class FactorizedBlock(nn.Module):
-    """Pre-norm residual block: attention within each latent frame, attention across the frames
-    at each position, then a GELU MLP."""
+    """Pre-norm residual block: (optionally) a depthwise convolution over the token grid,
+    attention within each latent frame, attention across the frames at each position, then a
+    GELU MLP."""
 
-    def __init__(self, dim: int, heads: int, latent_shape: tuple[int, int, int]):
+    def __init__(self, dim: int, heads: int, latent_shape: tuple[int, int, int], conv_position: bool = False):
         super().__init__()
+        self.latent_shape = latent_shape
         self.frames, self.positions = latent_shape[0], latent_shape[1] * latent_shape[2]
+        self.conv = nn.Conv3d(dim, dim, 3, padding=1, groups=dim) if conv_position else None
         self.space_norm, self.time_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.space = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.time = nn.MultiheadAttention(dim, heads, batch_first=True)
@@ -59,6 +62,9 @@ class FactorizedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         t, hw = self.frames, self.positions
+        if self.conv is not None:
+            grid = x.transpose(1, 2).reshape(batch, dim, *self.latent_shape)
+            x = x + self.conv(grid).flatten(2).transpose(1, 2)
         h = self.space_norm(x).reshape(batch * t, hw, dim)  # one sequence per latent frame
         x = x + self.space(h, h, h, need_weights=False)[0].reshape(batch, length, dim)
         h = self.time_norm(x).reshape(batch, t, hw, dim).transpose(1, 2).reshape(batch * hw, t, dim)
@@ -94,7 +100,7 @@ class MaskedVideoTransformer(nn.Module):
         self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
         self.position = nn.Parameter(torch.zeros(1, self.length, cfg.dim))
         nn.init.normal_(self.position, std=0.02)
-        self.blocks = nn.Sequential(*(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape) for _ in range(cfg.depth)))
+        self.blocks = nn.Sequential(*(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape, cfg.conv_position) for _ in range(cfg.depth)))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, codebook_size)
 

@@ -114,3 +114,31 @@ def test_object_weight_weighs_tokens_other_than_the_background_code():
     per_token = torch.nn.functional.cross_entropy(logits[batch.masked], batch.targets[batch.masked], reduction="none")
     weights = torch.where(batch.targets[batch.masked] == 0, 1.0, 5.0)
     assert torch.allclose(weighted, (per_token * weights).sum() / weights.sum())
+
+
+def test_conv_position_mixes_each_token_with_its_grid_neighbours_only():
+    """stage2.conv_position: a depthwise 3x3x3 convolution over the (t, h, w) token grid at the
+    start of each block. With attention and MLP silenced, a change at one cell reaches exactly the
+    cells within one step in time, row and column, and none that are merely next in the flat
+    sequence (the end of the row before, the start of the next)."""
+    net = model(conv_position=True)
+    block = net.blocks[0]
+    for linear in (block.space.out_proj, block.time.out_proj, block.mlp[2]):
+        torch.nn.init.zeros_(linear.weight)
+        torch.nn.init.zeros_(linear.bias)
+    x = torch.randn(1, net.length, 16)
+    nudged = x.clone()
+    t, h, w = LATENT
+    cell = (1, 1, 0)  # first column: its flat neighbour before it is the previous row's last cell
+    nudged[0, (cell[0] * h + cell[1]) * w + cell[2]] += 1.0
+    moved = (block(nudged) - block(x)).abs().sum(-1).view(LATENT) > 0
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in LATENT), indexing="ij"), -1)
+    near = (grid - torch.tensor(cell)).abs().max(-1).values <= 1
+    assert torch.equal(moved, near)
+
+
+def test_without_conv_position_the_weights_are_those_of_earlier_runs():
+    """Runs trained before the option existed have no convolution: their config lacks the key and
+    their weights must still load."""
+    assert not any("conv" in key for key in model().state_dict())
+    assert any("conv" in key for key in model(conv_position=True).state_dict())

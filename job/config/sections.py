@@ -135,6 +135,10 @@ class Stage2Config:
     # Sampling (sample, predict, evaluate): not part of the training math.
     sample_steps: int = 12
     temperature: float = 1.0
+    # How far decoding's order follows confidence (job.models.maskgit.decode; MaskGIT's "choice
+    # temperature"): where nearly every token is background, a confidence order leaves the
+    # object's uncertain tokens to the last steps, all drawn at once (docs/generation.md).
+    choice_temperature: float = 1.0
     # Classifier-free guidance of class-conditional sampling: logits + guidance * (logits - the
     # logits of class "none"); 0 turns it off (one forward pass a step instead of two).
     guidance: float = 0.0
@@ -203,7 +207,7 @@ STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
 # stage-2 epochs and sampling settings do not change what has been trained.
 NOT_MATH_KEYS = (
     "data.uri", "stage2.epochs", "stage2.sample_steps", "stage2.temperature", "stage2.samples_per_class",
-    "stage2.sample_seed", "stage2.eval_videos", "stage2.guidance",
+    "stage2.sample_seed", "stage2.eval_videos", "stage2.guidance", "stage2.choice_temperature",
 )
 
 

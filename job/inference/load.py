@@ -57,6 +57,7 @@ class TrainedGenerator(VideoModels):
             "seed": s2.sample_seed,
             "steps": s2.sample_steps,
             "temperature": s2.temperature,
+            "choice_temperature": s2.choice_temperature,
             "device": str(self.device),
         }
 
@@ -78,7 +79,8 @@ def load_generator(cfg: Config, store: RunStore, device: torch.device) -> Traine
     if SourceRef.of(tokenizer_checkpoint).sha256 != ref.get("sha256"):
         raise NoTrainedGenerator(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, but those weights have changed")
     run_cfg = evaluation_config(checkpoint, cfg)
-    run_cfg.stage2.guidance = cfg.stage2.guidance  # a sampling setting: the command line's
+    # Sampling settings: the command line's.
+    run_cfg.stage2.guidance, run_cfg.stage2.choice_temperature = cfg.stage2.guidance, cfg.stage2.choice_temperature
     try:
         tokenizer = trained_tokenizer(tokenizer_checkpoint.model, run_cfg.model, run_cfg.data, device)
         transformer = trained_transformer(checkpoint.model, run_cfg, tokenizer, device)

@@ -59,6 +59,16 @@ def given_video_frames(model: VideoModels) -> int:
     return model.transformer.predict_frames() * frames // latent_frames
 
 
+def blank_after(videos: torch.Tensor, frames: int) -> torch.Tensor:
+    """``videos`` (N, 1, T, H, W) black from frame ``frames`` on: what prediction encodes. The
+    encoder sees the given frames and black after them: its 3D convolutions (and GroupNorm over
+    the clip, in older tokenizers) would otherwise let the given codes see the frames the model
+    is scored on predicting. Stage 2's prediction task trains on the same codes."""
+    seen = videos.clone()
+    seen[:, :, frames:] = 0
+    return seen
+
+
 @torch.no_grad()
 def predict_videos(
     model: VideoModels, videos: torch.Tensor, steps: int, temperature: float, generator: torch.Generator
@@ -67,12 +77,7 @@ def predict_videos(
     ``predict_frames()`` latent frames given, class "none", the rest generated. Frames (N, T, H, W)
     in [0, 1]; the given frames are the tokenizer's reconstruction of the real ones."""
     transformer = model.transformer
-    # The encoder sees the given frames and black after them: its 3D convolutions (and GroupNorm
-    # over the clip, in older tokenizers) would otherwise let the given codes see the frames the
-    # model is scored on predicting.
-    seen = videos.clone()
-    seen[:, :, given_video_frames(model) :] = 0
-    codes = model.tokenizer.encode(seen.to(model.device))
+    codes = model.tokenizer.encode(blank_after(videos, given_video_frames(model)).to(model.device))
     none = torch.full((len(videos),), transformer.num_classes, dtype=torch.long, device=model.device)
     predicted = transformer.generate(
         none, given=codes, given_frames=transformer.predict_frames(), steps=steps, temperature=temperature,
@@ -109,12 +114,15 @@ def predict_test_videos(
 
 @torch.no_grad()
 def encode_all(tokenizer: VideoTokenizer, dataset: VideoDataset, indices: np.ndarray, batch_size: int,
-               device: torch.device, touch=lambda: None) -> torch.Tensor:
-    """Codes (len(indices), t, h, w) of the given videos, on the CPU."""
+               device: torch.device, touch=lambda: None, blank_from: int | None = None) -> torch.Tensor:
+    """Codes (len(indices), t, h, w) of the given videos, on the CPU; with ``blank_from``, of the
+    videos black from that frame on (``blank_after``)."""
     codes = []
     for start in range(0, len(indices), batch_size):
         stop_point("encoding videos to codes")
         videos, _ = dataset.get(indices[start : start + batch_size])
+        if blank_from is not None:
+            videos = blank_after(videos, blank_from)
         codes.append(tokenizer.encode(videos.to(device)).cpu())
         touch()
     return torch.cat(codes)

@@ -35,6 +35,7 @@ def decode(
     schedule: Callable[[float], float] = cosine_schedule,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
+    choice_temperature: float = 1.0,
 ) -> torch.Tensor:
     """Fill the ``mask_id`` positions of ``tokens`` (B, L) int64 by iterative parallel decoding.
 
@@ -42,9 +43,11 @@ def decode(
     unknown token from the softmax at ``temperature``, keeps them, then masks again the least
     confident of this step's choices so that ``floor(schedule((step + 1) / steps) * unknown)``
     stay masked; tokens fixed by an earlier step, and the given ones, never change. Confidence
-    is the log-probability of the sampled token plus Gumbel noise scaled by ``temperature`` and
-    annealed to 0 over the steps (early steps explore, late ones commit). All draws come from
-    ``generator`` (torch's global one if None): the same generator state gives the same tokens.
+    is the log-probability of the sampled token plus Gumbel noise scaled by ``choice_temperature``
+    and annealed to 0 over the steps (early steps explore, late ones commit): at 0 the order
+    follows confidence alone; the larger it is, the closer the order comes to a random one. All
+    draws come from ``generator`` (torch's global one if None): the same generator state gives
+    the same tokens.
     Returns the (B, L) tokens, none of them masked.
     """
     device = tokens.device
@@ -60,7 +63,7 @@ def decode(
         tokens = tokens.masked_scatter(still_masked, drawn.squeeze(1))
         # Known tokens are never re-masked: infinitely confident.
         confidence = torch.full(tokens.shape, math.inf, device=device).masked_scatter(
-            still_masked, probs.gather(-1, drawn).squeeze(1).log() + temperature * (1 - (step + 1) / steps) * noise
+            still_masked, probs.gather(-1, drawn).squeeze(1).log() + choice_temperature * (1 - (step + 1) / steps) * noise
         )
         left = (schedule((step + 1) / steps) * total).floor().long()
         if step + 1 == steps or not bool((left > 0).any()):

@@ -119,11 +119,14 @@ class MaskedVideoTransformer(nn.Module):
         return given.flatten()
 
     def mask_for_training(
-        self, codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+        self, codes: torch.Tensor, labels: torch.Tensor, given_codes: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> MaskedBatch:
         """A task per sample (drawn with the configured weights), then MaskGIT's cosine masking of
-        the tokens that task does not give. Draws from ``generator``, by default torch's global
-        one, which every checkpoint saves, so a resumed run draws the same masks."""
+        the tokens that task does not give. ``given_codes`` (like ``codes``): what the prediction
+        task is given in its first latent frames, as ``predict`` encodes them; by default the
+        codes themselves. Draws from ``generator``, by default torch's global one, which every
+        checkpoint saves, so a resumed run draws the same masks."""
         batch = len(codes)
         targets = codes.flatten(1)
         weights = torch.tensor([self.cfg.unconditional_weight, self.cfg.class_weight, self.cfg.predict_weight])
@@ -137,7 +140,8 @@ class MaskedVideoTransformer(nn.Module):
         scores = torch.rand(batch, self.length, generator=generator).masked_fill(~candidates, 2.0)  # given: never masked
         ranks = scores.argsort(dim=1).argsort(dim=1)
         masked = ranks < counts[:, None]
-        return MaskedBatch(targets.masked_fill(masked, self.mask_id), classes, targets, masked)
+        tokens = targets if given_codes is None else torch.where(given, given_codes.flatten(1), targets)
+        return MaskedBatch(tokens.masked_fill(masked, self.mask_id), classes, targets, masked)
 
     def predict_frames(self) -> int:
         """Latent frames given in the prediction task: the configured number, or half."""
@@ -171,6 +175,7 @@ class MaskedVideoTransformer(nn.Module):
             tokens, logits_fn, mask_id=self.mask_id,
             steps=steps or self.cfg.sample_steps, schedule=cosine_schedule, generator=generator,
             temperature=self.cfg.temperature if temperature is None else temperature,
+            choice_temperature=self.cfg.choice_temperature,
         )
         return decoded.view(batch, *self.latent_shape)
 

@@ -150,7 +150,7 @@ def add_generation_sections(
     settings = {
         "checkpoint": model.checkpoint.name, "checkpoint_step": model.checkpoint.step, "complete": model.complete,
         "tokenizer_checkpoint": model.tokenizer_checkpoint.name, "steps": s2.sample_steps,
-        "temperature": s2.temperature, "seed": s2.sample_seed,
+        "temperature": s2.temperature, "choice_temperature": s2.choice_temperature, "seed": s2.sample_seed,
     }
     # What the headline masked-token accuracy hides, from stage 2's last validation (metrics.jsonl).
     history = model.checkpoint.state["metrics"]

@@ -13,7 +13,7 @@ from job.checkpoints.reader import Checkpoint
 from job.config import Config
 from job.data.dataset import VideoDataset
 from job.inference.load import VideoModels
-from job.inference.videos import encode_all, object_cells_all, predict_videos
+from job.inference.videos import encode_all, given_video_frames, object_cells_all, predict_videos
 from job.models.tokenizer import trained_tokenizer
 from job.models.transformer import MaskedBatch, initial_transformer, masked_token_loss
 
@@ -46,11 +46,19 @@ class TransformerTask:
         log.info("stage2.codes", videos=int(sum(len(dataset.split(s)) for s in ("train", "val"))),
                  latent_shape=list(self.tokenizer.latent_shape()), tokenizer=tokenizer_checkpoint.name)
         self.model = initial_transformer(cfg, self.tokenizer).to(device)
+        # What the prediction task is given: the codes `predict` gives, of the videos black after
+        # the given frames (a tokenizer that sees neighbouring frames codes their end otherwise).
+        given_frames = given_video_frames(VideoModels(self.tokenizer, self.model, device))
+        self.given_codes = torch.zeros_like(self.codes)
+        for split in ("train", "val"):
+            indices = dataset.split(split)
+            self.given_codes[indices] = encode_all(self.tokenizer, dataset, indices, cfg.train.batch_size, device,
+                                                   touch, blank_from=given_frames)
 
     def loss(self, model: torch.nn.Module, indices: np.ndarray) -> torch.Tensor:
         """The masked-token loss of a batch, with masks drawn from torch's global generator (which
         every checkpoint saves); ``model`` is this task's model or its DDP wrapper."""
-        batch = self._on_device(self.model.mask_for_training(self.codes[indices], self.labels[indices]))
+        batch = self._on_device(self.model.mask_for_training(self.codes[indices], self.labels[indices], self.given_codes[indices]))
         logits = model(batch.tokens, batch.classes)
         return masked_token_loss(logits, batch, self.common_code, self.cfg.stage2.object_weight)[0]
 
@@ -66,7 +74,8 @@ class TransformerTask:
         lookup = self.lookup.to(self.device)
         for start in range(0, len(indices), self.cfg.stage2.batch_size):
             chunk = indices[start : start + self.cfg.stage2.batch_size]
-            batch = self._on_device(self.model.mask_for_training(self.codes[chunk], self.labels[chunk], generator=generator))
+            batch = self._on_device(self.model.mask_for_training(
+                self.codes[chunk], self.labels[chunk], self.given_codes[chunk], generator=generator))
             objects = self.objects[chunk].flatten(1).to(self.device)
             labels = self.labels[chunk].to(self.device)
             for key, value in health_sums(self.model, batch, objects, labels, lookup, self.model.num_classes).items():

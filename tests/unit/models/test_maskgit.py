@@ -100,3 +100,33 @@ def test_the_same_generator_state_gives_the_same_tokens():
 
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
+
+
+def first_step_choices(choice_temperature: float) -> torch.Tensor:
+    """(B, L) bool: the tokens the first of two steps fixed, where the first half of the
+    positions are certain (one code) and the second half uniform over the codebook."""
+    batch, length = 64, 40
+    calls: list[torch.Tensor] = []
+
+    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+        calls.append(tokens.clone())
+        logits = torch.zeros((*tokens.shape, VOCAB))
+        logits[:, : length // 2, 0] = 30.0
+        return logits
+
+    tokens = torch.full((batch, length), MASK)
+    decode(tokens, logits_fn, mask_id=MASK, steps=2, generator=torch.Generator().manual_seed(0),
+           choice_temperature=choice_temperature)
+    return calls[1] != MASK
+
+
+def test_the_choice_temperature_sets_how_far_the_order_follows_confidence():
+    """MaskGIT's choice temperature: at 0 the first step keeps only the most confident tokens;
+    large, it keeps tokens regardless of confidence (a random order), which on mostly-background
+    videos lets an object's uncertain tokens be decided early instead of all at the last step."""
+    half = 20
+    greedy = first_step_choices(0.0)
+    assert greedy.sum(1).min() >= 1 and not greedy[:, half:].any()
+    shuffled = first_step_choices(1e6)
+    uncertain_share = float(shuffled[:, half:].sum()) / float(shuffled.sum())
+    assert 0.35 < uncertain_share < 0.65

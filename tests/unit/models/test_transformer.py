@@ -66,6 +66,24 @@ def test_each_task_conditions_as_it_should():
             assert batch.masked[:, given].any()
 
 
+
+def test_a_prediction_sample_is_given_the_codes_that_predict_gives_it():
+    """``predict`` encodes the given frames with black after them, and a tokenizer that sees
+    neighbouring frames gives their last latent frames other codes than the whole clip does:
+    training's prediction task must see those codes, not the whole clip's, or stage 2 learns to
+    continue codes it never meets (docs/generation.md, "Given codes as predict gives them")."""
+    labels = torch.arange(30) % CLASSES
+    truth, given_codes = codes(30), codes(30, seed=9)
+    net = model(unconditional_weight=1.0, class_weight=1.0, predict_weight=1.0)
+    tasks_seen = net.mask_for_training(truth, labels, generator=torch.Generator().manual_seed(2))
+    batch = net.mask_for_training(truth, labels, given_codes, generator=torch.Generator().manual_seed(2))
+    given = net.given_positions(net.predict_frames())
+    predicting = ~tasks_seen.masked[:, given].any(1)  # rows of the prediction task: their given frames never masked
+    assert predicting.any() and (~predicting).any()
+    assert torch.equal(batch.tokens[predicting][:, given], given_codes.flatten(1)[predicting][:, given])
+    assert torch.equal(batch.tokens[~predicting], tasks_seen.tokens[~predicting])  # other tasks: as before
+    assert torch.equal(batch.targets, truth.flatten(1)) and torch.equal(batch.masked, tasks_seen.masked)
+
 def test_masked_token_loss_is_low_only_for_the_right_answer():
     net = model()
     batch = net.mask_for_training(codes(8), torch.zeros(8, dtype=torch.long), generator=torch.Generator().manual_seed(3))

@@ -138,7 +138,7 @@ class Stage2Config:
     # How far decoding's order follows confidence (job.models.maskgit.decode; MaskGIT's "choice
     # temperature"): where nearly every token is background, a confidence order leaves the
     # object's uncertain tokens to the last steps, all drawn at once (docs/generation.md).
-    choice_temperature: float = 1.0
+    choice_temperature: float = 4.5
     # Classifier-free guidance of class-conditional sampling: logits + guidance * (logits - the
     # logits of class "none"); 0 turns it off (one forward pass a step instead of two).
     guidance: float = 0.0

@@ -23,8 +23,13 @@ TOKENS = {
     "model.speck_weight": 0.1,
 }
 
+# docs/generation.md, "What stage 2 learns": a convolution over the token grid in every block
+# tells each token where the object is beside it from the first step; learned positions alone
+# took hundreds of steps to matter, more than the CPU presets train.
+STAGE2 = {"stage2.conv_position": True}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {**QUALITY_OUTPUT},
+    "default": {**QUALITY_OUTPUT, **STAGE2},
     "small": {
         "data.num_samples": 1_200,
         "data.frames": 8,
@@ -48,8 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint.every_minutes": 2.0,
         "monitor.heartbeat_seconds": 10.0,
         # 2,048 tokens per video (8 x 16 x 16): the width that fits the CPU demo's minutes.
-        # Object-token accuracy plateaus from epoch 3 on these tokens (docs/generation.md, row E4).
-        "stage2.epochs": 8,
+        # 7 epochs: what the demo's 12 minutes leave beside the convolution (docs/generation.md).
+        **STAGE2,
+        "stage2.epochs": 7,
         "stage2.batch_size": 16,
         "stage2.dim": 32,
         "stage2.depth": 2,
@@ -92,6 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "monitor.progress_every_seconds": 0.5,
         # A kill -9 on another machine costs a restart this much; on the same machine none.
         "storage.lease_seconds": 6.0,
+        **STAGE2,
         "stage2.epochs": 3,
         "stage2.batch_size": 8,
         "stage2.dim": 32,

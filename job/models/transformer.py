@@ -100,7 +100,9 @@ class MaskedVideoTransformer(nn.Module):
         self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
         self.position = nn.Parameter(torch.zeros(1, self.length, cfg.dim))
         nn.init.normal_(self.position, std=0.02)
-        self.blocks = nn.Sequential(*(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape, cfg.conv_position) for _ in range(cfg.depth)))
+        self.blocks = nn.Sequential(
+            *(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape, cfg.conv_position) for _ in range(cfg.depth))
+        )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, codebook_size)
 

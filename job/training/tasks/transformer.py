@@ -58,7 +58,9 @@ class TransformerTask:
     def loss(self, model: torch.nn.Module, indices: np.ndarray) -> torch.Tensor:
         """The masked-token loss of a batch, with masks drawn from torch's global generator (which
         every checkpoint saves); ``model`` is this task's model or its DDP wrapper."""
-        batch = self._on_device(self.model.mask_for_training(self.codes[indices], self.labels[indices], self.given_codes[indices]))
+        batch = self._on_device(
+            self.model.mask_for_training(self.codes[indices], self.labels[indices], self.given_codes[indices])
+        )
         logits = model(batch.tokens, batch.classes)
         return masked_token_loss(logits, batch, self.common_code, self.cfg.stage2.object_weight)[0]
 
@@ -105,21 +107,20 @@ def health_sums(model, batch: MaskedBatch, objects: torch.Tensor, labels: torch.
     ``objects`` (B, L) marks the tokens on the object's cells, ``lookup`` (L,) the most common
     code at each position."""
     logits = model(batch.tokens, batch.classes)
-    loss, accuracy = masked_token_loss(logits, batch)
-    right = logits.argmax(-1) == batch.targets
+    losses, right = token_losses(logits, batch.targets), logits.argmax(-1) == batch.targets
     on_object = objects & batch.masked
     true_class = token_losses(model(batch.tokens, labels), batch.targets)
     wrong_class = token_losses(model(batch.tokens, (labels + 1) % num_classes), batch.targets)
     effect = wrong_class - true_class
     videos = len(labels)
     return {
-        "loss": float(loss) * videos,
-        "accuracy": float(accuracy) * videos,
+        "loss": float(losses[batch.masked].mean()) * videos,
+        "accuracy": float(right[batch.masked].float().mean()) * videos,
         "hits": float(right[batch.masked].sum()),
         "lookup_hits": float((lookup[None] == batch.targets)[batch.masked].sum()),
         "masked": float(batch.masked.sum()),
         "object_hits": float(right[on_object].sum()),
-        "object_loss": float(token_losses(logits, batch.targets)[on_object].sum()),
+        "object_loss": float(losses[on_object].sum()),
         "objects": float(on_object.sum()),
         "class_effect": float(effect[batch.masked].mean()) * videos,
         "class_effect_object": float(effect[on_object].sum()),

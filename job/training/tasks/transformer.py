@@ -27,12 +27,19 @@ class TransformerTask:
                  touch=lambda: None):
         self.cfg, self.dataset, self.device = cfg, dataset, device
         self.tokenizer = trained_tokenizer(tokenizer_checkpoint.model, cfg.model, cfg.data, device)
+        self.model = initial_transformer(cfg, self.tokenizer).to(device)
         # Codes of every train and val video, once per attempt: the tokenizer is frozen, and the
-        # same weights give the same codes, so a resumed attempt trains on the same numbers.
+        # same weights give the same codes, so a resumed attempt trains on the same numbers. Beside
+        # them, what the prediction task is given: the codes `predict` gives, of the videos black
+        # after the given frames (a tokenizer that sees neighbouring frames codes their end otherwise).
+        given_frames = given_video_frames(VideoModels(self.tokenizer, self.model, device))
         self.codes = torch.zeros((dataset.num_samples, *self.tokenizer.latent_shape()), dtype=torch.long)
+        self.given_codes = torch.zeros_like(self.codes)
         for split in ("train", "val"):
             indices = dataset.split(split)
             self.codes[indices] = encode_all(self.tokenizer, dataset, indices, cfg.train.batch_size, device, touch)
+            self.given_codes[indices] = encode_all(self.tokenizer, dataset, indices, cfg.train.batch_size, device,
+                                                   touch, blank_from=given_frames)
         self.labels = torch.from_numpy(dataset.labels)
         # The background's code: the most common one among the train split's tokens.
         self.common_code = int(torch.bincount(self.codes[dataset.split("train")].flatten()).argmax())
@@ -45,15 +52,6 @@ class TransformerTask:
         self.lookup = most_common_codes(self.codes[dataset.split("train")].flatten(1), self.tokenizer.codebook_size)
         log.info("stage2.codes", videos=int(sum(len(dataset.split(s)) for s in ("train", "val"))),
                  latent_shape=list(self.tokenizer.latent_shape()), tokenizer=tokenizer_checkpoint.name)
-        self.model = initial_transformer(cfg, self.tokenizer).to(device)
-        # What the prediction task is given: the codes `predict` gives, of the videos black after
-        # the given frames (a tokenizer that sees neighbouring frames codes their end otherwise).
-        given_frames = given_video_frames(VideoModels(self.tokenizer, self.model, device))
-        self.given_codes = torch.zeros_like(self.codes)
-        for split in ("train", "val"):
-            indices = dataset.split(split)
-            self.given_codes[indices] = encode_all(self.tokenizer, dataset, indices, cfg.train.batch_size, device,
-                                                   touch, blank_from=given_frames)
 
     def loss(self, model: torch.nn.Module, indices: np.ndarray) -> torch.Tensor:
         """The masked-token loss of a batch, with masks drawn from torch's global generator (which

@@ -26,8 +26,11 @@ demo: venv
 	$(BIN)/python -m job status $(DEMO_RUN)
 	$(BIN)/python -c 'import sys; from job.eval.report import print_summary; print_summary(sys.argv[1])' $(DEMO_RUN)
 
+# Two test processes (pytest-xdist, a file per process at a time), then the few drills that need
+# the machine to themselves, alone.
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 # Bench-only requirements (Lightning, for bench/bench_vs_lightning.py): pinned, and they change
 # none of the pins of requirements*.txt, so they go into the same venv.

@@ -38,12 +38,20 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def worker_processes(module: str) -> set[int]:
-    """PIDs of the helper processes (job.worker) running ``python -m <module>`` on this machine."""
+    """PIDs of the helper processes (job.worker) running ``python -m <module>`` on this machine
+    that this test process's jobs started: under pytest-xdist, the jobs of the other test worker
+    start helpers of their own at any moment, told apart by the worker name their environment
+    inherits."""
+    xdist_worker = os.environ.get("PYTEST_XDIST_WORKER")
     found = set()
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and module.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
-                found.add(int(entry.name))
+            if not entry.name.isdigit() or module.encode() not in (entry / "cmdline").read_bytes().split(b"\0"):
+                continue
+            if xdist_worker and f"PYTEST_XDIST_WORKER={xdist_worker}".encode() not in (
+                    entry / "environ").read_bytes().split(b"\0"):
+                continue
+            found.add(int(entry.name))
         except OSError:
             continue
     return found

@@ -59,6 +59,7 @@ def test_a_stop_signal_saves_and_exits_143_within_10_s_then_resumes_exactly(tmp_
     assert sha256(final_model(run)) == sha256(final_model(smoke_baseline))
 
 
+@pytest.mark.serial  # the plots are drawn at idle priority: a busy machine may never draw them
 def test_a_sigkilled_job_leaves_no_plot_worker_behind(tmp_path):
     run = tmp_path / "run"
     workers_before = worker_processes(PLOT_WORKER)

@@ -17,7 +17,8 @@ from job.plots.charts import loss_curves_png
 from tests.helpers import run_job
 from tests.pictures import blob_videos, decoded, epoch_record
 
-pytestmark = pytest.mark.timeout(60)
+# The worker draws at idle priority: beside another test process it may not get a core in time.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.serial]
 
 
 # --- the plot worker: drawing happens in another process ----------------------------------

@@ -26,7 +26,9 @@ TOKENS = {
 # docs/generation.md, "What stage 2 learns": a convolution over the token grid in every block
 # tells each token where the object is beside it from the first step; learned positions alone
 # took hundreds of steps to matter, more than the CPU presets train.
-STAGE2 = {"stage2.conv_position": True}
+# "Decoding in the order of time": predict draws each latent frame after the one before it, 2 steps
+# each, where all at once left most predicted frames without a visible object.
+STAGE2 = {"stage2.conv_position": True, "stage2.predict_frame_steps": 2}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {**QUALITY_OUTPUT, **STAGE2},

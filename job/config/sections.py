@@ -139,6 +139,10 @@ class Stage2Config:
     # temperature"): where nearly every token is background, a confidence order leaves the
     # object's uncertain tokens to the last steps, all drawn at once (docs/generation.md).
     choice_temperature: float = 4.5
+    # How predict decodes the frames after the given ones: 0, all at once in sample_steps steps; N,
+    # one latent frame after another in N steps each, so that each frame's object is drawn beside
+    # the one before it (docs/generation.md: more predicted frames show exactly one object).
+    predict_frame_steps: int = 0
     # Classifier-free guidance of class-conditional sampling: logits + guidance * (logits - the
     # logits of class "none"); 0 turns it off (one forward pass a step instead of two).
     guidance: float = 0.0
@@ -208,6 +212,7 @@ STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
 NOT_MATH_KEYS = (
     "data.uri", "stage2.epochs", "stage2.sample_steps", "stage2.temperature", "stage2.samples_per_class",
     "stage2.sample_seed", "stage2.eval_videos", "stage2.guidance", "stage2.choice_temperature",
+    "stage2.predict_frame_steps",
 )
 
 

@@ -58,6 +58,7 @@ class TrainedGenerator(VideoModels):
             "steps": s2.sample_steps,
             "temperature": s2.temperature,
             "choice_temperature": s2.choice_temperature,
+            "predict_frame_steps": s2.predict_frame_steps,
             "device": str(self.device),
         }
 
@@ -81,6 +82,7 @@ def load_generator(cfg: Config, store: RunStore, device: torch.device) -> Traine
     run_cfg = evaluation_config(checkpoint, cfg)
     # Sampling settings: the command line's.
     run_cfg.stage2.guidance, run_cfg.stage2.choice_temperature = cfg.stage2.guidance, cfg.stage2.choice_temperature
+    run_cfg.stage2.predict_frame_steps = cfg.stage2.predict_frame_steps
     try:
         tokenizer = trained_tokenizer(tokenizer_checkpoint.model, run_cfg.model, run_cfg.data, device)
         transformer = trained_transformer(checkpoint.model, run_cfg, tokenizer, device)

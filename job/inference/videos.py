@@ -74,14 +74,15 @@ def predict_videos(
     model: VideoModels, videos: torch.Tensor, steps: int, temperature: float, generator: torch.Generator
 ) -> torch.Tensor:
     """The model's continuation of ``videos`` (N, 1, T, H, W): the tokenizer's codes of their first
-    ``predict_frames()`` latent frames given, class "none", the rest generated. Frames (N, T, H, W)
+    ``predict_frames()`` latent frames given, class "none", the rest generated (frame by frame if
+    ``stage2.predict_frame_steps`` says so). Frames (N, T, H, W)
     in [0, 1]; the given frames are the tokenizer's reconstruction of the real ones."""
     transformer = model.transformer
     codes = model.tokenizer.encode(blank_after(videos, given_video_frames(model)).to(model.device))
     none = torch.full((len(videos),), transformer.num_classes, dtype=torch.long, device=model.device)
     predicted = transformer.generate(
         none, given=codes, given_frames=transformer.predict_frames(), steps=steps, temperature=temperature,
-        generator=generator,
+        generator=generator, frame_steps=transformer.cfg.predict_frame_steps,
     )
     return decode(model, predicted)
 

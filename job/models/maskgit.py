@@ -36,6 +36,7 @@ def decode(
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
     choice_temperature: float = 1.0,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill the ``mask_id`` positions of ``tokens`` (B, L) int64 by iterative parallel decoding.
 
@@ -47,13 +48,15 @@ def decode(
     and annealed to 0 over the steps (early steps explore, late ones commit): at 0 the order
     follows confidence alone; the larger it is, the closer the order comes to a random one. All
     draws come from ``generator`` (torch's global one if None): the same generator state gives
-    the same tokens.
-    Returns the (B, L) tokens, none of them masked.
+    the same tokens. ``positions`` (L,) bool, if given: the only positions this call fills; masked
+    tokens elsewhere stay masked, and the logits function sees them so.
+    Returns the (B, L) tokens, none of them masked (within ``positions``).
     """
     device = tokens.device
-    total = (tokens == mask_id).sum(1)
+    open_positions = torch.ones(tokens.shape[1], dtype=torch.bool, device=device) if positions is None else positions
+    total = ((tokens == mask_id) & open_positions).sum(1)
     for step in range(steps):
-        still_masked = tokens == mask_id
+        still_masked = (tokens == mask_id) & open_positions
         # Only the unknown tokens are scored and drawn: beside a small model, softmax and sampling
         # over every position are most of a step, and the known ones (given, or fixed by an
         # earlier step) would be drawn only to be discarded.
@@ -71,4 +74,24 @@ def decode(
         # Re-mask the least confident of this step's choices; earlier choices stay.
         ranks = confidence.argsort(dim=1).argsort(dim=1)
         tokens = torch.where(ranks < left[:, None], torch.full_like(tokens, mask_id), tokens)
+    return tokens
+
+
+def decode_frame_by_frame(
+    tokens: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor], *, frames: int, steps_per_frame: int,
+    **options,
+) -> torch.Tensor:
+    """``decode`` one frame after another: ``tokens`` (B, L) are ``frames`` equal spans in time
+    order, and each span's masked tokens are decoded in ``steps_per_frame`` steps while the later
+    ones stay masked, so that each frame is drawn from what the frames before it became.
+    ``options``: decode's keyword arguments (mask_id, schedule, generator, temperatures)."""
+    length = tokens.shape[1]
+    if length % frames:
+        raise ValueError(f"{length} tokens do not split into {frames} frames")
+    span = length // frames
+    for frame in range(frames):
+        positions = torch.zeros(length, dtype=torch.bool, device=tokens.device)
+        positions[frame * span : (frame + 1) * span] = True
+        if bool((tokens[:, positions] == options["mask_id"]).any()):
+            tokens = decode(tokens, logits_fn, steps=steps_per_frame, positions=positions, **options)
     return tokens

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from job.config import Config, Stage2Config
-from job.models.maskgit import cosine_schedule, decode
+from job.models.maskgit import cosine_schedule, decode, decode_frame_by_frame
 from job.models.tokenizer import VideoTokenizer
 
 # Tasks of a training sample, and the class id that means "no class".
@@ -155,10 +155,12 @@ class MaskedVideoTransformer(nn.Module):
     def generate(
         self, classes: torch.Tensor, given: torch.Tensor | None = None, given_frames: int = 0,
         steps: int | None = None, temperature: float | None = None, generator: torch.Generator | None = None,
+        frame_steps: int = 0,
     ) -> torch.Tensor:
         """Codes (B, t, h, w) by MaskGIT's iterative decoding. ``classes`` (B,): a class id, or
         ``num_classes`` for none; ``given`` (B, t, h, w): codes whose first ``given_frames``
-        latent frames are kept as they are (frame prediction)."""
+        latent frames are kept as they are (frame prediction). ``frame_steps`` > 0 decodes one
+        latent frame after another in that many steps each, instead of all at once in ``steps``."""
         batch, device = len(classes), classes.device
         tokens = torch.full((batch, self.length), self.mask_id, dtype=torch.long, device=device)
         if given is not None and given_frames:
@@ -173,12 +175,16 @@ class MaskedVideoTransformer(nn.Module):
                 logits = logits + guidance * (logits - self(current, none).float())
             return logits
 
-        decoded = decode(
-            tokens, logits_fn, mask_id=self.mask_id,
-            steps=steps or self.cfg.sample_steps, schedule=cosine_schedule, generator=generator,
+        options = dict(
+            mask_id=self.mask_id, schedule=cosine_schedule, generator=generator,
             temperature=self.cfg.temperature if temperature is None else temperature,
             choice_temperature=self.cfg.choice_temperature,
         )
+        if frame_steps:
+            decoded = decode_frame_by_frame(
+                tokens, logits_fn, frames=self.latent_shape[0], steps_per_frame=frame_steps, **options)
+        else:
+            decoded = decode(tokens, logits_fn, steps=steps or self.cfg.sample_steps, **options)
         return decoded.view(batch, *self.latent_shape)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from job.models.maskgit import cosine_schedule, decode
+from job.models.maskgit import cosine_schedule, decode, decode_frame_by_frame
 
 MASK = 9  # one id past a codebook of 9 codes
 VOCAB = 9
@@ -130,3 +130,68 @@ def test_the_choice_temperature_sets_how_far_the_order_follows_confidence():
     shuffled = first_step_choices(1e6)
     uncertain_share = float(shuffled[:, half:].sum()) / float(shuffled.sum())
     assert 0.35 < uncertain_share < 0.65
+
+
+# --- frame by frame -------------------------------------------------------------------------------
+
+FRAMES, SPAN = 4, 10  # four "frames" of ten tokens each, in time order
+
+
+def test_frame_by_frame_recovers_a_planted_answer_and_keeps_the_given_frames():
+    generator = torch.Generator().manual_seed(3)
+    answer = torch.randint(0, VOCAB, (3, FRAMES * SPAN), generator=generator)
+    tokens = torch.full_like(answer, MASK)
+    tokens[:, :SPAN] = (answer[:, :SPAN] + 1) % VOCAB  # a given first frame the logits disagree with
+    decoded = decode_frame_by_frame(tokens, planted_logits(answer), frames=FRAMES, steps_per_frame=3,
+                                    mask_id=MASK, generator=generator)
+    assert torch.equal(decoded[:, :SPAN], tokens[:, :SPAN])
+    assert torch.equal(decoded[:, SPAN:], answer[:, SPAN:])
+
+
+def test_frame_by_frame_decodes_each_frame_after_the_one_before_in_its_steps():
+    """While a frame is decoded, every frame before it is complete and every frame after it is
+    still masked; each frame takes at most its steps (the given first frame none)."""
+    generator = torch.Generator().manual_seed(4)
+    answer = torch.randint(0, VOCAB, (2, FRAMES * SPAN), generator=generator)
+    tokens = torch.full_like(answer, MASK)
+    tokens[:, :SPAN] = answer[:, :SPAN]
+    calls: list[torch.Tensor] = []
+    decode_frame_by_frame(tokens, planted_logits(answer, calls), frames=FRAMES, steps_per_frame=4,
+                          mask_id=MASK, generator=generator)
+    frame_of_call = []
+    for call in calls:
+        masked_frames = (call == MASK).view(2, FRAMES, SPAN).any(2).any(0)  # (FRAMES,)
+        current = int(masked_frames.float().argmax())
+        assert not masked_frames[:current].any()
+        assert (call.view(2, FRAMES, SPAN)[:, current + 1 :] == MASK).all()
+        frame_of_call.append(current)
+    assert frame_of_call == sorted(frame_of_call) and set(frame_of_call) == {1, 2, 3}
+    assert all(frame_of_call.count(frame) <= 4 for frame in (1, 2, 3))
+
+
+def copy_the_frame_before(tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of a 'video' whose frames all repeat one token: a frame is certain to copy the frame
+    before it once that is known, and uniform over the codebook until then."""
+    logits = torch.zeros((*tokens.shape, VOCAB))
+    frames = tokens.view(len(tokens), FRAMES, SPAN)
+    for frame in range(1, FRAMES):
+        known = frames[:, frame - 1, 0]
+        sure = known != MASK
+        logits.view(len(tokens), FRAMES, SPAN, VOCAB)[sure, frame] = torch.nn.functional.one_hot(
+            known[sure], VOCAB).float()[:, None] * 60.0
+    return logits
+
+
+def test_frame_by_frame_draws_a_joint_that_parallel_decoding_cannot():
+    """Given frame 0, the later frames must repeat it: decoded frame by frame they do, every time;
+    all at once in one step, frames 2 and 3 are drawn before frame 1 is known, so they mostly do
+    not. This is why predict decodes frame by frame (stage2.predict_frame_steps)."""
+    generator = torch.Generator().manual_seed(5)
+    first = torch.randint(0, VOCAB, (64, 1), generator=generator)
+    tokens = torch.full((64, FRAMES * SPAN), MASK)
+    tokens[:, :SPAN] = first
+    by_frame = decode_frame_by_frame(tokens, copy_the_frame_before, frames=FRAMES, steps_per_frame=1,
+                                     mask_id=MASK, generator=generator)
+    assert (by_frame == first).all()
+    at_once = decode(tokens, copy_the_frame_before, mask_id=MASK, steps=1, generator=generator)
+    assert float((at_once[:, 2 * SPAN :] == first).double().mean()) < 0.3

@@ -58,7 +58,6 @@ class TrainedGenerator(VideoModels):
             "steps": s2.sample_steps,
             "temperature": s2.temperature,
             "choice_temperature": s2.choice_temperature,
-            "predict_frame_steps": s2.predict_frame_steps,
             "device": str(self.device),
         }
 

@@ -78,13 +78,13 @@ def decode(
 
 
 def decode_frame_by_frame(
-    tokens: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor], *, frames: int, steps_per_frame: int,
-    **options,
+    tokens: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor], *, mask_id: int, frames: int,
+    steps_per_frame: int, **options,
 ) -> torch.Tensor:
     """``decode`` one frame after another: ``tokens`` (B, L) are ``frames`` equal spans in time
     order, and each span's masked tokens are decoded in ``steps_per_frame`` steps while the later
     ones stay masked, so that each frame is drawn from what the frames before it became.
-    ``options``: decode's keyword arguments (mask_id, schedule, generator, temperatures)."""
+    ``options``: decode's other keyword arguments (schedule, generator, temperatures)."""
     length = tokens.shape[1]
     if length % frames:
         raise ValueError(f"{length} tokens do not split into {frames} frames")
@@ -92,6 +92,6 @@ def decode_frame_by_frame(
     for frame in range(frames):
         positions = torch.zeros(length, dtype=torch.bool, device=tokens.device)
         positions[frame * span : (frame + 1) * span] = True
-        if bool((tokens[:, positions] == options["mask_id"]).any()):
-            tokens = decode(tokens, logits_fn, steps=steps_per_frame, positions=positions, **options)
+        if bool((tokens[:, positions] == mask_id).any()):
+            tokens = decode(tokens, logits_fn, mask_id=mask_id, steps=steps_per_frame, positions=positions, **options)
     return tokens

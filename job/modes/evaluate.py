@@ -157,7 +157,7 @@ def add_generation_sections(
     health = {key: value for key, value in (history[-1] if history else {}).items() if key.startswith("val_")}
     report["generation"] = {**settings, "samples_per_class": s2.samples_per_class, "stage2_validation": health,
                             **generation}
-    report["prediction"] = {**settings, "frame_steps": s2.predict_frame_steps, **prediction}
+    report["prediction"] = {**settings, "predict_frame_steps": s2.predict_frame_steps, **prediction}
     report["goals"].update(generation_goals(report["generation"], report["prediction"]))
     report["stage2_seconds"] = round(time.monotonic() - started, 2)
 

@@ -61,6 +61,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         "split": "test",
         "given_frames": given,
         "given_latent_frames": model.transformer.predict_frames(),
+        "predict_frame_steps": model.transformer.cfg.predict_frame_steps,
         "frames": list(truth.shape[1:]),
         "videos": videos,
         "summary": {kind: prediction_summary(kind_scores, given) for kind, kind_scores in scores.items()},

@@ -89,6 +89,9 @@ def prediction_summary(scores: FrameScores, given: int) -> dict[str, Any]:
             "psnr_db": s["psnr_db"], "centroid_error_px": s["centroid_error_px"],
             "centroid_misses": int(part.centroid_missed.sum()), "object_frames": s["object_frames"],
             "single_object_share": s["single_object_share"],
+            # What a user sees as a miss: the truth shows the object, the prediction nothing visible
+            # (a faint smudge above the threshold has a centroid, so it is no centroid miss).
+            "frames_without_object": int((part.has_object & (part.objects == 0)).sum()),
         }
 
     frames = scores.psnr.shape[1]

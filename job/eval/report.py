@@ -261,16 +261,17 @@ def generation_markdown(report: dict[str, Any]) -> str:
         lines += [
             f"### {title}",
             "",
-            "| | " + " | ".join(f"frame {t}" for t in frames) + " | mean | misses |",
-            "|---" * (len(frames) + 3) + "|",
+            "| | " + " | ".join(f"frame {t}" for t in frames) + " | mean | misses | no visible object |",
+            "|---" * (len(frames) + 4) + "|",
         ]
         for k in PREDICTION_KINDS:
             s = by_kind[k]
             lines.append(f"| {k} PSNR (dB) | " + " | ".join(f(p["psnr_db"], "{:.2f}") for p in s["per_frame"])
-                         + f" | {f(s['psnr_db'], '{:.2f}')} | |")
+                         + f" | {f(s['psnr_db'], '{:.2f}')} | | |")
             lines.append(f"| {k} centroid error (px) | "
                          + " | ".join(f(p["centroid_error_px"], "{:.3f}") for p in s["per_frame"])
-                         + f" | {f(s['centroid_error_px'], '{:.3f}')} | {s['centroid_misses']} / {s['object_frames']} |")
+                         + f" | {f(s['centroid_error_px'], '{:.3f}')} | {s['centroid_misses']} / {s['object_frames']}"
+                         + f" | {s['frames_without_object']} / {s['object_frames']} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -54,7 +54,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         videos.append({
             "index": index, "class": classes[label], "png": name.split("/", 1)[1],
             "psnr_db": own["psnr_db"], "centroid_error_px": own["centroid_error_px"],
-            "centroid_misses": own["centroid_misses"],
+            "centroid_misses": own["centroid_misses"], "frames_without_object": own["frames_without_object"],
         })
     index_json = {
         **model.settings(cfg),
@@ -75,7 +75,8 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         f"predict: {len(videos)} test videos, frames {given}+ predicted, from {model.checkpoint.name} in "
         f"{index_json['seconds']:.1f} s\n" + "\n".join(
             f"{kind}: PSNR {formatted(s['psnr_db'], '{:.2f}')} dB, centroid error {formatted(s['centroid_error_px'], '{:.3f}')} px, "
-            f"{s['centroid_misses']} misses" for kind, s in summary.items()
+            f"{s['centroid_misses']} misses, {s['frames_without_object']} of {s['object_frames']} frames without a "
+            "visible object" for kind, s in summary.items()
         ) + f"\nindex: {store.uri.rstrip('/')}/{Layout.predictions_index}",
         flush=True,
     )

@@ -22,8 +22,8 @@ from tests.helpers import job_env, run_job
 pytestmark = pytest.mark.timeout(600)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SUMMARY_KEYS = {"psnr_db", "centroid_error_px", "centroid_misses", "object_frames", "single_object_share", "videos",
-                "per_frame"}
+SUMMARY_KEYS = {"psnr_db", "centroid_error_px", "centroid_misses", "object_frames", "single_object_share",
+                "frames_without_object", "videos", "per_frame"}
 
 
 # --- the modes, end to end on a copy of the smoke run ---------------------------------------------

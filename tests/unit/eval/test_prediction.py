@@ -20,8 +20,8 @@ from tests.blobs import blob_videos, linear_blobs
 
 pytestmark = pytest.mark.timeout(600)
 THRESHOLD = 0.05
-SUMMARY_KEYS = {"psnr_db", "centroid_error_px", "centroid_misses", "object_frames", "single_object_share", "videos",
-                "per_frame"}
+SUMMARY_KEYS = {"psnr_db", "centroid_error_px", "centroid_misses", "object_frames", "single_object_share",
+                "frames_without_object", "videos", "per_frame"}
 
 
 # --- prediction metrics and baselines, on crafted videos -------------------------------------------
@@ -94,3 +94,23 @@ def test_blobs_either_side_of_the_truth_do_not_pass_for_a_prediction():
     assert not goals["prediction_centroid_below_constant_velocity_circular"]["met"]
     honest = prediction_section(truth.clone(), truth, labels, ("linear", "circular"), given=3, threshold=THRESHOLD)
     assert honest["overall"][MODEL]["single_object_share"] == 1.0
+
+
+def test_a_faint_smudge_where_the_object_goes_is_a_frame_without_the_object():
+    """A prediction drawn below the data's visibility (51/255) but above the foreground threshold
+    has a centroid, near the truth: not a centroid miss. A user sees a black frame, so the miss-rate
+    goal counts it as a frame without the object."""
+    truth = linear_blobs()
+    faint = truth.clone()
+    faint[:, 3:] *= 0.15  # its peak, 38/255, is above 0.05 and below the visibility threshold
+    section = prediction_section(faint, truth, torch.tensor([0, 0, 0]), ("linear",), given=3, threshold=THRESHOLD)
+    model = section["overall"][MODEL]
+    assert model["centroid_misses"] == 0 and model["centroid_error_px"] < 0.05
+    assert model["frames_without_object"] == model["object_frames"] == 9
+    assert [p["frames_without_object"] for p in model["per_frame"]] == [3, 3, 3]
+    nothing_generated = {"accuracy": 0.0, "track_accuracy": 0.0, "presence": 0.0, "single_object": 0.0, "per_class": {}}
+    goals = generation_goals(nothing_generated, section)
+    assert goals["prediction_miss_rate"]["value"] == 1.0 and not goals["prediction_miss_rate"]["met"]
+    seen = prediction_section(truth.clone(), truth, torch.tensor([0, 0, 0]), ("linear",), given=3, threshold=THRESHOLD)
+    assert seen["overall"][MODEL]["frames_without_object"] == 0
+    assert generation_goals(nothing_generated, seen)["prediction_miss_rate"]["met"]

@@ -15,6 +15,7 @@ import torch
 from job.config import Config
 from job.data.dataset import VideoDataset
 from job.eval.frame_metrics import BLACK, MEAN_FRAME, MODEL, FrameScores, score_frames, summarise
+from job.eval.pixel_judges import track_features
 from job.eval.probe import LinearProbe, code_bits, confusion_matrix, fit_linear_probe, symmetric_views
 from job.models.tokenizer import VideoTokenizer
 from job.plots.charts import reconstruction_grid_png
@@ -108,15 +109,30 @@ def per_class_metrics(test_pass: TestPass, classes: tuple[str, ...]) -> dict[str
     return result
 
 
+def code_track_features(codes: torch.Tensor, background: int) -> torch.Tensor:
+    """(N, F) the track of the cells (N, t, h, w) whose code is not ``background``, read as the
+    pixel track judge reads an object's centroids: where the object's codes go, not which they are."""
+    return track_features((codes != background).float(), 0.5)
+
+
 def classify_codes(probe: LinearProbe, train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> dict[str, Any]:
-    """Can the codes tell the trajectories apart? The code probe, scored on the test split's codes."""
+    """Can the codes tell the trajectories apart? The code probe, scored on the test split's codes,
+    and beside it the code-track judge: a linear read-out of per-position bits sees a class in codes
+    that say which way the object moves (a halo around it), not in where a clean object's codes lie
+    over time (docs/generation.md)."""
     classes = list(cfg.data.classes)
     bits = cfg.model.codebook_bits
     predicted = probe.predict(code_bits(test_pass.codes.to(probe.weight.device), bits)).cpu()
     confusion = confusion_matrix(test_pass.labels, predicted, len(classes))
     t, h, w = test_pass.codes.shape[1:]
+    background = int(torch.bincount(train_pass.codes.flatten()).argmax())
+    track_judge = fit_linear_probe(code_track_features(train_pass.codes, background), train_pass.labels, len(classes))
+    by_track = track_judge.predict(code_track_features(test_pass.codes, background))
     return {
         "accuracy": float((predicted == test_pass.labels).double().mean()),
+        "track_accuracy": float((by_track == test_pass.labels).double().mean()),
+        "track_judge": "the centroid track of the cells whose code is not the train split's most common one, "
+        "classified by a linear probe on the pixel track judge's features (speeds, accelerations, turns)",
         "chance": 1.0 / len(classes),
         "confusion_matrix": confusion.tolist(),
         "classes": classes,

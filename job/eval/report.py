@@ -85,6 +85,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{classifier['probe']}, trained on the codes of {classifier['train_samples']} train videos. "
         f"Features: {classifier['features']}.",
         "",
+        f"Code-track judge: test accuracy **{classifier['track_accuracy']:.1%}**; {classifier['track_judge']}.",
+        "",
         *confusion_table(classifier),
         "",
         "## Goals (issue #12; reported, not asserted)",

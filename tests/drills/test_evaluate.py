@@ -155,6 +155,7 @@ def test_classifier_confusion_matrix(evaluated):
     assert classifier["train_samples"] == len(split_frames(run, "train"))
     assert classifier["train_views"] == 4  # smoke's square frames: 4 quarter turns
     assert classifier["features"]
+    assert 0.0 <= classifier["track_accuracy"] <= 1.0 and classifier["track_judge"]
 
 
 def test_images_and_markdown(evaluated):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from job.eval.goals import far_background_goal, goal, worst_ratio
+from job.eval.goals import code_classifier_goal, far_background_goal, goal, worst_ratio
 
 
 def test_a_goal_without_a_value_is_not_met():
@@ -29,3 +29,14 @@ def test_a_ratio_goal_is_met_only_when_every_class_is_within_bounds():
     assert worst_ratio(per_class, "diversity", (0.5, 2.0))["met"]
     per_class["c"]["diversity"] = None  # a class without a number cannot pass
     assert not worst_ratio(per_class, "diversity", (0.5, 2.0))["met"]
+
+
+def test_the_codes_say_the_class_if_either_judge_of_codes_reads_it():
+    """The linear probe reads a class from codes that say which way the object moves (a halo); the
+    code-track judge from where a clean object's codes go. Either proves the codes carry it."""
+    halo = code_classifier_goal({"accuracy": 1.0, "track_accuracy": 0.933})
+    clean = code_classifier_goal({"accuracy": 0.825, "track_accuracy": 1.0})
+    assert halo["met"] and halo["value"] == 1.0 and clean["met"] and clean["value"] == 1.0
+    assert (clean["linear_probe"], clean["code_track"]) == (0.825, 1.0)
+    neither = code_classifier_goal({"accuracy": 0.9, "track_accuracy": 0.97})
+    assert not neither["met"] and neither["value"] == 0.97

@@ -47,6 +47,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # docs/generation.md, "Tokens that mean something": every tokenizer goal met, 11 object
         # codes in use where the diversity bonus made 238.
         **TOKENS,
+        # docs/generation.md, "A wider look for each token": black cells pulled to the background's
+        # code, so that no halo of codes around the object is left for stage 2 to draw.
+        "model.background_code_weight": 0.1,
         "optim.lr": 2e-3,
         "optim.warmup_steps": 50,
         # 6 epochs: every tokenizer goal is still met with room (docs/generation.md, "Where the

@@ -134,7 +134,8 @@ def summary_text(report: dict[str, Any], uri: str) -> str:
         *text_table(metric_rows),
         f"codebook usage {codebook['usage']:.1%} of {codebook['codebook_size']} codes, "
         f"perplexity {codebook['perplexity']:.1f}; {code_meaning(codebook)}",
-        f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})",
+        f"code classifier accuracy {classifier['accuracy']:.1%} (chance {classifier['chance']:.1%})"
+        + (f", code-track judge {track:.1%}" if (track := classifier.get("track_accuracy")) is not None else ""),
         *generation_summary_lines(report),
         *text_table(goal_rows),
         f"goals met: {len(met)}/{len(report['goals'])}",

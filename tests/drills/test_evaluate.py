@@ -179,7 +179,7 @@ def test_summary_on_stdout(evaluated):
     assert rows["PSNR (dB)"][-3:] == [f"{m[k]['psnr_db']:.2f}" for k in KINDS]
     assert rows["SSIM"][-3:] == [f"{m[k]['ssim']:.4f}" for k in KINDS]
     assert rows["foreground PSNR (dB)"][-3:] == [f"{m[k]['foreground_psnr_db']:.2f}" for k in KINDS]
-    assert "code classifier accuracy" in stdout
+    assert "code classifier accuracy" in stdout and "code-track judge" in stdout
     for name, goal in report["goals"].items():
         assert rows[name][-1] == ("yes" if goal["met"] else "NO")
     met = sum(goal["met"] for goal in report["goals"].values())

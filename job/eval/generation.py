@@ -1,6 +1,6 @@
 """How good generated videos are, each number beside the same number for real test videos
-(docs/generation.md): class accuracy by the code probe and by the track judge (both trained on
-real videos), object presence and exactly one object per frame, smoothness (the mean norm of the
+(docs/generation.md): class accuracy by the judges of codes (the probe and the code-track judge,
+on the generated videos re-encoded) and by the pixel track judge (all trained on real videos), object presence and exactly one object per frame, smoothness (the mean norm of the
 centroids' second difference over time), diversity (the mean absolute pixel difference over all
 pairs of a class's videos), and the Fréchet distance on a video classifier's features."""
 
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from job.eval.frame_metrics import centroids, single_object_share, visible
+from job.eval.code_judges import CodeJudges
 from job.eval.pixel_judges import PixelJudges
-from job.eval.probe import LinearProbe, code_bits
 
 ENCODE_BATCH = 64  # generated videos re-encoded by the tokenizer together
 
@@ -53,26 +53,28 @@ def encode_frames(tokenizer, frames: torch.Tensor, device: torch.device) -> torc
 def generation_section(
     generated: torch.Tensor, generated_labels: torch.Tensor, generated_codes: torch.Tensor,
     real: torch.Tensor, real_labels: torch.Tensor, real_codes: torch.Tensor, reconstructed: torch.Tensor,
-    probe: LinearProbe, judges: PixelJudges, reference: torch.Tensor,
-    classes: tuple[str, ...], codebook_bits: int, threshold: float,
+    code_judges: CodeJudges, judges: PixelJudges, reference: torch.Tensor,
+    classes: tuple[str, ...], threshold: float,
 ) -> dict[str, Any]:
     """Frames (N, T, H, W) of generated and real (test) videos, their codes, the tokenizer's
     reconstructions of the real ones (what generation can reach through these codes: a decoder
     that splits the object or adds specks caps the judges' scores of anything generated), the
-    probe trained on the codes of the train split, the pixel judges trained on its videos, and
-    ``reference``: as many other real videos as were generated (the Fréchet distance's floor)."""
-    def predict(codes: torch.Tensor) -> torch.Tensor:
-        return probe.predict(code_bits(codes.to(probe.weight.device), codebook_bits)).cpu()
+    judges of codes and the pixel judges trained on the train split, and ``reference``: as many
+    other real videos as were generated (the Fréchet distance's floor)."""
+    recognised = code_judges.by_probe(generated_codes) == generated_labels
+    real_right = code_judges.by_probe(real_codes) == real_labels
+    by_code_track = code_judges.by_track(generated_codes) == generated_labels
+    real_by_code_track = code_judges.by_track(real_codes) == real_labels
 
-    recognised = predict(generated_codes) == generated_labels
-    real_right = predict(real_codes) == real_labels
+    def share(right: torch.Tensor) -> float | None:
+        return float(right.double().mean()) if len(right) else None
     per_class = {}
     for class_id, name in enumerate(classes):
         mine, theirs = generated_labels == class_id, real_labels == class_id
         per_class[name] = {
             "generated": int(mine.sum()),
-            "accuracy": float(recognised[mine].double().mean()) if bool(mine.any()) else None,
-            "real_accuracy": float(real_right[theirs].double().mean()) if bool(theirs.any()) else None,
+            "accuracy": share(recognised[mine]), "real_accuracy": share(real_right[theirs]),
+            "code_track_accuracy": share(by_code_track[mine]), "real_code_track_accuracy": share(real_by_code_track[theirs]),
             "presence": presence(generated[mine]), "real_presence": presence(real[theirs]),
             "smoothness_px": second_difference(generated[mine], threshold),
             "real_smoothness_px": second_difference(real[theirs], threshold),
@@ -86,9 +88,10 @@ def generation_section(
 
     return {
         "videos": len(generated),
-        "accuracy": float(recognised.double().mean()) if len(generated) else None,
+        "accuracy": share(recognised),
         "chance": 1.0 / len(classes),
-        "real_accuracy": float(real_right.double().mean()) if len(real) else None,
+        "real_accuracy": share(real_right),
+        "code_track_accuracy": share(by_code_track), "real_code_track_accuracy": share(real_by_code_track),
         "real_videos": len(real),
         "presence": presence(generated), "real_presence": presence(real),
         "smoothness_px": second_difference(generated, threshold), "real_smoothness_px": second_difference(real, threshold),
@@ -108,8 +111,9 @@ def generation_section(
             "features": "penultimate layer of a small 3D-conv classifier trained on the train split's real videos",
         },
         "per_class": per_class,
-        "classifier": "evaluate's linear probe on the LFQ bits of the train split's codes (each video under the "
-        "frame's symmetries); generated videos are re-encoded by the same tokenizer",
+        "classifier": "evaluate's judges of codes, trained on the train split's codes (each video under the frame's "
+        "symmetries): the linear probe on their LFQ bits and the code-track judge on where the codes that are not "
+        "the background's go; generated videos are re-encoded by the same tokenizer",
         "track_classifier": "a linear classifier on the object's centroid track (speeds, accelerations, turns), "
         "trained on the train split's real videos",
     }

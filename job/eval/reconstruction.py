@@ -1,6 +1,6 @@
 """The tokenizer's side of ``evaluate``: one pass over the train split (the mean-frame baseline and the
 codes the probe learns from), one over the test split (the model and both baselines through
-the same per-frame metric code), per-class numbers, the probe's test accuracy and the example
+the same per-frame metric code), per-class numbers, the judges of codes' test accuracy and the example
 images."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from job.config import Config
 from job.data.dataset import VideoDataset
 from job.eval.frame_metrics import BLACK, MEAN_FRAME, MODEL, FrameScores, score_frames, summarise
-from job.eval.pixel_judges import track_features
-from job.eval.probe import LinearProbe, code_bits, confusion_matrix, fit_linear_probe, symmetric_views
+from job.eval.code_judges import CodeJudges, fit_code_judges
+from job.eval.probe import confusion_matrix, symmetric_views
 from job.models.tokenizer import VideoTokenizer
 from job.plots.charts import reconstruction_grid_png
 from job.runtime.signals import stop_point
@@ -62,11 +62,9 @@ def scan_train_split(model: VideoTokenizer, dataset: VideoDataset, cfg: Config, 
     return TrainPass((total / len(indices)).float(), torch.cat(codes), torch.cat(labels), len(indices), len(views))
 
 
-def fit_code_probe(train_pass: TrainPass, cfg: Config, device: torch.device) -> LinearProbe:
-    """The code classifier: a linear probe on the LFQ bits of the train pass's codes, fitted on
-    ``device`` (4 views of 8,000 videos are GBs of features on the GPU preset)."""
-    features = code_bits(train_pass.codes.to(device), cfg.model.codebook_bits)
-    return fit_linear_probe(features, train_pass.labels.to(device), len(cfg.data.classes))
+def fit_code_classifier(train_pass: TrainPass, cfg: Config, device: torch.device) -> CodeJudges:
+    """The code classifier: both judges of codes (job.eval.code_judges), fitted on the train pass's codes."""
+    return fit_code_judges(train_pass.codes, train_pass.labels, cfg.model.codebook_bits, len(cfg.data.classes), device)
 
 
 @dataclass
@@ -109,25 +107,17 @@ def per_class_metrics(test_pass: TestPass, classes: tuple[str, ...]) -> dict[str
     return result
 
 
-def code_track_features(codes: torch.Tensor, background: int) -> torch.Tensor:
-    """(N, F) the track of the cells (N, t, h, w) whose code is not ``background``, read as the
-    pixel track judge reads an object's centroids: where the object's codes go, not which they are."""
-    return track_features((codes != background).float(), 0.5)
-
-
-def classify_codes(probe: LinearProbe, train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> dict[str, Any]:
+def classify_codes(judges: CodeJudges, train_pass: TrainPass, test_pass: TestPass, cfg: Config) -> dict[str, Any]:
     """Can the codes tell the trajectories apart? The code probe, scored on the test split's codes,
     and beside it the code-track judge: a linear read-out of per-position bits sees a class in codes
     that say which way the object moves (a halo around it), not in where a clean object's codes lie
     over time (docs/generation.md)."""
     classes = list(cfg.data.classes)
     bits = cfg.model.codebook_bits
-    predicted = probe.predict(code_bits(test_pass.codes.to(probe.weight.device), bits)).cpu()
+    predicted = judges.by_probe(test_pass.codes)
     confusion = confusion_matrix(test_pass.labels, predicted, len(classes))
     t, h, w = test_pass.codes.shape[1:]
-    background = int(torch.bincount(train_pass.codes.flatten()).argmax())
-    track_judge = fit_linear_probe(code_track_features(train_pass.codes, background), train_pass.labels, len(classes))
-    by_track = track_judge.predict(code_track_features(test_pass.codes, background))
+    by_track = judges.by_track(test_pass.codes)
     return {
         "accuracy": float((predicted == test_pass.labels).double().mean()),
         "track_accuracy": float((by_track == test_pass.labels).double().mean()),

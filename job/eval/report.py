@@ -165,8 +165,8 @@ def generation_summary_lines(report: dict[str, Any]) -> list[str]:
         return f"{formatted(o[k]['psnr_db'], '{:.2f}')} dB / {formatted(o[k]['centroid_error_px'], '{:.3f}')} px"
 
     return [
-        f"generation: {generation['videos']} videos recognised as their class {formatted(generation['accuracy'], '{:.1%}')} "
-        f"(chance {generation['chance']:.1%}, real test videos {formatted(generation['real_accuracy'], '{:.1%}')}); "
+        f"generation: {generation['videos']} videos recognised as their class {code_judge_readings(generation)} "
+        f"(chance {generation['chance']:.1%}); "
         f"object present in {formatted(generation['presence'], '{:.1%}')} of frames "
         f"(real {formatted(generation['real_presence'], '{:.1%}')})",
         *pixel_judge_lines(generation),
@@ -174,6 +174,17 @@ def generation_summary_lines(report: dict[str, Any]) -> list[str]:
         f"error: model {kind(MODEL)}, copy-last {kind(COPY_LAST)}, constant-velocity {kind(CONSTANT_VELOCITY)}",
         *stage2_health_lines(generation.get("stage2_validation") or {}),
     ]
+
+
+def code_judge_readings(generation: dict[str, Any]) -> str:
+    """What each judge of codes reads of the generated videos, the real test videos beside it (a report
+    from before the code-track judge has the probe's alone)."""
+    f = formatted
+    readings = f"by the code probe {f(generation['accuracy'], '{:.1%}')} (real {f(generation['real_accuracy'], '{:.1%}')})"
+    if "code_track_accuracy" in generation:
+        readings += (f", by the code-track judge {f(generation['code_track_accuracy'], '{:.1%}')} "
+                     f"(real {f(generation['real_code_track_accuracy'], '{:.1%}')})")
+    return readings
 
 
 def pixel_judge_lines(generation: dict[str, Any]) -> list[str]:
@@ -224,8 +235,8 @@ def generation_markdown(report: dict[str, Any]) -> str:
         f"{generation['samples_per_class']} videos per class, {generation['steps']} decoding steps, temperature "
         f"{generation['temperature']:g}, seed {generation['seed']}. Real: the {generation['real_videos']} test videos.",
         "",
-        f"Recognised as their class: **{f(generation['accuracy'], '{:.1%}')}** (chance {generation['chance']:.1%}; the "
-        f"same classifier on real test videos {f(generation['real_accuracy'], '{:.1%}')}). {generation['classifier']}.",
+        f"Recognised as their class {code_judge_readings(generation)} (chance {generation['chance']:.1%}). "
+        f"{generation['classifier']}.",
         "",
         *(f"Judged in pixels: {line}." for line in pixel_judge_lines(generation)),
         "",

@@ -7,8 +7,8 @@
    the data are drawn invariant under (``symmetric_views``). The test split is never trained on.
 3. One pass over the test split: encode -> decode, and the same per-frame metrics (job.eval.frame_metrics)
    for the model, an all-black frame and the mean frame, overall and per class.
-4. Codebook usage on the test codes; a linear probe on the LFQ bits of the train codes, scored
-   on the test codes; side-by-side PNGs per class.
+4. Codebook usage on the test codes; the judges of codes (a linear probe on the LFQ bits, the
+   code-track judge) fitted on the train codes, scored on the test codes; side-by-side PNGs per class.
 5. eval/report.json, eval/report.md, a summary on stdout. Goals are reported, never asserted.
 """
 
@@ -28,12 +28,12 @@ from job.eval.generation import encode_frames, generation_section
 from job.eval.goals import generation_goals, goals
 from job.eval.pixel_judges import PixelJudges
 from job.eval.prediction import prediction_section
-from job.eval.probe import LinearProbe
+from job.eval.code_judges import CodeJudges
 from job.eval.reconstruction import (
     KINDS,
     TestPass,
     classify_codes,
-    fit_code_probe,
+    fit_code_classifier,
     per_class_metrics,
     scan_train_split,
     score_test_split,
@@ -73,7 +73,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
 
     train_pass = scan_train_split(model, dataset, run_cfg, device)
     test_pass = score_test_split(model, dataset, run_cfg, device, train_pass.mean_frame)
-    probe = fit_code_probe(train_pass, run_cfg, device)
+    code_judges = fit_code_classifier(train_pass, run_cfg, device)
     report = {
         "checkpoint": checkpoint.name,
         "checkpoint_step": checkpoint.manifest["step"],
@@ -91,11 +91,11 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
             **code_statistics(test_pass.codes, test_pass.objects, model.codebook_size),
             "black_video_codes": black_video_codes(model, device),
         },
-        "classifier": classify_codes(probe, train_pass, test_pass, run_cfg),
+        "classifier": classify_codes(code_judges, train_pass, test_pass, run_cfg),
         "images": write_example_images(store, model, dataset, test_pass, run_cfg, device, checkpoint.name),
     }
     report["goals"] = goals(report)
-    add_generation_sections(report, cfg, store, dataset, probe, test_pass, device)  # generation, prediction, their goals
+    add_generation_sections(report, cfg, store, dataset, code_judges, test_pass, device)  # generation, prediction, their goals
     report["seconds"] = round(time.monotonic() - started, 2)
     report["created_at"] = utc_now()
     store.write_json(Layout.eval_report, report)
@@ -111,7 +111,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
 
 
 def add_generation_sections(
-    report: dict[str, Any], cfg: Config, store: RunStore, dataset: VideoDataset, probe: LinearProbe,
+    report: dict[str, Any], cfg: Config, store: RunStore, dataset: VideoDataset, code_judges: CodeJudges,
     test_pass: TestPass, device: torch.device,
 ) -> None:
     """Adds ``generation``, ``prediction`` and their goals to ``report``; a note in both when
@@ -130,9 +130,9 @@ def add_generation_sections(
     tokenizer = model.tokenizer
     test_indices = dataset.split("test")
     if model.tokenizer_checkpoint.name == report["checkpoint"]:
-        test_codes = test_pass.codes  # evaluate's probe is this tokenizer's
-    else:  # stage 2 learned from another stage-1 checkpoint: its own tokenizer's codes, its own probe
-        probe = fit_code_probe(scan_train_split(tokenizer, dataset, run_cfg, device), run_cfg, device)
+        test_codes = test_pass.codes  # evaluate's judges of codes are this tokenizer's
+    else:  # stage 2 learned from another stage-1 checkpoint: its own tokenizer's codes, its own judges
+        code_judges = fit_code_classifier(scan_train_split(tokenizer, dataset, run_cfg, device), run_cfg, device)
         test_codes = encode_all(tokenizer, dataset, test_indices, run_cfg.train.batch_size, device)
     real, real_labels = dataset.get(test_indices)
     generated, generated_labels = generate_class_videos(model, s2.samples_per_class, s2.sample_steps, s2.temperature,
@@ -142,7 +142,7 @@ def add_generation_sections(
     reference = dataset.get(dataset.split("val")[: len(generated)])[0][:, 0]
     generation = generation_section(
         generated, generated_labels, encode_frames(tokenizer, generated, device), real[:, 0], real_labels, test_codes,
-        decode(model, test_codes), probe, judges, reference, classes, run_cfg.model.codebook_bits, threshold,
+        decode(model, test_codes), code_judges, judges, reference, classes, threshold,
     )
     given = given_video_frames(model)
     predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos), cfg)

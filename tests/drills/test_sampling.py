@@ -116,12 +116,19 @@ def test_evaluate_reports_generation_and_prediction(stage2_run):
     generation, prediction = report["generation"], report["prediction"]
     classes = smoke_classes(run)
     assert generation["videos"] == 2 * len(classes)  # smoke's samples_per_class
-    for key in ("accuracy", "chance", "real_accuracy", "presence", "real_presence", "smoothness_px",
+    for key in ("accuracy", "chance", "real_accuracy", "code_track_accuracy", "real_code_track_accuracy",
+                "presence", "real_presence", "smoothness_px",
                 "real_smoothness_px", "diversity", "real_diversity"):
         assert finite(generation[key]), key
     assert 0.0 <= generation["accuracy"] <= 1.0 and generation["chance"] == 1 / len(classes)
     # The classifier is evaluate's own: on the real test videos it scores what evaluate reports.
     assert generation["real_accuracy"] == pytest.approx(report["classifier"]["accuracy"])
+    assert generation["real_code_track_accuracy"] == pytest.approx(report["classifier"]["track_accuracy"])
+    # Generated videos are read by the judge of codes that reads the real ones better.
+    trusted = report["goals"]["generated_class_accuracy"]
+    better_on_real = max(("linear_probe", "accuracy"), ("code_track", "code_track_accuracy"),
+                         key=lambda judge: (generation[f"real_{judge[1]}"], judge[0] == "linear_probe"))
+    assert trusted["judge"] == better_on_real[0] and trusted["value"] == generation[better_on_real[1]]
     assert set(generation["per_class"]) == set(classes)
     # The ceiling: the real test videos through the tokenizer, judged as generated ones are.
     ceiling = generation["reconstructed"]

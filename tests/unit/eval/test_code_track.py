@@ -1,12 +1,13 @@
-"""The code-track judge (job.eval.reconstruction): the class read from where a clip's codes that
-are not the background's lie over time, not from which codes they are."""
+"""The judges of codes (job.eval.code_judges): the code-track judge reads the class from where a
+clip's codes that are not the background's lie over time, not from which codes they are; evaluate
+reads a generated video's class with whichever judge reads real videos better."""
 
 from __future__ import annotations
 
 import torch
 
+from job.eval.code_judges import CODE_TRACK, PROBE, code_track_features, fit_code_judges, trusted_judge
 from job.eval.probe import fit_linear_probe
-from job.eval.reconstruction import code_track_features
 
 BACKGROUND = 3
 
@@ -52,3 +53,23 @@ def test_the_track_is_the_object_cells_own():
 def test_a_clip_of_background_only_has_no_track():
     features = code_track_features(torch.full((2, 5, 8, 8), BACKGROUND), BACKGROUND)
     assert torch.equal(features, torch.zeros_like(features))
+
+
+def test_fitted_judges_read_held_out_clips_and_the_background_is_the_commonest_code():
+    starts = [(r, c) for r in range(1, 7) for c in range(1, 6)]
+    train = clips([straight(*s) for s in starts[::2]] + [turning(*s) for s in starts[::2]])
+    labels = torch.tensor([0] * len(starts[::2]) + [1] * len(starts[::2]))
+    judges = fit_code_judges(train, labels, codebook_bits=4, num_classes=2, device=torch.device("cpu"))
+    assert judges.background == BACKGROUND
+    held_out = starts[1::2]
+    test = clips([straight(*s) for s in held_out] + [turning(*s) for s in held_out], object_code=9)
+    truth = torch.tensor([0] * len(held_out) + [1] * len(held_out))
+    assert torch.equal(judges.by_track(test), truth)
+    assert judges.by_probe(test).shape == truth.shape  # a verdict per clip, whatever its accuracy
+
+
+def test_a_generated_class_is_read_by_the_judge_that_reads_real_videos_better():
+    assert trusted_judge(0.758, 1.0) == CODE_TRACK
+    assert trusted_judge(1.0, 0.933) == PROBE
+    assert trusted_judge(0.9, 0.9) == PROBE  # a tie keeps the probe
+    assert trusted_judge(0.9, None) == PROBE  # a report from before the code-track judge

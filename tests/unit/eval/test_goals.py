@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from job.eval.goals import code_classifier_goal, far_background_goal, goal, worst_ratio
+from job.eval.goals import code_classifier_goal, far_background_goal, generated_class_goal, goal, worst_ratio
 
 
 def test_a_goal_without_a_value_is_not_met():
@@ -40,3 +40,15 @@ def test_the_codes_say_the_class_if_either_judge_of_codes_reads_it():
     assert (clean["linear_probe"], clean["code_track"]) == (0.825, 1.0)
     neither = code_classifier_goal({"accuracy": 0.9, "track_accuracy": 0.97})
     assert not neither["met"] and neither["value"] == 0.97
+
+
+def test_generated_class_accuracy_is_the_trusted_judges_reading():
+    """On halo-free codes the probe reads 75.8% of real test videos and the code track 100%: generated
+    videos are read by the code track, and both readings stay in the goal."""
+    generation = {"accuracy": 0.95, "real_accuracy": 0.758, "code_track_accuracy": 0.25,
+                  "real_code_track_accuracy": 1.0}
+    result = generated_class_goal(generation)
+    assert (result["value"], result["met"], result["judge"]) == (0.25, False, "code_track")
+    assert (result["linear_probe"], result["code_track"]) == (0.95, 0.25)
+    older = generated_class_goal({"accuracy": 0.95, "real_accuracy": 1.0})  # a report from before it
+    assert (older["value"], older["met"], older["judge"]) == (0.95, True, "linear_probe")

@@ -88,7 +88,7 @@ def test_blobs_either_side_of_the_truth_do_not_pass_for_a_prediction():
     model = section["overall"][MODEL]
     assert model["centroid_error_px"] < 0.05 and model["centroid_misses"] == 0
     assert model["single_object_share"] == 0.0
-    nothing_generated = {"accuracy": 0.0, "track_accuracy": 0.0, "presence": 0.0, "single_object": 0.0, "per_class": {}}
+    nothing_generated = {"accuracy": 0.0, "real_accuracy": 1.0, "track_accuracy": 0.0, "presence": 0.0, "single_object": 0.0, "per_class": {}}
     goals = generation_goals(nothing_generated, section)
     assert not goals["prediction_centroid_below_constant_velocity"]["met"]
     assert not goals["prediction_centroid_below_constant_velocity_circular"]["met"]
@@ -108,7 +108,7 @@ def test_a_faint_smudge_where_the_object_goes_is_a_frame_without_the_object():
     assert model["centroid_misses"] == 0 and model["centroid_error_px"] < 0.05
     assert model["frames_without_object"] == model["object_frames"] == 9
     assert [p["frames_without_object"] for p in model["per_frame"]] == [3, 3, 3]
-    nothing_generated = {"accuracy": 0.0, "track_accuracy": 0.0, "presence": 0.0, "single_object": 0.0, "per_class": {}}
+    nothing_generated = {"accuracy": 0.0, "real_accuracy": 1.0, "track_accuracy": 0.0, "presence": 0.0, "single_object": 0.0, "per_class": {}}
     goals = generation_goals(nothing_generated, section)
     assert goals["prediction_miss_rate"]["value"] == 1.0 and not goals["prediction_miss_rate"]["met"]
     seen = prediction_section(truth.clone(), truth, torch.tensor([0, 0, 0]), ("linear",), given=3, threshold=THRESHOLD)

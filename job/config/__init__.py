@@ -7,6 +7,7 @@ from job.config.checks import validate
 from job.config.sections import (
     MATH_SECTIONS,
     NOT_MATH_KEYS,
+    SAMPLING_KEYS,
     STAGE2_MATH_SECTIONS,
     TRAJECTORY_CLASSES,
     CheckpointConfig,
@@ -24,7 +25,7 @@ from job.config.sections import (
 )
 
 __all__ = [
-    "MATH_SECTIONS", "NOT_MATH_KEYS", "STAGE2_MATH_SECTIONS", "TRAJECTORY_CLASSES", "CheckpointConfig", "Config",
+    "MATH_SECTIONS", "NOT_MATH_KEYS", "SAMPLING_KEYS", "STAGE2_MATH_SECTIONS", "TRAJECTORY_CLASSES", "CheckpointConfig", "Config",
     "ConfigError", "DataConfig", "ModelConfig", "MonitorConfig", "OptimConfig", "Stage2Config", "StorageConfig",
     "TrainConfig", "build_config", "config_from_dict", "diff_keys", "get_value", "set_value", "split_sizes",
     "steps_per_epoch", "validate",

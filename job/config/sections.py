@@ -207,13 +207,15 @@ class Config:
 MATH_SECTIONS = ("seed", "data", "model", "optim", "train.batch_size", "train.bf16")
 # Stage 2 trains on the tokenizer's codes: its checkpoints also depend on its own section.
 STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
+# Stage 2's sampling settings: how sample, predict and evaluate draw from a trained stage 2, always
+# the command line's (job.inference.load), never part of what was trained.
+SAMPLING_KEYS = (
+    "sample_steps", "temperature", "choice_temperature", "predict_frame_steps", "guidance", "samples_per_class",
+    "sample_seed", "eval_videos",
+)
 # data.uri only says where the same shards live, so moving them is not a change of math; the
 # stage-2 epochs and sampling settings do not change what has been trained.
-NOT_MATH_KEYS = (
-    "data.uri", "stage2.epochs", "stage2.sample_steps", "stage2.temperature", "stage2.samples_per_class",
-    "stage2.sample_seed", "stage2.eval_videos", "stage2.guidance", "stage2.choice_temperature",
-    "stage2.predict_frame_steps",
-)
+NOT_MATH_KEYS = ("data.uri", "stage2.epochs", *(f"stage2.{key}" for key in SAMPLING_KEYS))
 
 
 def steps_per_epoch(cfg: Config, batch_size: int | None = None) -> int:

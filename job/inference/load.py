@@ -11,7 +11,7 @@ import structlog
 import torch
 
 from job.checkpoints.reader import Checkpoint, CheckpointError, CheckpointReader, SourceRef
-from job.config import MATH_SECTIONS, Config, ConfigError, config_from_dict, diff_keys, set_value
+from job.config import MATH_SECTIONS, SAMPLING_KEYS, Config, ConfigError, config_from_dict, diff_keys, set_value
 from job.models.tokenizer import VideoTokenizer, trained_tokenizer
 from job.models.transformer import MaskedVideoTransformer, trained_transformer
 from job.storage import Layout, RunStore
@@ -45,10 +45,10 @@ class TrainedGenerator(VideoModels):
     def complete(self) -> bool:
         return self.checkpoint.state.get("reason") == "final"
 
-    def settings(self, cfg: Config) -> dict[str, Any]:
-        """What made a set of samples or predictions: the checkpoints, and the command line's
-        sampling settings (``cfg``)."""
-        s2 = cfg.stage2
+    def settings(self) -> dict[str, Any]:
+        """What made a set of samples or predictions: the checkpoints, and the sampling settings
+        the transformer decodes with (the command line's)."""
+        s2 = self.transformer.cfg
         return {
             "checkpoint": self.checkpoint.name,
             "checkpoint_step": self.checkpoint.step,
@@ -58,6 +58,7 @@ class TrainedGenerator(VideoModels):
             "steps": s2.sample_steps,
             "temperature": s2.temperature,
             "choice_temperature": s2.choice_temperature,
+            "guidance": s2.guidance,
             "device": str(self.device),
         }
 
@@ -79,9 +80,8 @@ def load_generator(cfg: Config, store: RunStore, device: torch.device) -> Traine
     if SourceRef.of(tokenizer_checkpoint).sha256 != ref.get("sha256"):
         raise NoTrainedGenerator(f"stage-2 {checkpoint.name} learned from tokenizer {ref}, but those weights have changed")
     run_cfg = evaluation_config(checkpoint, cfg)
-    # Sampling settings: the command line's.
-    run_cfg.stage2.guidance, run_cfg.stage2.choice_temperature = cfg.stage2.guidance, cfg.stage2.choice_temperature
-    run_cfg.stage2.predict_frame_steps = cfg.stage2.predict_frame_steps
+    for key in SAMPLING_KEYS:  # how to draw is the command line's; what was trained, the run's
+        setattr(run_cfg.stage2, key, getattr(cfg.stage2, key))
     try:
         tokenizer = trained_tokenizer(tokenizer_checkpoint.model, run_cfg.model, run_cfg.data, device)
         transformer = trained_transformer(checkpoint.model, run_cfg, tokenizer, device)

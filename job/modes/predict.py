@@ -57,7 +57,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
             "centroid_misses": own["centroid_misses"], "frames_without_object": own["frames_without_object"],
         })
     index_json = {
-        **model.settings(cfg),
+        **model.settings(),
         "split": "test",
         "given_frames": given,
         "given_latent_frames": model.transformer.predict_frames(),

@@ -40,7 +40,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
             "png": f"{stem}.png".split("/", 1)[1], "gif": f"{stem}.gif".split("/", 1)[1], "npy": f"{stem}.npy".split("/", 1)[1],
         })
     index = {
-        **model.settings(cfg),
+        **model.settings(),
         "samples_per_class": s2.samples_per_class,
         "classes": list(classes),
         "frames": "npy: float32 (T, H, W) in [0, 1]; png: the frames left to right; gif: one frame each",

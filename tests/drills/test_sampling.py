@@ -92,6 +92,24 @@ def test_sample_is_deterministic_for_a_seed(stage2_run, tmp_path):
         assert (copy / "samples" / video["npy"]).read_bytes() == (run / "samples" / video["npy"]).read_bytes()
 
 
+def test_sample_takes_its_sampling_settings_from_the_command_line(stage2_run, tmp_path):
+    """Not from the run's training config: guidance and the decoding order reach the sampler (the
+    same seed draws other videos) and samples/index.json says what made them."""
+    run, _ = stage2_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "samples")
+    result = run_job("sample", "--preset", "smoke", "--run-uri", str(copy), "--set", "stage2.samples_per_class=3",
+                     "--set", "stage2.guidance=3", "--set", "stage2.choice_temperature=0", timeout=300)
+    assert result.returncode == 0, result.stderr
+    index = json.loads((run / "samples" / "index.json").read_text())
+    guided = json.loads((copy / "samples" / "index.json").read_text())
+    assert (index["guidance"], guided["guidance"], guided["choice_temperature"]) == (0.0, 3.0, 0.0)
+    assert guided["seed"] == index["seed"]
+    assert any(not np.array_equal(np.load(run / "samples" / a["npy"]), np.load(copy / "samples" / b["npy"]))
+               for a, b in zip(index["videos"], guided["videos"])), "guidance and the order changed nothing"
+
+
 def test_predict_writes_a_strip_per_test_video(stage2_run):
     run, outputs = stage2_run
     index = json.loads((run / "predictions" / "index.json").read_text())

@@ -43,11 +43,22 @@ def build_config(
     return config
 
 
+class UnknownKey(ConfigError):
+    """A dotted key no section of this version's config has."""
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a config from its ``to_dict`` form (e.g. a run's config.json)."""
+    """Rebuild a config from its ``to_dict`` form (a run's config.json, a checkpoint's state). A key
+    this version lacks was written by another one, with options this one does not know."""
     config = Config()
     for key, value in flatten(values).items():
-        set_value(config, key, value)
+        try:
+            set_value(config, key, value)
+        except UnknownKey as exc:
+            raise ConfigError(
+                f"{exc}. The run was made by another version of the job, with options this one lacks: "
+                "read it with that version or a newer one"
+            ) from exc
     validate(config)
     return config
 
@@ -68,10 +79,10 @@ def set_value(config: Config, key: str, value: Any) -> None:
     for i, section in enumerate(sections):
         child = getattr(target, section, None) if _has_field(target, section) else None
         if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"{key}: unknown key ({'.'.join(sections[: i + 1])} is not a section)")
+            raise UnknownKey(f"{key}: unknown key ({'.'.join(sections[: i + 1])} is not a section)")
         target = child
     if not _has_field(target, name) or dataclasses.is_dataclass(getattr(target, name)):
-        raise ConfigError(f"{key}: unknown key; known keys: {', '.join(_keys_of(target, sections))}")
+        raise UnknownKey(f"{key}: unknown key; known keys: {', '.join(_keys_of(target, sections))}")
     field_type = typing.get_type_hints(type(target))[name]
     setattr(target, name, _convert(key, value, field_type))
 

@@ -10,7 +10,7 @@ import typing
 
 import pytest
 
-from job.config import MATH_SECTIONS, STAGE2_MATH_SECTIONS, Config, ConfigError, build_config, diff_keys
+from job.config import MATH_SECTIONS, STAGE2_MATH_SECTIONS, Config, ConfigError, build_config, config_from_dict, diff_keys
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,3 +124,17 @@ def test_a_key_added_since_a_run_was_saved_counts_at_its_default():
     assert diff_keys(saved, same, STAGE2_MATH_SECTIONS) == []
     changed = build_config("smoke", None, ["stage2.conv_position=true"]).to_dict()
     assert diff_keys(saved, changed, STAGE2_MATH_SECTIONS) == ["stage2.conv_position"]
+
+
+def test_a_saved_config_with_a_key_this_version_lacks_says_another_version_made_it():
+    """A run trained by a newer version of the job has options this one does not know: reading it
+    back (evaluate, verify, sample) is refused with a message that says why, not just which key."""
+    saved = build_config("smoke").to_dict()
+    saved["stage2"]["future_option"] = 1
+    with pytest.raises(ConfigError, match=r"stage2\.future_option: unknown key.*another version of the job"):
+        config_from_dict(saved)
+    saved["stage2"].pop("future_option")
+    saved["stage2"]["dim"] = "wide"  # a bad value is the old message: no version is to blame
+    with pytest.raises(ConfigError) as refused:
+        config_from_dict(saved)
+    assert "another version" not in str(refused.value)

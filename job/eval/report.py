@@ -231,7 +231,7 @@ def generation_markdown(report: dict[str, Any]) -> str:
         "## Stage 2: class-conditional generation",
         "",
         f"Stage-2 {generation['checkpoint']} (step {generation['checkpoint_step']}, "
-        f"{'finished' if generation['complete'] else 'NOT finished'}), tokenizer {generation['tokenizer_checkpoint']}; "
+        f"{'finished' if generation['stage2_complete'] else 'NOT finished'}), tokenizer {generation['tokenizer_checkpoint']}; "
         f"{generation['samples_per_class']} videos per class, {generation['steps']} decoding steps, temperature "
         f"{generation['temperature']:g}, seed {generation['seed']}. Real: the {generation['real_videos']} test videos.",
         "",

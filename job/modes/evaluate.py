@@ -147,11 +147,7 @@ def add_generation_sections(
     given = given_video_frames(model)
     predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos), cfg)
     prediction = prediction_section(predicted, truth, labels, classes, given, threshold)
-    settings = {
-        "checkpoint": model.checkpoint.name, "checkpoint_step": model.checkpoint.step, "complete": model.complete,
-        "tokenizer_checkpoint": model.tokenizer_checkpoint.name, "steps": s2.sample_steps,
-        "temperature": s2.temperature, "choice_temperature": s2.choice_temperature, "seed": s2.sample_seed,
-    }
+    settings = model.settings()
     # What the headline masked-token accuracy hides, from stage 2's last validation (metrics.jsonl).
     history = model.checkpoint.state["metrics"]
     health = {key: value for key, value in (history[-1] if history else {}).items() if key.startswith("val_")}

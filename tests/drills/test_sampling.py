@@ -134,6 +134,11 @@ def test_evaluate_reports_generation_and_prediction(stage2_run):
     generation, prediction = report["generation"], report["prediction"]
     classes = smoke_classes(run)
     assert generation["videos"] == 2 * len(classes)  # smoke's samples_per_class
+    # What made them, as sample and predict record it.
+    sampled = json.loads((run / "samples" / "index.json").read_text())
+    for key in ("checkpoint", "stage2_complete", "tokenizer_checkpoint", "seed", "steps", "temperature",
+                "choice_temperature", "guidance"):
+        assert generation[key] == prediction[key] == sampled[key], key
     for key in ("accuracy", "chance", "real_accuracy", "code_track_accuracy", "real_code_track_accuracy",
                 "presence", "real_presence", "smoothness_px",
                 "real_smoothness_px", "diversity", "real_diversity"):

@@ -1,8 +1,9 @@
 """How good generated videos are, each number beside the same number for real test videos
 (docs/generation.md): class accuracy by the judges of codes (the probe and the code-track judge,
-on the generated videos re-encoded) and by the pixel track judge (all trained on real videos), object presence and exactly one object per frame, smoothness (the mean norm of the
-centroids' second difference over time), diversity (the mean absolute pixel difference over all
-pairs of a class's videos), and the Fréchet distance on a video classifier's features."""
+on the generated videos re-encoded) and by the pixel track judge (all trained on real videos),
+object presence and exactly one object per frame, smoothness (the mean norm of the centroids'
+second difference over time), diversity (the mean absolute pixel difference over all pairs of a
+class's videos), and the Fréchet distance on a video classifier's features."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stage2.dim": 32,
         "stage2.depth": 2,
         "stage2.heads": 2,
-        # docs/generation.md, "Stage 2's learning rate": 3x the rate, in the same minutes, predicts
+        # docs/generation.md, "Stage 2's learning rate and the object's weight": 3x the rate, in the same minutes, predicts
         # below constant velocity and draws generated videos 3x nearer the real ones; weighting the
         # object's tokens 3x then draws the object in nearly every generated and predicted frame.
         "stage2.lr": 6e-3,

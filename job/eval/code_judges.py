@@ -12,6 +12,7 @@ import torch
 
 from job.eval.pixel_judges import track_features
 from job.eval.probe import LinearProbe, code_bits, fit_linear_probe
+from job.models.tokenizer import background_code
 
 PROBE, CODE_TRACK = "linear_probe", "code_track"
 
@@ -26,7 +27,7 @@ def code_track_features(codes: torch.Tensor, background: int) -> torch.Tensor:
 class CodeJudges:
     probe: LinearProbe  # on the codes' LFQ bits
     track: LinearProbe  # on code_track_features
-    background: int  # the train split's most common code
+    background: int  # the train split's background_code
     codebook_bits: int
 
     def by_probe(self, codes: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def fit_code_judges(
     (4 views of 8,000 videos are GBs of features on the GPU preset); the code track, a few numbers
     a clip, on the CPU."""
     probe = fit_linear_probe(code_bits(codes.to(device), codebook_bits), labels.to(device), num_classes)
-    background = int(torch.bincount(codes.flatten().cpu()).argmax())
+    background = background_code(codes)
     track = fit_linear_probe(code_track_features(codes.cpu(), background), labels.cpu(), num_classes)
     return CodeJudges(probe, track, background, codebook_bits)
 

@@ -290,6 +290,13 @@ def codebook_stats(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
     }
 
 
+def background_code(codes: torch.Tensor) -> int:
+    """The background's code: the most common one among ``codes`` (a split's tokens; >95% of the
+    cells of these videos are black). Stage 2's object weight and evaluate's code-track judge both
+    call every other code the object's."""
+    return int(torch.bincount(codes.flatten().long().cpu()).argmax())
+
+
 def initial_tokenizer(cfg: Config) -> VideoTokenizer:
     """The weights a run starts from: a pure function of the seed."""
     torch.manual_seed(cfg.seed)

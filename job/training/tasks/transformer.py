@@ -14,7 +14,7 @@ from job.config import Config
 from job.data.dataset import VideoDataset
 from job.inference.load import VideoModels
 from job.inference.videos import encode_all, given_video_frames, object_cells_all, predict_videos
-from job.models.tokenizer import trained_tokenizer
+from job.models.tokenizer import background_code, trained_tokenizer
 from job.models.transformer import MaskedBatch, initial_transformer, masked_token_loss
 
 log = structlog.get_logger("job.stage2")
@@ -41,8 +41,7 @@ class TransformerTask:
             self.given_codes[indices] = encode_all(self.tokenizer, dataset, indices, cfg.train.batch_size, device,
                                                    touch, blank_from=given_frames)
         self.labels = torch.from_numpy(dataset.labels)
-        # The background's code: the most common one among the train split's tokens.
-        self.common_code = int(torch.bincount(self.codes[dataset.split("train")].flatten()).argmax())
+        self.common_code = background_code(self.codes[dataset.split("train")])
         # What validation measures the model against: the object's cells of the val videos, and the
         # most common code at each position of the train split (a lookup table that knows no context).
         val = dataset.split("val")

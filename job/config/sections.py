@@ -132,6 +132,9 @@ class Stage2Config:
     # where learned absolute positions take hundreds of steps to matter (docs/generation.md).
     # Off by default only so that runs trained before it still load; every preset turns it on.
     conv_position: bool = False
+    # Patch side over the code grid: the blocks see one position per patch x patch codes of a
+    # latent frame (1: one per code).
+    patch: int = 1
     # Sampling (sample, predict, evaluate): not part of the training math.
     sample_steps: int = 12
     temperature: float = 1.0
@@ -143,6 +146,9 @@ class Stage2Config:
     # one latent frame after another in N steps each, so that each frame's object is drawn beside
     # the one before it (docs/generation.md: more predicted frames show exactly one object).
     predict_frame_steps: int = 0
+    # The same for generation (sample, evaluate): 0, every latent frame at once in sample_steps
+    # steps; N, one latent frame after another in N steps each.
+    sample_frame_steps: int = 0
     # Classifier-free guidance of class-conditional sampling: logits + guidance * (logits - the
     # logits of class "none"); 0 turns it off (one forward pass a step instead of two).
     guidance: float = 0.0
@@ -210,7 +216,7 @@ STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
 # Stage 2's sampling settings: how sample, predict and evaluate draw from a trained stage 2, always
 # the command line's (job.inference.load), never part of what was trained.
 SAMPLING_KEYS = (
-    "sample_steps", "temperature", "choice_temperature", "predict_frame_steps", "guidance", "samples_per_class",
+    "sample_steps", "temperature", "choice_temperature", "predict_frame_steps", "sample_frame_steps", "guidance", "samples_per_class",
     "sample_seed", "eval_videos",
 )
 # data.uri only says where the same shards live, so moving them is not a change of math; the

@@ -58,6 +58,7 @@ class TrainedGenerator(VideoModels):
             "steps": s2.sample_steps,
             "temperature": s2.temperature,
             "choice_temperature": s2.choice_temperature,
+            "sample_frame_steps": s2.sample_frame_steps,
             "guidance": s2.guidance,
             "device": str(self.device),
         }

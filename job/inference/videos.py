@@ -39,7 +39,8 @@ def generate_class_videos(
     model: VideoModels, per_class: int, steps: int, temperature: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` class-conditional videos of every class, class by class: (frames (N, T, H,
-    W) in [0, 1], labels (N,)). Deterministic for a seed: one generator, fixed batches."""
+    W) in [0, 1], labels (N,)), frame by frame if ``stage2.sample_frame_steps`` says so.
+    Deterministic for a seed: one generator, fixed batches."""
     num_classes = model.transformer.num_classes
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     generator = sampling_generator(seed, model.device)
@@ -47,7 +48,8 @@ def generate_class_videos(
     for start in range(0, len(labels), GENERATION_BATCH):
         stop_point("generating videos")  # the index, which lists the files, is written last
         classes = labels[start : start + GENERATION_BATCH].to(model.device)
-        codes = model.transformer.generate(classes, steps=steps, temperature=temperature, generator=generator)
+        codes = model.transformer.generate(classes, steps=steps, temperature=temperature, generator=generator,
+                                           frame_steps=model.transformer.cfg.sample_frame_steps)
         frames.append(decode(model, codes))
     return torch.cat(frames) if frames else torch.zeros(0, *model.tokenizer.input_shape), labels
 

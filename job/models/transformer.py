@@ -1,10 +1,12 @@
 """MAGVIT stage 2 (docs/generation.md): a bidirectional transformer over the frozen tokenizer's codes,
 trained with MaskGIT's masked-token objective, and MaskGIT's iterative parallel decoding.
 
-A video is its t x h x w token grid, flattened in time-major order; the class (or "none") is
-an embedding added to every token. One model does three tasks (MAGVIT's multi-task setup): generation
-without condition, class-conditional generation, and frame prediction, where the tokens of the
-first latent frames are given (visible) and the rest are masked. Training masks a cosine-
+A video is its t x h x w token grid, flattened in time-major order; the blocks see it in patches
+of ``stage2.patch`` x ``stage2.patch`` codes of a latent frame (one position each), and the class
+(or "none") is an embedding added to every position. One model does three tasks (MAGVIT's
+multi-task setup): generation without condition, class-conditional generation, and frame
+prediction, where the tokens of the first latent frames are given (visible) and the rest are
+masked. Training masks a cosine-
 scheduled share of the tokens that are not given and learns to predict them; sampling starts
 from all of them masked and, over ``steps`` rounds, keeps the most confident predictions and
 masks the rest again.
@@ -96,20 +98,46 @@ class MaskedVideoTransformer(nn.Module):
         self.latent_shape = tuple(latent_shape)
         self.num_classes = num_classes
         self.length = math.prod(latent_shape)
+        # The blocks see a grid of patch x patch tokens each (ViT's and DiT's patches over the code
+        # grid): a fourth of the positions at patch 2, so that width and depth cost less.
+        self.patch = cfg.patch
+        t, h, w = self.latent_shape
+        self.grid = (t, h // cfg.patch, w // cfg.patch)
         self.token_embedding = nn.Embedding(codebook_size + 1, cfg.dim)
         self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
-        self.position = nn.Parameter(torch.zeros(1, self.length, cfg.dim))
+        self.merge = self.split = None
+        if cfg.patch > 1:
+            self.merge = nn.Linear(cfg.patch**2 * cfg.dim, cfg.dim)
+            self.split = nn.Linear(cfg.dim, cfg.patch**2 * cfg.dim)
+        self.position = nn.Parameter(torch.zeros(1, math.prod(self.grid), cfg.dim))
         nn.init.normal_(self.position, std=0.02)
         self.blocks = nn.Sequential(
-            *(FactorizedBlock(cfg.dim, cfg.heads, self.latent_shape, cfg.conv_position) for _ in range(cfg.depth))
+            *(FactorizedBlock(cfg.dim, cfg.heads, self.grid, cfg.conv_position) for _ in range(cfg.depth))
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, codebook_size)
 
     def forward(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, codebook_size) for every token position."""
-        x = self.token_embedding(tokens) + self.position + self.class_embedding(classes)[:, None]
-        return self.head(self.norm(self.blocks(x)))
+        x = self.token_embedding(tokens)
+        if self.merge is not None:
+            x = self.merge(self._patches(x))
+        x = self.norm(self.blocks(x + self.position + self.class_embedding(classes)[:, None]))
+        if self.split is not None:
+            x = self._tokens(self.split(x))
+        return self.head(x)
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) per token, time-major -> (B, patches, patch * patch * D), time-major."""
+        (t, h, w), p = self.grid, self.patch
+        x = x.reshape(len(x), t, h, p, w, p, x.shape[-1]).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(len(x), t * h * w, -1)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``_patches``."""
+        (t, h, w), p = self.grid, self.patch
+        x = x.reshape(len(x), t, h, w, p, p, -1).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(len(x), self.length, -1)
 
     # --- training ------------------------------------------------------------------------------
 

@@ -93,18 +93,21 @@ def test_sample_is_deterministic_for_a_seed(stage2_run, tmp_path):
 
 
 def test_sample_takes_its_sampling_settings_from_the_command_line(stage2_run, tmp_path):
-    """Not from the run's training config: guidance and the decoding order reach the sampler (the
-    same seed draws other videos) and samples/index.json says what made them."""
+    """Not from the run's training config: guidance and the decoding order (by confidence alone,
+    one latent frame after another) reach the sampler (the same seed draws other videos) and
+    samples/index.json says what made them."""
     run, _ = stage2_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "samples")
     result = run_job("sample", "--preset", "smoke", "--run-uri", str(copy), "--set", "stage2.samples_per_class=3",
-                     "--set", "stage2.guidance=3", "--set", "stage2.choice_temperature=0", timeout=300)
+                     "--set", "stage2.guidance=3", "--set", "stage2.choice_temperature=0",
+                     "--set", "stage2.sample_frame_steps=2", timeout=300)
     assert result.returncode == 0, result.stderr
     index = json.loads((run / "samples" / "index.json").read_text())
     guided = json.loads((copy / "samples" / "index.json").read_text())
     assert (index["guidance"], guided["guidance"], guided["choice_temperature"]) == (0.0, 3.0, 0.0)
+    assert (index["sample_frame_steps"], guided["sample_frame_steps"]) == (0, 2)
     assert guided["seed"] == index["seed"]
     assert any(not np.array_equal(np.load(run / "samples" / a["npy"]), np.load(copy / "samples" / b["npy"]))
                for a, b in zip(index["videos"], guided["videos"])), "guidance and the order changed nothing"

@@ -47,6 +47,8 @@ def test_precedence_preset_then_file_then_set(tmp_path):
         ("optim.lr=-1", "optim.lr"),
         ("data.height=17", "data.height"),  # not divisible by the model's downsampling
         ("data.classes=linear,circular", "data.classes"),
+        ("stage2.patch=3", "stage2.patch"),  # smoke has 8 x 8 codes a frame
+        ("stage2.patch=0", "stage2.patch"),
         ("train.bf16=maybe", "train.bf16"),
         ("epochs", "epochs"),
     ],

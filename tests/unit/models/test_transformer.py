@@ -160,3 +160,26 @@ def test_without_conv_position_the_weights_are_those_of_earlier_runs():
     their weights must still load."""
     assert not any("conv" in key for key in model().state_dict())
     assert any("conv" in key for key in model(conv_position=True).state_dict())
+
+
+def test_patches_join_the_codes_of_a_square_of_one_latent_frame_and_nothing_else():
+    """stage2.patch: the blocks see one position per patch x patch codes of a latent frame. With
+    the blocks silenced, a change of one code changes the logits of exactly the codes of its
+    patch: the same latent frame, the same 2 x 2 square."""
+    latent = (2, 4, 4)
+    torch.manual_seed(0)
+    net = MaskedVideoTransformer(Stage2Config(dim=16, depth=1, heads=2, patch=2), CODEBOOK, latent, CLASSES).eval()
+    block = net.blocks[0]
+    for linear in (block.space.out_proj, block.time.out_proj, block.mlp[2]):
+        torch.nn.init.zeros_(linear.weight)
+        torch.nn.init.zeros_(linear.bias)
+    tokens = torch.zeros(1, 32, dtype=torch.long)
+    changed = tokens.clone()
+    t, row, col = 1, 2, 3
+    changed[0, (t * 4 + row) * 4 + col] = 5
+    none = torch.tensor([CLASSES])
+    moved = (net(changed, none) - net(tokens, none)).abs().sum(-1).view(latent) > 0
+    expected = torch.zeros(latent, dtype=torch.bool)
+    expected[1, 2:4, 2:4] = True
+    assert torch.equal(moved, expected)
+    assert net.position.shape[1] == 2 * 2 * 2  # positions per patch, not per code

@@ -108,8 +108,8 @@ def validate(config: Config) -> None:
     s2 = config.stage2
     for key, value in {
         "stage2.batch_size": s2.batch_size, "stage2.dim": s2.dim, "stage2.depth": s2.depth, "stage2.heads": s2.heads,
-        "stage2.lr": s2.lr, "stage2.patch": s2.patch, "stage2.sample_steps": s2.sample_steps, "stage2.samples_per_class": s2.samples_per_class,
-        "stage2.eval_videos": s2.eval_videos,
+        "stage2.lr": s2.lr, "stage2.patch": s2.patch, "stage2.sample_steps": s2.sample_steps,
+        "stage2.samples_per_class": s2.samples_per_class, "stage2.eval_videos": s2.eval_videos,
     }.items():
         if not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value!r}")
@@ -125,7 +125,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")
     latent_side = d.height // 2 ** (len(m.channel_mults) - 1), d.width // 2 ** (len(m.channel_mults) - 1)
     if any(side % s2.patch for side in latent_side):
-        raise ConfigError(f"stage2.patch: {s2.patch} does not divide the tokenizer's {latent_side[0]} x {latent_side[1]} codes a frame")
+        raise ConfigError(
+            f"stage2.patch: {s2.patch} does not divide the tokenizer's {latent_side[0]} x {latent_side[1]} codes a frame"
+        )
     if s2.dim % s2.heads:
         raise ConfigError(f"stage2.dim: {s2.dim} is not divisible by stage2.heads={s2.heads}")
     if not s2.unconditional_weight + s2.class_weight + s2.predict_weight > 0:

@@ -133,7 +133,7 @@ class Stage2Config:
     # Off by default only so that runs trained before it still load; every preset turns it on.
     conv_position: bool = False
     # Patch side over the code grid: the blocks see one position per patch x patch codes of a
-    # latent frame (1: one per code).
+    # latent frame (1: one per code; docs/generation.md, "Patches of codes").
     patch: int = 1
     # Sampling (sample, predict, evaluate): not part of the training math.
     sample_steps: int = 12
@@ -216,8 +216,8 @@ STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
 # Stage 2's sampling settings: how sample, predict and evaluate draw from a trained stage 2, always
 # the command line's (job.inference.load), never part of what was trained.
 SAMPLING_KEYS = (
-    "sample_steps", "temperature", "choice_temperature", "predict_frame_steps", "sample_frame_steps", "guidance", "samples_per_class",
-    "sample_seed", "eval_videos",
+    "sample_steps", "temperature", "choice_temperature", "predict_frame_steps", "sample_frame_steps", "guidance",
+    "samples_per_class", "sample_seed", "eval_videos",
 )
 # data.uri only says where the same shards live, so moving them is not a change of math; the
 # stage-2 epochs and sampling settings do not change what has been trained.

@@ -6,10 +6,9 @@ of ``stage2.patch`` x ``stage2.patch`` codes of a latent frame (one position eac
 (or "none") is an embedding added to every position. One model does three tasks (MAGVIT's
 multi-task setup): generation without condition, class-conditional generation, and frame
 prediction, where the tokens of the first latent frames are given (visible) and the rest are
-masked. Training masks a cosine-
-scheduled share of the tokens that are not given and learns to predict them; sampling starts
-from all of them masked and, over ``steps`` rounds, keeps the most confident predictions and
-masks the rest again.
+masked. Training masks a cosine-scheduled share of the tokens that are not given and learns to
+predict them; sampling starts from all of them masked and, over ``steps`` rounds, keeps the most
+confident predictions and masks the rest again.
 
 Attention is factorized, as in video transformers such as ViViT and TimeSformer: each block
 attends within every latent frame (space), then across frames at every position (time), then

@@ -123,7 +123,7 @@ def validate(config: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")
-    latent_side = d.height // 2 ** (len(m.channel_mults) - 1), d.width // 2 ** (len(m.channel_mults) - 1)
+    latent_side = d.height // 2**downs, d.width // 2**downs
     if any(side % s2.patch for side in latent_side):
         raise ConfigError(
             f"stage2.patch: {s2.patch} does not divide the tokenizer's {latent_side[0]} x {latent_side[1]} codes a frame"

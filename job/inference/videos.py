@@ -8,7 +8,6 @@ import numpy as np
 import structlog
 import torch
 
-from job.config import Config
 from job.data.dataset import VideoDataset
 from job.inference.load import VideoModels
 from job.models.tokenizer import VideoTokenizer
@@ -35,21 +34,19 @@ def decode(model: VideoModels, codes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_class_videos(
-    model: VideoModels, per_class: int, steps: int, temperature: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` class-conditional videos of every class, class by class: (frames (N, T, H,
-    W) in [0, 1], labels (N,)), frame by frame if ``stage2.sample_frame_steps`` says so.
-    Deterministic for a seed: one generator, fixed batches."""
-    num_classes = model.transformer.num_classes
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    generator = sampling_generator(seed, model.device)
+def generate_class_videos(model: VideoModels) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stage2.samples_per_class`` class-conditional videos of every class, class by class:
+    (frames (N, T, H, W) in [0, 1], labels (N,)), drawn with the transformer's sampling settings
+    (``load_generator`` gives it the command line's). Deterministic for ``stage2.sample_seed``:
+    one generator, fixed batches."""
+    transformer, s2 = model.transformer, model.transformer.cfg
+    labels = torch.arange(transformer.num_classes).repeat_interleave(s2.samples_per_class)
+    generator = sampling_generator(s2.sample_seed, model.device)
     frames = []
     for start in range(0, len(labels), GENERATION_BATCH):
         stop_point("generating videos")  # the index, which lists the files, is written last
         classes = labels[start : start + GENERATION_BATCH].to(model.device)
-        codes = model.transformer.generate(classes, steps=steps, temperature=temperature, generator=generator,
-                                           frame_steps=model.transformer.cfg.sample_frame_steps)
+        codes = transformer.generate(classes, generator=generator, frame_steps=s2.sample_frame_steps)
         frames.append(decode(model, codes))
     return torch.cat(frames) if frames else torch.zeros(0, *model.tokenizer.input_shape), labels
 
@@ -72,19 +69,17 @@ def blank_after(videos: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_videos(
-    model: VideoModels, videos: torch.Tensor, steps: int, temperature: float, generator: torch.Generator
-) -> torch.Tensor:
+def predict_videos(model: VideoModels, videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The model's continuation of ``videos`` (N, 1, T, H, W): the tokenizer's codes of their first
-    ``predict_frames()`` latent frames given, class "none", the rest generated (frame by frame if
-    ``stage2.predict_frame_steps`` says so). Frames (N, T, H, W)
-    in [0, 1]; the given frames are the tokenizer's reconstruction of the real ones."""
+    ``predict_frames()`` latent frames given, class "none", the rest generated with the
+    transformer's sampling settings (frame by frame if ``stage2.predict_frame_steps`` says so).
+    Frames (N, T, H, W) in [0, 1]; the given frames are the tokenizer's reconstruction of the real ones."""
     transformer = model.transformer
     codes = model.tokenizer.encode(blank_after(videos, given_video_frames(model)).to(model.device))
     none = torch.full((len(videos),), transformer.num_classes, dtype=torch.long, device=model.device)
     predicted = transformer.generate(
-        none, given=codes, given_frames=transformer.predict_frames(), steps=steps, temperature=temperature,
-        generator=generator, frame_steps=transformer.cfg.predict_frame_steps,
+        none, given=codes, given_frames=transformer.predict_frames(), generator=generator,
+        frame_steps=transformer.cfg.predict_frame_steps,
     )
     return decode(model, predicted)
 
@@ -96,17 +91,16 @@ def prediction_indices(dataset: VideoDataset, eval_videos: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict_test_videos(
-    model: VideoModels, dataset: VideoDataset, indices: np.ndarray, cfg: Config
+    model: VideoModels, dataset: VideoDataset, indices: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(predicted frames, true frames, labels) of the test videos ``indices``, with the sampling
-    settings of ``cfg.stage2`` and one generator seeded with its sample_seed."""
-    s2 = cfg.stage2
-    generator = sampling_generator(s2.sample_seed, model.device)
+    """(predicted frames, true frames, labels) of the test videos ``indices``, with the
+    transformer's sampling settings and one generator seeded with its sample_seed."""
+    generator = sampling_generator(model.transformer.cfg.sample_seed, model.device)
     predicted, truth, labels = [], [], []
     for start in range(0, len(indices), GENERATION_BATCH):
         stop_point("predicting frames")  # the index, which lists the files, is written last
         videos, batch_labels = dataset.get(indices[start : start + GENERATION_BATCH])
-        predicted.append(predict_videos(model, videos, s2.sample_steps, s2.temperature, generator))
+        predicted.append(predict_videos(model, videos, generator))
         truth.append(videos[:, 0])
         labels.append(batch_labels)
     if not predicted:

@@ -135,8 +135,7 @@ def add_generation_sections(
         code_judges = fit_code_classifier(scan_train_split(tokenizer, dataset, run_cfg, device), run_cfg, device)
         test_codes = encode_all(tokenizer, dataset, test_indices, run_cfg.train.batch_size, device)
     real, real_labels = dataset.get(test_indices)
-    generated, generated_labels = generate_class_videos(model, s2.samples_per_class, s2.sample_steps, s2.temperature,
-                                                        s2.sample_seed)
+    generated, generated_labels = generate_class_videos(model)
     train_videos, train_labels = dataset.get(dataset.split("train")[:JUDGE_TRAIN_VIDEOS])
     judges = PixelJudges.fit(train_videos[:, 0], train_labels, len(classes), threshold)
     reference = dataset.get(dataset.split("val")[: len(generated)])[0][:, 0]
@@ -145,7 +144,7 @@ def add_generation_sections(
         decode(model, test_codes), code_judges, judges, reference, classes, threshold,
     )
     given = given_video_frames(model)
-    predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos), cfg)
+    predicted, truth, labels = predict_test_videos(model, dataset, prediction_indices(dataset, s2.eval_videos))
     prediction = prediction_section(predicted, truth, labels, classes, given, threshold)
     settings = model.settings()
     # What the headline masked-token accuracy hides, from stage 2's last validation (metrics.jsonl).

@@ -38,7 +38,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     indices = prediction_indices(dataset, cfg.stage2.eval_videos)
     given = given_video_frames(model)
     log.info("predict.start", checkpoint=model.checkpoint.name, videos=len(indices), given_frames=given)
-    predicted, truth, labels = predict_test_videos(model, dataset, indices, cfg)
+    predicted, truth, labels = predict_test_videos(model, dataset, indices)
     threshold = run_cfg.model.foreground_threshold
     scores = prediction_scores(predicted, truth, given, threshold)
     videos = []

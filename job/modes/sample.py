@@ -27,7 +27,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     s2, classes = cfg.stage2, model.cfg.data.classes
     log.info("sample.start", checkpoint=model.checkpoint.name, per_class=s2.samples_per_class,
              steps=s2.sample_steps, temperature=s2.temperature, seed=s2.sample_seed)
-    frames, labels = generate_class_videos(model, s2.samples_per_class, s2.sample_steps, s2.temperature, s2.sample_seed)
+    frames, labels = generate_class_videos(model)
     videos = []
     for position, (video, label) in enumerate(zip(frames.numpy(), labels.tolist())):
         name = classes[label]

@@ -88,9 +88,8 @@ class TransformerTask:
         latent frames' codes given (encoded without the frames after them), the rest decoded."""
         videos, labels = self.dataset.get(indices)
         generator = torch.Generator().manual_seed(self.cfg.stage2.sample_seed)
-        s2 = self.cfg.stage2
         models = VideoModels(self.tokenizer, self.model, self.device)
-        predicted = predict_videos(models, videos, s2.sample_steps, s2.temperature, generator)
+        predicted = predict_videos(models, videos, generator)
         classes = self.cfg.data.classes
         return "reconstruction_grid", {
             "originals": videos[:, 0].numpy(), "reconstructions": predicted.numpy(),

@@ -30,6 +30,6 @@ def test_a_prediction_depends_on_the_given_frames_only_not_on_the_ones_it_predic
     videos = torch.cat([blob_videos(path), blob_videos(turned)])[:, None]  # (2, 1, T, H, W)
     assert torch.equal(videos[0, :, :given], videos[1, :, :given]) and not torch.equal(videos[0], videos[1])
 
-    first = predict_videos(model, videos[:1], 3, 1.0, sampling_generator(0, model.device))
-    second = predict_videos(model, videos[1:], 3, 1.0, sampling_generator(0, model.device))
+    first = predict_videos(model, videos[:1], sampling_generator(0, model.device))
+    second = predict_videos(model, videos[1:], sampling_generator(0, model.device))
     assert torch.equal(first, second)

@@ -108,7 +108,7 @@ def validate(config: Config) -> None:
     s2 = config.stage2
     for key, value in {
         "stage2.batch_size": s2.batch_size, "stage2.dim": s2.dim, "stage2.depth": s2.depth, "stage2.heads": s2.heads,
-        "stage2.lr": s2.lr, "stage2.patch": s2.patch, "stage2.patch_time": s2.patch_time, "stage2.sample_steps": s2.sample_steps,
+        "stage2.lr": s2.lr, "stage2.patch": s2.patch, "stage2.sample_steps": s2.sample_steps,
         "stage2.samples_per_class": s2.samples_per_class, "stage2.eval_videos": s2.eval_videos,
     }.items():
         if not value > 0:
@@ -133,8 +133,6 @@ def validate(config: Config) -> None:
     if not s2.unconditional_weight + s2.class_weight + s2.predict_weight > 0:
         raise ConfigError("stage2.predict_weight: the three task weights must not all be 0")
     latent_frames = d.frames // 2**m.temporal_downsample
-    if latent_frames % s2.patch_time:
-        raise ConfigError(f"stage2.patch_time: {s2.patch_time} does not divide the tokenizer's {latent_frames} latent frames")
     if s2.predict_latent_frames >= latent_frames:
         raise ConfigError(
             f"stage2.predict_latent_frames: must leave a latent frame to predict (the tokenizer gives {latent_frames})"

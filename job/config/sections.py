@@ -133,10 +133,8 @@ class Stage2Config:
     # Off by default only so that runs trained before it still load; every preset turns it on.
     conv_position: bool = False
     # Patch side over the code grid: the blocks see one position per patch x patch codes of a
-    # latent frame (1: one per code; docs/generation.md, "Patches of codes"), and per patch_time
-    # latent frames of them (a tubelet, as in ViViT).
+    # latent frame (1: one per code; docs/generation.md, "Patches of codes").
     patch: int = 1
-    patch_time: int = 1
     # Sampling (sample, predict, evaluate): not part of the training math.
     sample_steps: int = 12
     temperature: float = 1.0

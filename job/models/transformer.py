@@ -2,7 +2,7 @@
 trained with MaskGIT's masked-token objective, and MaskGIT's iterative parallel decoding.
 
 A video is its t x h x w token grid, flattened in time-major order; the blocks see it in patches
-of ``stage2.patch`` x ``stage2.patch`` codes of ``stage2.patch_time`` latent frames (one position each), and the class
+of ``stage2.patch`` x ``stage2.patch`` codes of a latent frame (one position each), and the class
 (or "none") is an embedding added to every position. One model does three tasks (MAGVIT's
 multi-task setup): generation without condition, class-conditional generation, and frame
 prediction, where the tokens of the first latent frames are given (visible) and the rest are
@@ -99,14 +99,15 @@ class MaskedVideoTransformer(nn.Module):
         self.length = math.prod(latent_shape)
         # The blocks see a grid of patch x patch tokens each (ViT's and DiT's patches over the code
         # grid): a fourth of the positions at patch 2, so that width and depth cost less.
-        self.patch = (cfg.patch_time, cfg.patch, cfg.patch)
-        self.grid = tuple(side // p for side, p in zip(self.latent_shape, self.patch))
+        self.patch = cfg.patch
+        t, h, w = self.latent_shape
+        self.grid = (t, h // cfg.patch, w // cfg.patch)
         self.token_embedding = nn.Embedding(codebook_size + 1, cfg.dim)
         self.class_embedding = nn.Embedding(num_classes + 1, cfg.dim)  # the last one: no class
         self.merge = self.split = None
-        if math.prod(self.patch) > 1:
-            self.merge = nn.Linear(math.prod(self.patch) * cfg.dim, cfg.dim)
-            self.split = nn.Linear(cfg.dim, math.prod(self.patch) * cfg.dim)
+        if cfg.patch > 1:
+            self.merge = nn.Linear(cfg.patch**2 * cfg.dim, cfg.dim)
+            self.split = nn.Linear(cfg.dim, cfg.patch**2 * cfg.dim)
         self.position = nn.Parameter(torch.zeros(1, math.prod(self.grid), cfg.dim))
         nn.init.normal_(self.position, std=0.02)
         self.blocks = nn.Sequential(
@@ -126,15 +127,15 @@ class MaskedVideoTransformer(nn.Module):
         return self.head(x)
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) per token, time-major -> (B, patches, patch_time * patch * patch * D), time-major."""
-        (t, h, w), (pt, p, _) = self.grid, self.patch
-        x = x.reshape(len(x), t, pt, h, p, w, p, x.shape[-1]).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        """(B, L, D) per token, time-major -> (B, patches, patch * patch * D), time-major."""
+        (t, h, w), p = self.grid, self.patch
+        x = x.reshape(len(x), t, h, p, w, p, x.shape[-1]).permute(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(len(x), t * h * w, -1)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of ``_patches``."""
-        (t, h, w), (pt, p, _) = self.grid, self.patch
-        x = x.reshape(len(x), t, h, w, pt, p, p, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)
+        (t, h, w), p = self.grid, self.patch
+        x = x.reshape(len(x), t, h, w, p, p, -1).permute(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(len(x), self.length, -1)
 
     # --- training ------------------------------------------------------------------------------

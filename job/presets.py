@@ -79,6 +79,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stage2.object_weight": 3.0,
         "stage2.warmup_steps": 20,
         "stage2.samples_per_class": 16,  # evaluate scores generation on 64 videos (±6 points a class, not ±12)
+        # docs/generation.md, "Fewer tokens a decoding step": 24 steps draw one object in 97% of
+        # the generated frames that show one over three seeds, 12 in 94-95%.
+        "stage2.sample_steps": 24,
     },
     "smoke": {
         "data.num_samples": 256,

@@ -43,7 +43,7 @@ def fit_code_judges(
     codes: torch.Tensor, labels: torch.Tensor, codebook_bits: int, num_classes: int, device: torch.device
 ) -> CodeJudges:
     """Both judges from train codes (N, t, h, w) and their labels. The probe is fitted on ``device``
-    (4 views of 8,000 videos are GBs of features on the GPU preset); the code track, a few numbers
+    (the GPU preset's 8,000 videos are many features); the code track, a few numbers
     a clip, on the CPU."""
     probe = fit_linear_probe(code_bits(codes.to(device), codebook_bits), labels.to(device), num_classes)
     background = background_code(codes)

@@ -112,9 +112,9 @@ def generation_section(
             "features": "penultimate layer of a small 3D-conv classifier trained on the train split's real videos",
         },
         "per_class": per_class,
-        "classifier": "evaluate's judges of codes, trained on the train split's codes (each video under the frame's "
-        "symmetries): the linear probe on their LFQ bits and the code-track judge on where the codes that are not "
-        "the background's go; generated videos are re-encoded by the same tokenizer",
+        "classifier": "evaluate's judges of codes, trained on the train split's codes: the linear probe on their "
+        "LFQ bits and the code-track judge on where the codes that are not the background's go; generated videos "
+        "are re-encoded by the same tokenizer",
         "track_classifier": "a linear classifier on the object's centroid track (speeds, accelerations, turns), "
         "trained on the train split's real videos",
     }

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 
-# Videos unpacked at a time: the float32 result is the only full-size tensor (8 views of a
-# train split are 100s of MB of features; an int64 intermediate would be twice that again).
+# Videos unpacked at a time: the float32 result is the only full-size tensor (a train split's
+# bits are 100s of MB of features on the GPU preset; an int64 intermediate would be twice that again).
 BITS_CHUNK = 256
 
 
@@ -93,16 +93,3 @@ def confusion_matrix(true: torch.Tensor, predicted: torch.Tensor, num_classes: i
     """Counts (num_classes, num_classes): rows the true class, columns the predicted one
     (torchmetrics', whose arguments come the other way round)."""
     return multiclass_confusion_matrix(predicted.long(), true.long(), num_classes=num_classes)
-
-
-def symmetric_views(videos: torch.Tensor) -> list[torch.Tensor]:
-    """``videos`` (..., H, W) under each rotation that keeps the frame's shape: the 4 quarter
-    turns of a square frame, the identity and the half turn of a rectangle.
-
-    The data are drawn invariant under these (job.data.synthetic: the path spins uniformly about the
-    optical axis, the blob is round, the principal point is the frame's centre), so each view is
-    another sample of the same class. The classifier learns from all of them: a linear probe on
-    codes at fixed positions needs a template for every orientation (docs/quality.md). The mirror
-    images are samples too, but they bought nothing measurable for twice the encoding."""
-    turns = (0, 1, 2, 3) if videos.shape[-1] == videos.shape[-2] else (0, 2)
-    return [torch.rot90(videos, k, dims=(-2, -1)) for k in turns]

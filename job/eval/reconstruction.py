@@ -16,7 +16,7 @@ from job.config import Config
 from job.data.dataset import VideoDataset
 from job.eval.frame_metrics import BLACK, MEAN_FRAME, MODEL, FrameScores, score_frames, summarise
 from job.eval.code_judges import CodeJudges, fit_code_judges
-from job.eval.probe import confusion_matrix, symmetric_views
+from job.eval.probe import confusion_matrix
 from job.models.tokenizer import VideoTokenizer
 from job.plots.charts import reconstruction_grid_png
 from job.runtime.signals import stop_point
@@ -43,10 +43,8 @@ def reconstruct(model: VideoTokenizer, videos: torch.Tensor, device: torch.devic
 @dataclass
 class TrainPass:
     mean_frame: torch.Tensor  # (T, H, W): the per-pixel mean over the train split
-    codes: torch.Tensor  # (N * views, t, h, w): every train video under each of symmetric_views
-    labels: torch.Tensor  # (N * views,)
-    videos: int  # N
-    views: int
+    codes: torch.Tensor  # (N, t, h, w): every train video's codes
+    labels: torch.Tensor  # (N,)
 
 
 @torch.no_grad()
@@ -56,10 +54,9 @@ def scan_train_split(model: VideoTokenizer, dataset: VideoDataset, cfg: Config, 
     codes, labels = [], []
     for videos, batch_labels in batches(dataset, indices, cfg.train.batch_size):
         total += videos[:, 0].sum(dim=0, dtype=torch.float64)
-        views = symmetric_views(videos)
-        codes += [model.encode(view.to(device)).cpu() for view in views]
-        labels += [batch_labels] * len(views)
-    return TrainPass((total / len(indices)).float(), torch.cat(codes), torch.cat(labels), len(indices), len(views))
+        codes.append(model.encode(videos.to(device)).cpu())
+        labels.append(batch_labels)
+    return TrainPass((total / len(indices)).float(), torch.cat(codes), torch.cat(labels))
 
 
 def fit_code_classifier(train_pass: TrainPass, cfg: Config, device: torch.device) -> CodeJudges:
@@ -129,9 +126,8 @@ def classify_codes(judges: CodeJudges, train_pass: TrainPass, test_pass: TestPas
         "features": f"LFQ code bits as +-1 at every latent position, standardised: {t}x{h}x{w} positions x {bits} bits"
         f" = {t * h * w * bits} features",
         "probe": "multinomial logistic regression, L2 1e-2, full-batch L-BFGS from zero weights (deterministic), "
-        f"trained on each train video under the frame's {train_pass.views} symmetries (quarter turns)",
-        "train_samples": train_pass.videos,
-        "train_views": train_pass.views,
+        "trained on the train videos as they are",
+        "train_samples": len(train_pass.labels),
         "test_samples": len(test_pass.labels),
     }
 

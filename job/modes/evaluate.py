@@ -3,8 +3,7 @@
 1. Load the best checkpoint (verified against its manifest); the model is rebuilt from the
    checkpoint's own config, so a wrong ``--preset`` cannot mismatch it.
 2. One pass over the train split: the per-pixel mean frame (a baseline) and the codes the
-   classifier learns from: those of every train video under each symmetry of the frame that
-   the data are drawn invariant under (``symmetric_views``). The test split is never trained on.
+   judges of codes learn from. The test split is never trained on.
 3. One pass over the test split: encode -> decode, and the same per-frame metrics (job.eval.frame_metrics)
    for the model, an all-black frame and the mean frame, overall and per class.
 4. Codebook usage on the test codes; the judges of codes (a linear probe on the LFQ bits, the

@@ -1,4 +1,4 @@
-"""The code probe of ``evaluate`` (job.eval.probe): code bits, the linear probe, symmetric views
+"""The code probe of ``evaluate`` (job.eval.probe): code bits, the linear probe
 and the confusion matrix, on crafted codes."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from job.eval.probe import code_bits, confusion_matrix, fit_linear_probe, symmetric_views
+from job.eval.probe import code_bits, confusion_matrix, fit_linear_probe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,22 +34,6 @@ def test_linear_probe_separates_separable_codes():
     assert torch.equal(predicted, test_labels)
     confusion = confusion_matrix(test_labels, predicted, num_classes)
     assert torch.equal(confusion, torch.diag(torch.full((num_classes,), 10)))
-
-
-def test_symmetric_views_are_the_frames_quarter_turns():
-    square = torch.zeros(2, 1, 5, 5)
-    square[..., 0, 1] = 1.0  # one bright pixel on no axis of symmetry: each view moves it elsewhere
-
-    def bright_pixels(views: list[torch.Tensor]) -> set[tuple[int, ...]]:
-        return {tuple(torch.nonzero(view[0, 0]).flatten().tolist()) for view in views}
-
-    assert bright_pixels(symmetric_views(square)) == {(0, 1), (1, 4), (4, 3), (3, 0)}
-    # A quarter turn would not keep a rectangle's shape: the identity and the half turn.
-    wide = torch.zeros(2, 1, 4, 6)
-    wide[..., 0, 1] = 1.0
-    views = symmetric_views(wide)
-    assert {view.shape for view in views} == {wide.shape}
-    assert bright_pixels(views) == {(0, 1), (3, 4)}
 
 
 def test_linear_probe_is_deterministic():

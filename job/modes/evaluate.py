@@ -124,7 +124,8 @@ def add_generation_sections(
         report["prediction"] = {"skipped": note}
         return
     started = time.monotonic()
-    s2, run_cfg = cfg.stage2, model.cfg
+    run_cfg = model.cfg
+    s2 = run_cfg.stage2
     classes, threshold = run_cfg.data.classes, run_cfg.model.foreground_threshold
     tokenizer = model.tokenizer
     test_indices = dataset.split("test")

@@ -35,7 +35,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     model = load_generator(cfg, store, pick_device(cfg))
     run_cfg, classes = model.cfg, model.cfg.data.classes
     dataset = prepare_dataset(run_cfg, store)
-    indices = prediction_indices(dataset, cfg.stage2.eval_videos)
+    indices = prediction_indices(dataset, run_cfg.stage2.eval_videos)
     given = given_video_frames(model)
     log.info("predict.start", checkpoint=model.checkpoint.name, videos=len(indices), given_frames=given)
     predicted, truth, labels = predict_test_videos(model, dataset, indices)

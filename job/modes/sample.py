@@ -24,7 +24,7 @@ log = structlog.get_logger("job.sampling")
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     started = time.monotonic()
     model = load_generator(cfg, store, pick_device(cfg))
-    s2, classes = cfg.stage2, model.cfg.data.classes
+    s2, classes = model.cfg.stage2, model.cfg.data.classes
     log.info("sample.start", checkpoint=model.checkpoint.name, per_class=s2.samples_per_class,
              steps=s2.sample_steps, temperature=s2.temperature, seed=s2.sample_seed)
     frames, labels = generate_class_videos(model)

@@ -99,7 +99,6 @@ class MaskedVideoTransformer(nn.Module):
         self.length = math.prod(latent_shape)
         # The blocks see a grid of patch x patch tokens each (ViT's and DiT's patches over the code
         # grid): a fourth of the positions at patch 2, so that width and depth cost less.
-        self.patch = cfg.patch
         t, h, w = self.latent_shape
         self.grid = (t, h // cfg.patch, w // cfg.patch)
         self.token_embedding = nn.Embedding(codebook_size + 1, cfg.dim)
@@ -128,13 +127,13 @@ class MaskedVideoTransformer(nn.Module):
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, D) per token, time-major -> (B, patches, patch * patch * D), time-major."""
-        (t, h, w), p = self.grid, self.patch
+        (t, h, w), p = self.grid, self.cfg.patch
         x = x.reshape(len(x), t, h, p, w, p, x.shape[-1]).permute(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(len(x), t * h * w, -1)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of ``_patches``."""
-        (t, h, w), p = self.grid, self.patch
+        (t, h, w), p = self.grid, self.cfg.patch
         x = x.reshape(len(x), t, h, w, p, p, -1).permute(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(len(x), self.length, -1)
 

@@ -130,6 +130,8 @@ def validate(config: Config) -> None:
         )
     if s2.dim % s2.heads:
         raise ConfigError(f"stage2.dim: {s2.dim} is not divisible by stage2.heads={s2.heads}")
+    if not 0 <= s2.frame_masking <= 1:
+        raise ConfigError(f"stage2.frame_masking: must be in [0, 1], got {s2.frame_masking!r}")
     if not s2.unconditional_weight + s2.class_weight + s2.predict_weight > 0:
         raise ConfigError("stage2.predict_weight: the three task weights must not all be 0")
     latent_frames = d.frames // 2**m.temporal_downsample

@@ -127,6 +127,11 @@ class Stage2Config:
     # split's most common code), against 1 for background tokens; validation stays unweighted.
     object_weight: float = 1.0
     predict_latent_frames: int = 0  # latent frames given when predicting; 0 means half of them
+    # The share of the prediction task's samples masked as predict meets them when it decodes frame
+    # by frame (stage2.predict_frame_steps): a random latent frame after the given ones partly
+    # masked on MaskGIT's schedule, the frames before it visible, every frame after it masked.
+    # The rest, and the other tasks, are masked on the schedule over all their tokens.
+    frame_masking: float = 0.0
     # A depthwise 3x3x3 convolution over the token grid at the start of each block (a conditional
     # position encoding, as in CPVT): where the object is next to a token, from the first step,
     # where learned absolute positions take hundreds of steps to matter (docs/generation.md).

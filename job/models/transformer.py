@@ -166,10 +166,30 @@ class MaskedVideoTransformer(nn.Module):
         ratio = cosine_schedule(torch.rand(batch, generator=generator))  # the share of them to mask
         counts = (ratio * candidates.sum(1)).ceil().clamp(min=1)
         scores = torch.rand(batch, self.length, generator=generator).masked_fill(~candidates, 2.0)  # given: never masked
+        if self.cfg.frame_masking > 0:
+            counts, scores = self._mask_from_a_frame(tasks, ratio, counts, scores, generator)
         ranks = scores.argsort(dim=1).argsort(dim=1)
         masked = ranks < counts[:, None]
         tokens = targets if given_codes is None else torch.where(given, given_codes.flatten(1), targets)
         return MaskedBatch(tokens.masked_fill(masked, self.mask_id), classes, targets, masked)
+
+    def _mask_from_a_frame(
+        self, tasks: torch.Tensor, ratio: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a ``frame_masking`` share of the prediction samples, the mask counts and scores of
+        frame-by-frame decoding: frame ``k`` (drawn after the given frames) masked to ``ratio``,
+        the frames before it never (score 2), the frames after it always (score -1)."""
+        batch = len(tasks)
+        t, h, w = self.latent_shape
+        chosen = (torch.rand(batch, generator=generator) < self.cfg.frame_masking) & (tasks == PREDICTION)
+        first = self.predict_frames()
+        frame = first + (torch.rand(batch, generator=generator) * (t - first)).long()
+        frame_of = torch.arange(self.length) // (h * w)
+        before, after = frame_of[None] < frame[:, None], frame_of[None] > frame[:, None]
+        framed = scores.masked_fill(before, 2.0).masked_fill(after, -1.0)
+        framed_counts = after.sum(1) + (ratio * h * w).ceil().clamp(min=1)
+        return torch.where(chosen, framed_counts, counts), torch.where(chosen[:, None], framed, scores)
 
     def predict_frames(self) -> int:
         """Latent frames given in the prediction task: the configured number, or half."""

@@ -49,6 +49,7 @@ def test_precedence_preset_then_file_then_set(tmp_path):
         ("data.classes=linear,circular", "data.classes"),
         ("stage2.patch=3", "stage2.patch"),  # smoke has 8 x 8 codes a frame
         ("stage2.patch=0", "stage2.patch"),
+        ("stage2.frame_masking=1.5", "stage2.frame_masking"),
         ("train.bf16=maybe", "train.bf16"),
         ("epochs", "epochs"),
     ],

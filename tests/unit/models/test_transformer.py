@@ -84,6 +84,38 @@ def test_a_prediction_sample_is_given_the_codes_that_predict_gives_it():
     assert torch.equal(batch.tokens[~predicting], tasks_seen.tokens[~predicting])  # other tasks: as before
     assert torch.equal(batch.targets, truth.flatten(1)) and torch.equal(batch.masked, tasks_seen.masked)
 
+def looks_framed(masked: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: masked from a latent frame on (no masked token before it, all after it)."""
+    per_frame = masked.view(len(masked), LATENT[0], -1).float().mean(-1)
+    first = (per_frame > 0).int().argmax(1)
+    frames = torch.arange(LATENT[0])[None]
+    return ((per_frame == 0) | (frames >= first[:, None])).all(1) & ((per_frame == 1) | (frames <= first[:, None])).all(1)
+
+
+def test_frame_masking_masks_prediction_samples_as_predict_decodes_them_frame_by_frame():
+    """stage2.frame_masking=1: every prediction sample is masked from a latent frame after the
+    given ones on, as predict meets it decoding frame by frame: the frames before it whole, some of
+    its tokens masked, every token after it masked. The other tasks' masks do not change; at 0.5
+    about half the prediction samples are framed."""
+    labels = torch.arange(400) % CLASSES
+    masks = {  # the two tasks told apart by their classes: none for prediction
+        share: model(frame_masking=share, unconditional_weight=0.0).mask_for_training(
+            codes(400), labels, generator=torch.Generator().manual_seed(5))
+        for share in (0.0, 0.5, 1.0)
+    }
+    net = model()
+    predicting = masks[0.0].classes == CLASSES
+    assert predicting.any() and (~predicting).any()
+    framed = masks[1.0].masked[predicting]
+    assert looks_framed(framed).all()
+    first = framed.view(len(framed), LATENT[0], -1).any(-1).int().argmax(1)
+    assert set(first.tolist()) == set(range(net.predict_frames(), LATENT[0]))  # every frame after the given ones
+    assert torch.equal(masks[1.0].masked[~predicting], masks[0.0].masked[~predicting])
+    by_chance = float(looks_framed(masks[0.0].masked[predicting]).float().mean())  # a schedule mask can look framed
+    assert by_chance < 0.6
+    assert abs(float(looks_framed(masks[0.5].masked[predicting]).float().mean()) - (0.5 + 0.5 * by_chance)) < 0.12
+
+
 def test_masked_token_loss_is_low_only_for_the_right_answer():
     net = model()
     batch = net.mask_for_training(codes(8), torch.zeros(8, dtype=torch.long), generator=torch.Generator().manual_seed(3))

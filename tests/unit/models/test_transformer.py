@@ -84,6 +84,7 @@ def test_a_prediction_sample_is_given_the_codes_that_predict_gives_it():
     assert torch.equal(batch.tokens[~predicting], tasks_seen.tokens[~predicting])  # other tasks: as before
     assert torch.equal(batch.targets, truth.flatten(1)) and torch.equal(batch.masked, tasks_seen.masked)
 
+
 def looks_framed(masked: torch.Tensor) -> torch.Tensor:
     """(B,) bool: masked from a latent frame on (no masked token before it, all after it)."""
     per_frame = masked.view(len(masked), LATENT[0], -1).float().mean(-1)

@@ -26,6 +26,25 @@ def cosine_schedule(progress: Ratio) -> Ratio:
     return math.cos(0.5 * math.pi * progress)
 
 
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: for each row of ``probs`` (N, V), the code whose stretch of the cumulative
+    distribution holds ``uniform`` (N,) in [0, 1] times the row's total: for a uniform number, a
+    draw from the row. A product that rounds to the total or past it gives the last code with any
+    probability, never one without."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:].contiguous()
+    first_past = torch.searchsorted(cdf, uniform[:, None].to(cdf.dtype) * total, right=True)
+    last_possible = torch.searchsorted(cdf, total)
+    return torch.minimum(first_past, last_possible).squeeze(1)
+
+
+def draw_codes(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One code drawn from each row of ``probs`` (N, V), from one uniform number a row: the same
+    distribution as ``torch.multinomial(probs, 1)``, which on the CPU draws a random number for
+    every code of every row: most of a decoding step's time beside a small model (docs/benchmarks.md)."""
+    return inverse_cdf(probs, torch.rand(len(probs), generator=generator, device=probs.device))
+
+
 def decode(
     tokens: torch.Tensor,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -61,12 +80,12 @@ def decode(
         # over every position are most of a step, and the known ones (given, or fixed by an
         # earlier step) would be drawn only to be discarded.
         probs = F.softmax(logits_fn(tokens)[still_masked].float() / max(temperature, 1e-6), dim=-1)
-        drawn = torch.multinomial(probs, 1, generator=generator)
+        drawn = draw_codes(probs, generator)
         noise = -torch.log(-torch.log(torch.rand(len(drawn), generator=generator, device=device) + 1e-20) + 1e-20)
-        tokens = tokens.masked_scatter(still_masked, drawn.squeeze(1))
+        tokens = tokens.masked_scatter(still_masked, drawn)
         # Known tokens are never re-masked: infinitely confident.
         confidence = torch.full(tokens.shape, math.inf, device=device).masked_scatter(
-            still_masked, probs.gather(-1, drawn).squeeze(1).log() + choice_temperature * (1 - (step + 1) / steps) * noise
+            still_masked, probs.gather(-1, drawn[:, None]).squeeze(1).log() + choice_temperature * (1 - (step + 1) / steps) * noise
         )
         left = (schedule((step + 1) / steps) * total).floor().long()
         if step + 1 == steps or not bool((left > 0).any()):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from job.models.maskgit import cosine_schedule, decode, decode_frame_by_frame
+from job.models.maskgit import cosine_schedule, decode, decode_frame_by_frame, draw_codes, inverse_cdf
 
 MASK = 9  # one id past a codebook of 9 codes
 VOCAB = 9
@@ -37,6 +37,35 @@ def test_the_cosine_schedule_masks_everything_at_the_start_and_nothing_at_the_en
     # The same numbers for a tensor, which is how training draws its mask ratios.
     as_tensor = cosine_schedule(torch.tensor(points, dtype=torch.float64))
     assert torch.allclose(as_tensor, torch.tensor(values, dtype=torch.float64))
+
+
+def test_codes_are_drawn_as_often_as_their_probability_and_impossible_ones_never():
+    """Decoding's draw (one uniform number a token, through the cumulative distribution): each
+    code's share of 200,000 draws within 4 standard deviations of its probability."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    rows = probs.repeat(100_000, 1)
+    drawn = draw_codes(rows, torch.Generator().manual_seed(0)).view(100_000, 2)
+    for row in range(2):
+        share = torch.bincount(drawn[:, row], minlength=6).double() / 100_000
+        bound = 4 * (probs[row].double() * (1 - probs[row].double()) / 100_000).sqrt()
+        assert ((share - probs[row].double()).abs() <= bound).all()
+        assert (share[probs[row] == 0] == 0).all()
+
+
+def test_a_uniform_number_that_rounds_up_to_the_total_draws_the_last_possible_code():
+    """u x total can round to the total itself, past every code; the last code with any
+    probability is then the draw, never one of none (or one past the codebook)."""
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    largest_below_one = torch.tensor([1 - 2**-24, 1.0, 0.0])  # 1.0: past the end, as rounding can give
+    assert inverse_cdf(probs, largest_below_one).tolist() == [1, 2, 0]
+    assert inverse_cdf(probs, torch.zeros(3)).tolist() == [0, 2, 0]
+
+
+def test_draws_depend_on_the_generator_alone():
+    probs = torch.softmax(torch.randn(500, 7, generator=torch.Generator().manual_seed(1)), -1)
+    first = draw_codes(probs, torch.Generator().manual_seed(3))
+    assert torch.equal(first, draw_codes(probs, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, draw_codes(probs, torch.Generator().manual_seed(4)))
 
 
 @pytest.mark.parametrize("steps", [1, 4, 12])

@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from vector_quantize_pytorch import LFQ
-from vector_quantize_pytorch.lookup_free_quantization import LossBreakdown
 
 from job.config import Config, DataConfig, ModelConfig
 from job.models.blocks import Downsample, ResBlock, Upsample, conv3, output_activation, output_head
@@ -109,6 +109,53 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+class LfqTerms(NamedTuple):
+    quantized: torch.Tensor  # the +-1 bits, with the straight-through gradient
+    codes: torch.Tensor  # (B, t, h, w) int64
+    per_sample_entropy: torch.Tensor
+    batch_entropy: torch.Tensor
+    commitment: torch.Tensor
+
+
+def lfq_training_terms(quantizer: LFQ, latent: torch.Tensor, with_batch: bool) -> LfqTerms:
+    """LFQ's training terms of ``latent`` (B, bits, t, h, w), as ``quantizer`` computes them in
+    training mode: the bits with a straight-through gradient, the per-token entropy of the soft
+    code assignment (softmax of 2 x LFQ_INV_TEMPERATURE x z.c over the codebook), the entropy of
+    its mean over the tokens (``with_batch``; else 0) and the commitment. Over a codebook of every
+    sign pattern that softmax is a product of one two-way softmax per bit, so the per-token entropy
+    is a sum over the bits; the library takes the softmax over all 2**bits codes instead, most of a
+    CPU training step of `small`'s tokenizer (docs/benchmarks.md)."""
+    bits, codes = quantize(quantizer, latent.detach())
+    straight_through = latent + (bits.to(latent.dtype) - latent).detach()
+    latent = latent.float()  # as LFQ's force_quantization_f32: the terms in float32 under autocast
+    logits = (4.0 * LFQ_INV_TEMPERATURE) * latent  # of bit +1 against bit -1
+    probability = torch.sigmoid(logits)
+    # H(sigmoid(a)) = p softplus(-a) + (1 - p) softplus(a): finite where p rounds to 0 or 1.
+    bit_entropy = probability * F.softplus(-logits) + (1 - probability) * F.softplus(logits)
+    per_sample_entropy = bit_entropy.sum(1).mean()
+    tokens = latent.movedim(1, -1).reshape(-1, latent.shape[1])
+    batch_entropy = codebook_entropy(quantizer, tokens) if with_batch else latent.new_zeros(())
+    commitment = F.mse_loss(latent, bits.float())
+    return LfqTerms(straight_through, codes, per_sample_entropy, batch_entropy, commitment)
+
+
+def codebook_entropy(quantizer: LFQ, tokens: torch.Tensor) -> torch.Tensor:
+    """Entropy of the mean soft code assignment of ``tokens`` (N, bits), as LFQ computes its
+    batch entropy (distance -2 x.c, softmax at LFQ_INV_TEMPERATURE); 0 for no tokens."""
+    if not len(tokens):
+        return tokens.sum() * 0.0
+    codebook = quantizer.codebook.to(tokens.dtype)
+    prob = (2.0 * LFQ_INV_TEMPERATURE * tokens @ codebook.T).softmax(dim=-1).mean(dim=0)
+    return -(prob * prob.clamp(min=1e-5).log()).sum()
+
+
+def quantize(quantizer: LFQ, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFQ in eval mode: the +-1 bits of ``latent`` (B, bits, t, h, w) and the codes (B, t, h, w)."""
+    with _eval_mode(quantizer):
+        bits, codes, _ = quantizer(latent, inv_temperature=LFQ_INV_TEMPERATURE)
+    return bits, codes.long()
+
+
 # --- the tokenizer --------------------------------------------------------------------------
 
 
@@ -119,16 +166,9 @@ class VideoTokenizer(nn.Module):
         self.input_shape = (data.frames, data.height, data.width)
         self.codebook_size = 2**model.codebook_bits
         self.encoder = Encoder(model)
-        # The library's own loss weighting and diversity_gamma are bypassed: forward reads the
-        # unweighted parts from the loss breakdown and combines them with the config's values.
-        # commitment_loss_weight only has to be > 0 for LFQ to compute the commitment term.
-        self.quantizer = LFQ(
-            dim=model.codebook_bits,
-            codebook_size=self.codebook_size,
-            entropy_loss_weight=1.0,
-            commitment_loss_weight=1.0,
-            frac_per_sample_entropy=1.0,
-        )
+        # LFQ quantizes (in eval mode: the codes and their +-1 bits); its training terms are
+        # lfq_training_terms', weighted by the config's values.
+        self.quantizer = LFQ(dim=model.codebook_bits, codebook_size=self.codebook_size)
         self.decoder = Decoder(model)
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -148,23 +188,27 @@ class VideoTokenizer(nn.Module):
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
         self._check_video(video)
         latent = self.encoder(video)
-        quantized, codes, breakdown = self._quantize(latent)
-        batch_entropy = breakdown.batch_entropy
-        if self.config.entropy_on == "object" and self.training:
+        zero = latent.new_zeros(())
+        if not self.training:  # as LFQ: no loss terms outside training
+            quantized, codes = quantize(self.quantizer, latent)
+            return TokenizerOutput(self.decoder(quantized), codes, zero, zero, zero)
+        diverse, object_only = bool(self.config.diversity_gamma), self.config.entropy_on == "object"
+        terms = lfq_training_terms(self.quantizer, latent, with_batch=diverse and not object_only)
+        batch_entropy = terms.batch_entropy
+        if diverse and object_only:
             # The diversity bonus over the latent cells that hold an object pixel only: it spreads
             # the object's codes and gives black nothing to scatter. (Confidence and commitment
             # still apply everywhere: they pin the background to its code.)
             mask = self.object_cells(video, self.config.foreground_threshold)
-            batch_entropy = self._codebook_entropy(latent.movedim(1, -1)[mask])
-        entropy_loss = breakdown.per_sample_entropy - self.config.diversity_gamma * batch_entropy
-        background_loss = latent.new_zeros(())
-        if self.config.background_code_weight and self.training:
-            background_loss = self._background_code_loss(latent, codes, video)
+            batch_entropy = codebook_entropy(self.quantizer, latent.movedim(1, -1)[mask])
+        background_loss = zero
+        if self.config.background_code_weight:
+            background_loss = self._background_code_loss(latent, terms.codes, video)
         return TokenizerOutput(
-            recon=self.decoder(quantized),
-            codes=codes,
-            entropy_loss=entropy_loss,
-            commitment_loss=breakdown.commitment,
+            recon=self.decoder(terms.quantized),
+            codes=terms.codes,
+            entropy_loss=terms.per_sample_entropy - self.config.diversity_gamma * batch_entropy,
+            commitment_loss=terms.commitment,
             background_loss=background_loss,
         )
 
@@ -185,8 +229,7 @@ class VideoTokenizer(nn.Module):
         makes BatchNorm use (and not update) its running statistics, so encoding changes no state."""
         self._check_video(video)
         with _eval_mode(self):
-            _, codes, _ = self._quantize(self.encoder(video))
-        return codes
+            return quantize(self.quantizer, self.encoder(video))[1]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -195,21 +238,6 @@ class VideoTokenizer(nn.Module):
             t, h, w = self.latent_shape()
             raise ValueError(f"expected codes of shape (B, {t}, {h}, {w}), got {tuple(codes.shape)}")
         return self.decoder(self.quantizer.indices_to_codes(codes))
-
-    def _codebook_entropy(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Entropy of the mean soft code assignment of ``tokens`` (N, bits), as LFQ computes its
-        batch entropy (distance -2 x.c, softmax at LFQ_INV_TEMPERATURE); 0 for no tokens."""
-        if not len(tokens):
-            return tokens.sum() * 0.0
-        codebook = self.quantizer.codebook.to(tokens.dtype)
-        prob = (2.0 * LFQ_INV_TEMPERATURE * tokens @ codebook.T).softmax(dim=-1).mean(dim=0)
-        return -(prob * prob.clamp(min=1e-5).log()).sum()
-
-    def _quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LossBreakdown]:
-        (quantized, codes, _), breakdown = self.quantizer(
-            latent, inv_temperature=LFQ_INV_TEMPERATURE, return_loss_breakdown=True
-        )
-        return quantized, codes.long(), breakdown
 
     def _check_video(self, video: torch.Tensor) -> None:
         if video.ndim != 5 or video.shape[1] != 1 or tuple(video.shape[2:]) != self.input_shape:

@@ -7,10 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from vector_quantize_pytorch import LFQ
 
 from job.config import ConfigError, ModelConfig, build_config, config_from_dict
 from job.models.blocks import Upsample, output_activation
-from job.models.tokenizer import VideoTokenizer, codebook_stats, compute_loss, reconstruction_loss
+from job.models.tokenizer import (
+    LFQ_INV_TEMPERATURE,
+    VideoTokenizer,
+    codebook_stats,
+    compute_loss,
+    lfq_training_terms,
+    reconstruction_loss,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,6 +60,36 @@ def test_forward_shapes_and_ranges(preset: str) -> None:
     assert out.entropy_loss.ndim == 0 and torch.isfinite(out.entropy_loss)
     assert out.commitment_loss.ndim == 0 and torch.isfinite(out.commitment_loss)
     assert out.commitment_loss > 0  # train mode: LFQ computes it
+
+
+@pytest.mark.parametrize("scale", [0.002, 0.01, 0.5])
+def test_lfq_terms_are_the_librarys_values_and_gradients(scale: float) -> None:
+    """The tokenizer computes LFQ's training terms itself: the per-code entropy as a sum over the
+    bits (the softmax over every code of a sign codebook is a product of one per bit), so that
+    the 256- or 1,024-way softmax is only computed for the diversity bonus. Values and gradients
+    equal the library's own (vector_quantize_pytorch.LFQ in training mode), from nearly uniform
+    codes (scale 0.002) to nearly certain ones (0.5)."""
+    model, _ = make_model("small")
+    bits = model.config.codebook_bits
+    latent = (torch.randn(2, bits, 8, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+              * scale).float()
+    ours_in, theirs_in = latent.clone().requires_grad_(), latent.clone().requires_grad_()
+    quantized, codes, per_sample, batch, commitment = lfq_training_terms(model.quantizer, ours_in, with_batch=True)
+    library = LFQ(dim=bits, codebook_size=2**bits, entropy_loss_weight=1.0, commitment_loss_weight=1.0).train()
+    (their_quantized, their_codes, _), breakdown = library(
+        theirs_in, inv_temperature=LFQ_INV_TEMPERATURE, return_loss_breakdown=True)
+    assert torch.equal(quantized, their_quantized) and torch.equal(codes, their_codes.long())
+    for ours, theirs in ((per_sample, breakdown.per_sample_entropy), (batch, breakdown.batch_entropy),
+                         (commitment, breakdown.commitment)):
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-4, abs=1e-6)
+    weights = torch.randn(4)
+    torch.stack([quantized.square().mean(), per_sample, batch, commitment]).mul(weights).sum().backward()
+    torch.stack([their_quantized.square().mean(), breakdown.per_sample_entropy, breakdown.batch_entropy,
+                 breakdown.commitment]).mul(weights).sum().backward()
+    # Within 0.1% of the largest gradient: the library clamps each code's probability at 1e-5
+    # inside its logarithm, the sum over the bits does not need to.
+    difference = (ours_in.grad - theirs_in.grad).abs().max() / theirs_in.grad.abs().max()
+    assert difference < 1e-3
 
 
 def test_latent_shape_follows_the_config() -> None:

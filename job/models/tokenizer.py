@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed import _functional_collectives as funcol
 from torch import nn
 from vector_quantize_pytorch import LFQ
 
@@ -134,19 +136,32 @@ def lfq_training_terms(quantizer: LFQ, latent: torch.Tensor, with_batch: bool) -
     bit_entropy = probability * F.softplus(-logits) + (1 - probability) * F.softplus(logits)
     per_sample_entropy = bit_entropy.sum(1).mean()
     tokens = latent.movedim(1, -1).reshape(-1, latent.shape[1])
-    batch_entropy = codebook_entropy(quantizer, tokens) if with_batch else latent.new_zeros(())
+    batch_entropy = codebook_entropy(quantizer, tokens, across_ranks=True) if with_batch else latent.new_zeros(())
     commitment = F.mse_loss(latent, bits.float())
     return LfqTerms(straight_through, codes, per_sample_entropy, batch_entropy, commitment)
 
 
-def codebook_entropy(quantizer: LFQ, tokens: torch.Tensor) -> torch.Tensor:
+def codebook_entropy(quantizer: LFQ, tokens: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
     """Entropy of the mean soft code assignment of ``tokens`` (N, bits), as LFQ computes its
-    batch entropy (distance -2 x.c, softmax at LFQ_INV_TEMPERATURE); 0 for no tokens."""
+    batch entropy (distance -2 x.c, softmax at LFQ_INV_TEMPERATURE); 0 for no tokens. With
+    ``across_ranks``, the mean is over every DDP rank's tokens, as LFQ means it (every rank must
+    call it then, so it needs tokens on every rank)."""
     if not len(tokens):
         return tokens.sum() * 0.0
     codebook = quantizer.codebook.to(tokens.dtype)
     prob = (2.0 * LFQ_INV_TEMPERATURE * tokens @ codebook.T).softmax(dim=-1).mean(dim=0)
+    if across_ranks:
+        prob = _mean_over_ranks(prob)
     return -(prob * prob.clamp(min=1e-5).log()).sum()
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the DDP ranks, differentiable. LFQ 1.32's own helper divides by
+    the world size without the sum (``torch.distributed.nn``'s all_reduce returns the sum and
+    leaves its argument as it was); functional collectives are what torch points to instead."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    return funcol.all_reduce(values, "sum", dist.group.WORLD) / dist.get_world_size()
 
 
 def quantize(quantizer: LFQ, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

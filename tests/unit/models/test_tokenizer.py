@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from vector_quantize_pytorch import LFQ
 
+from tests.helpers import free_port
 from job.config import ConfigError, ModelConfig, build_config, config_from_dict
 from job.models.blocks import Upsample, output_activation
 from job.models.tokenizer import (
     LFQ_INV_TEMPERATURE,
     VideoTokenizer,
+    codebook_entropy,
     codebook_stats,
     compute_loss,
     lfq_training_terms,
@@ -90,6 +92,41 @@ def test_lfq_terms_are_the_librarys_values_and_gradients(scale: float) -> None:
     # inside its logarithm, the sum over the bits does not need to.
     difference = (ours_in.grad - theirs_in.grad).abs().max() / theirs_in.grad.abs().max()
     assert difference < 1e-3
+
+
+def rank_tokens(rank: int) -> torch.Tensor:
+    return torch.randn(300, 8, generator=torch.Generator().manual_seed(rank)) * 0.005
+
+
+def codebook_entropy_on_a_rank(rank: int, port: int, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, _ = make_model("small")
+        results.put((rank, codebook_entropy(model.quantizer, rank_tokens(rank), across_ranks=True).item()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_diversity_bonus_is_over_every_ranks_tokens() -> None:
+    """Under DDP, LFQ averages the soft code assignment over all ranks before its entropy (the
+    codebook's usage is the whole batch's); the tokenizer's own term does the same: two gloo ranks
+    get the entropy of both ranks' tokens together. (LFQ 1.32's helper gives each rank half its
+    own mean: 3.10 nats here, where both together have 5.53.)"""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=codebook_entropy_on_a_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    values = dict(results.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    model, _ = make_model("small")
+    together = codebook_entropy(model.quantizer, torch.cat([rank_tokens(0), rank_tokens(1)])).item()
+    alone = codebook_entropy(model.quantizer, rank_tokens(0)).item()
+    assert values[0] == pytest.approx(together, rel=1e-5) and values[1] == pytest.approx(together, rel=1e-5)
+    assert alone != pytest.approx(together, rel=1e-3)
 
 
 def test_latent_shape_follows_the_config() -> None:

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed import _functional_collectives as funcol
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 from vector_quantize_pytorch import LFQ
 
 from job.config import Config, DataConfig, ModelConfig
@@ -181,8 +181,8 @@ class VideoTokenizer(nn.Module):
         self.input_shape = (data.frames, data.height, data.width)
         self.codebook_size = 2**model.codebook_bits
         self.encoder = Encoder(model)
-        # LFQ quantizes (in eval mode: the codes and their +-1 bits); its training terms are
-        # lfq_training_terms', weighted by the config's values.
+        # LFQ quantizes (in eval mode: the codes and their +-1 bits); the training terms come from
+        # lfq_training_terms, weighted by the config's values.
         self.quantizer = LFQ(dim=model.codebook_bits, codebook_size=self.codebook_size)
         self.decoder = Decoder(model)
 

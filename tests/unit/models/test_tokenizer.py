@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from vector_quantize_pytorch import LFQ
 
-from tests.helpers import free_port
 from job.config import ConfigError, ModelConfig, build_config, config_from_dict
 from job.models.blocks import Upsample, output_activation
 from job.models.tokenizer import (
@@ -21,6 +20,7 @@ from job.models.tokenizer import (
     lfq_training_terms,
     reconstruction_loss,
 )
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -135,8 +135,10 @@ def lfq_training_terms(quantizer: LFQ, latent: torch.Tensor, with_batch: bool) -
     # H(sigmoid(a)) = p softplus(-a) + (1 - p) softplus(a): finite where p rounds to 0 or 1.
     bit_entropy = probability * F.softplus(-logits) + (1 - probability) * F.softplus(logits)
     per_sample_entropy = bit_entropy.sum(1).mean()
-    tokens = latent.movedim(1, -1).reshape(-1, latent.shape[1])
-    batch_entropy = codebook_entropy(quantizer, tokens, across_ranks=True) if with_batch else latent.new_zeros(())
+    batch_entropy = latent.new_zeros(())
+    if with_batch:
+        tokens = latent.movedim(1, -1).reshape(-1, latent.shape[1])
+        batch_entropy = codebook_entropy(quantizer, tokens, across_ranks=True)
     commitment = F.mse_loss(latent, bits.float())
     return LfqTerms(straight_through, codes, per_sample_entropy, batch_entropy, commitment)
 

@@ -61,7 +61,7 @@ def test_forward_shapes_and_ranges(preset: str) -> None:
     assert 0 <= out.codes.min() and out.codes.max() < model.codebook_size
     assert out.entropy_loss.ndim == 0 and torch.isfinite(out.entropy_loss)
     assert out.commitment_loss.ndim == 0 and torch.isfinite(out.commitment_loss)
-    assert out.commitment_loss > 0  # train mode: LFQ computes it
+    assert out.commitment_loss > 0  # train mode: LFQ's commitment term is computed
 
 
 @pytest.mark.parametrize("scale", [0.002, 0.01, 0.5])

@@ -13,9 +13,9 @@ confident predictions and masks the rest again.
 Attention is factorized, as in video transformers such as ViViT and TimeSformer: each block
 attends within every latent frame (space), then across frames at every position (time), then
 applies its MLP: cheaper than full attention over all tokens (docs/benchmarks.md, "Why the code is
-as it is"), and every token still reaches every other in two hops. The attention itself is PyTorch's own
-``nn.MultiheadAttention`` (scaled-dot-product kernels, deterministic on the CPU under
-``torch.use_deterministic_algorithms``).
+as it is"), and every token still reaches every other in two hops. ``SelfAttention`` is
+``nn.MultiheadAttention``'s computation and parameters, with the attention itself written out on the
+CPU, where PyTorch's fused kernel is slower on sequences this short.
 """
 
 from __future__ import annotations
@@ -45,6 +45,37 @@ class MaskedBatch:
     masked: torch.Tensor  # (B, L) bool: positions the loss is computed on
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: ``nn.MultiheadAttention(dim, heads, batch_first=True)``'s
+    parameters, names, initialisation and output, so that either's checkpoints load into the other.
+    On the CPU, softmax(q k^T / sqrt(d)) v is computed as written: on stage 2's sequences (8 and 64
+    positions, 16 channels a head) PyTorch's fused CPU kernel takes twice as long, forward and
+    backward (docs/benchmarks.md). Elsewhere the fused kernel."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.explicit: bool | None = None  # None: explicit on the CPU only
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        # nn.MultiheadAttention's initialisation, in its order (the same seed, the same weights).
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, length, head dim)
+        explicit = x.device.type == "cpu" if self.explicit is None else self.explicit
+        if explicit:
+            attended = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
 class FactorizedBlock(nn.Module):
     """Pre-norm residual block: (optionally) a depthwise convolution over the token grid,
     attention within each latent frame, attention across the frames at each position, then a
@@ -56,8 +87,8 @@ class FactorizedBlock(nn.Module):
         self.frames, self.positions = latent_shape[0], latent_shape[1] * latent_shape[2]
         self.conv = nn.Conv3d(dim, dim, 3, padding=1, groups=dim) if conv_position else None
         self.space_norm, self.time_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.space = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.time = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.space = SelfAttention(dim, heads)
+        self.time = SelfAttention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,25 +98,31 @@ class FactorizedBlock(nn.Module):
             grid = x.transpose(1, 2).reshape(batch, dim, *self.latent_shape)
             x = x + self.conv(grid).flatten(2).transpose(1, 2)
         h = self.space_norm(x).reshape(batch * t, hw, dim)  # one sequence per latent frame
-        x = x + self.space(h, h, h, need_weights=False)[0].reshape(batch, length, dim)
+        x = x + self.space(h).reshape(batch, length, dim)
         h = self.time_norm(x).reshape(batch, t, hw, dim).transpose(1, 2).reshape(batch * hw, t, dim)
-        attended = self.time(h, h, h, need_weights=False)[0]  # one sequence per position
+        attended = self.time(h)  # one sequence per position
         x = x + attended.reshape(batch, hw, t, dim).transpose(1, 2).reshape(batch, length, dim)
         return x + self.mlp(self.mlp_norm(x))
 
 
 def masked_token_loss(
     logits: torch.Tensor, batch: MaskedBatch, common_code: int | None = None, object_weight: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on the masked positions (MaskGIT's objective), and the share of them
-    predicted right. ``batch`` must be on the logits' device. With ``object_weight`` != 1, a
-    masked token whose true code is not ``common_code`` (the background's) weighs that much."""
-    picked, truth = logits[batch.masked].float(), batch.targets[batch.masked]
-    accuracy = (picked.argmax(-1) == truth).float().mean()
+) -> torch.Tensor:
+    """Cross-entropy of the masked tokens (MaskGIT's objective): ``logits`` (N, codebook) are the
+    model's at ``batch.masked`` (``model(tokens, classes, at=batch.masked)``). With
+    ``object_weight`` != 1, a masked token whose true code is not ``common_code`` (the
+    background's) weighs that much."""
+    truth = batch.targets[batch.masked]
     if object_weight == 1.0 or common_code is None:
-        return F.cross_entropy(picked, truth), accuracy
+        return F.cross_entropy(logits.float(), truth)
     weights = torch.where(truth == common_code, 1.0, object_weight)
-    return (F.cross_entropy(picked, truth, reduction="none") * weights).sum() / weights.sum(), accuracy
+    return (F.cross_entropy(logits.float(), truth, reduction="none") * weights).sum() / weights.sum()
+
+
+def masked_accuracy(logits: torch.Tensor, batch: MaskedBatch) -> torch.Tensor:
+    """The share of the masked tokens whose most likely code is the true one (``logits`` as for
+    ``masked_token_loss``)."""
+    return (logits.argmax(-1) == batch.targets[batch.masked]).float().mean()
 
 
 class MaskedVideoTransformer(nn.Module):
@@ -115,15 +152,17 @@ class MaskedVideoTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, codebook_size)
 
-    def forward(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L, codebook_size) for every token position."""
+    def forward(self, tokens: torch.Tensor, classes: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, codebook_size) for every token position; with ``at`` (B, L) bool, (N,
+        codebook_size) for its N true positions in row-major order, as ``logits[at]`` would give
+        them: the loss needs only the masked tokens', and the head is a fifth of the forward."""
         x = self.token_embedding(tokens)
         if self.merge is not None:
             x = self.merge(self._patches(x))
         x = self.norm(self.blocks(x + self.position + self.class_embedding(classes)[:, None]))
         if self.split is not None:
             x = self._tokens(self.split(x))
-        return self.head(x)
+        return self.head(x if at is None else x[at])
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, D) per token, time-major -> (B, patches, patch * patch * D), time-major."""

@@ -19,7 +19,7 @@ from job.checkpoints.reader import Checkpoint
 from job.config import MATH_SECTIONS, STAGE2_MATH_SECTIONS, Config, get_value, steps_per_epoch
 from job.data.dataset import VideoDataset
 from job.models.tokenizer import VideoTokenizer, initial_tokenizer, trained_tokenizer
-from job.models.transformer import initial_transformer, masked_token_loss, trained_transformer
+from job.models.transformer import initial_transformer, masked_accuracy, trained_transformer
 from job.storage import Layout
 from job.storage.layout import StageLayout
 from job.training.tasks.tokenizer import TokenizerTask
@@ -136,7 +136,7 @@ def _transformer_forward(model, videos: torch.Tensor, labels: torch.Tensor, toke
         raise CheckFailed(f"logits of shape {tuple(logits.shape)}, expected {expected}")
     if not torch.isfinite(logits).all():
         raise CheckFailed("the logits hold NaN or infinite values")
-    accuracy = float(masked_token_loss(logits, batch)[1])
+    accuracy = float(masked_accuracy(logits[batch.masked], batch))
     return f"{len(videos)} validation videos -> codes -> finite logits {expected}; masked-token accuracy {accuracy:.3f}"
 
 

@@ -119,7 +119,7 @@ def test_stage2_learns_to_continue_a_moving_object():
     for _ in range(300):
         videos, labels = toy_videos(32, generator)
         batch = model.mask_for_training(videos, labels, generator=generator)
-        loss = masked_token_loss(model(batch.tokens, batch.classes), batch)[0]
+        loss = masked_token_loss(model(batch.tokens, batch.classes, at=batch.masked), batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+import torch.nn.functional as F
 
 from job.checkpoints.reader import Checkpoint
 from job.config import Config
@@ -58,8 +59,8 @@ class TransformerTask:
         batch = self._on_device(
             self.model.mask_for_training(self.codes[indices], self.labels[indices], self.given_codes[indices])
         )
-        logits = model(batch.tokens, batch.classes)
-        return masked_token_loss(logits, batch, self.common_code, self.cfg.stage2.object_weight)[0]
+        logits = model(batch.tokens, batch.classes, at=batch.masked)
+        return masked_token_loss(logits, batch, self.common_code, self.cfg.stage2.object_weight)
 
     def _on_device(self, batch: MaskedBatch) -> MaskedBatch:
         return MaskedBatch(*(t.to(self.device) for t in (batch.tokens, batch.classes, batch.targets, batch.masked)))
@@ -99,26 +100,29 @@ class TransformerTask:
 
 def health_sums(model, batch: MaskedBatch, objects: torch.Tensor, labels: torch.Tensor, lookup: torch.Tensor,
                 num_classes: int) -> dict[str, float]:
-    """One validation batch's sums for ``health_metrics``. ``model(tokens, classes)`` gives logits;
-    ``objects`` (B, L) marks the tokens on the object's cells, ``lookup`` (L,) the most common
-    code at each position."""
-    logits = model(batch.tokens, batch.classes)
-    losses, right = token_losses(logits, batch.targets), logits.argmax(-1) == batch.targets
-    on_object = objects & batch.masked
-    true_class = token_losses(model(batch.tokens, labels), batch.targets)
-    wrong_class = token_losses(model(batch.tokens, (labels + 1) % num_classes), batch.targets)
-    effect = wrong_class - true_class
+    """One validation batch's sums for ``health_metrics``. ``model(tokens, classes, at=...)`` gives
+    logits; ``objects`` (B, L) marks the tokens on the object's cells, ``lookup`` (L,) the most
+    common code at each position."""
+    masked, truth = batch.masked, batch.targets[batch.masked]
+
+    def losses(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(batch.tokens, classes, at=masked).float()
+        return F.cross_entropy(logits, truth, reduction="none"), logits.argmax(-1) == truth
+
+    loss, right = losses(batch.classes)
+    on_object = objects[masked]
+    effect = losses((labels + 1) % num_classes)[0] - losses(labels)[0]  # a wrong class against the true one
     videos = len(labels)
     return {
-        "loss": float(losses[batch.masked].mean()) * videos,
-        "accuracy": float(right[batch.masked].float().mean()) * videos,
-        "hits": float(right[batch.masked].sum()),
-        "lookup_hits": float((lookup[None] == batch.targets)[batch.masked].sum()),
-        "masked": float(batch.masked.sum()),
+        "loss": float(loss.mean()) * videos,
+        "accuracy": float(right.float().mean()) * videos,
+        "hits": float(right.sum()),
+        "lookup_hits": float((lookup.expand_as(masked)[masked] == truth).sum()),
+        "masked": float(masked.sum()),
         "object_hits": float(right[on_object].sum()),
-        "object_loss": float(losses[on_object].sum()),
+        "object_loss": float(loss[on_object].sum()),
         "objects": float(on_object.sum()),
-        "class_effect": float(effect[batch.masked].mean()) * videos,
+        "class_effect": float(effect.mean()) * videos,
         "class_effect_object": float(effect[on_object].sum()),
     }
 
@@ -140,11 +144,6 @@ def health_metrics(sums: dict[str, float], videos: int) -> dict[str, float | Non
         "val_class_effect_nats": sums["class_effect"] / videos,
         "val_class_effect_object_nats": sums["class_effect_object"] / objects if objects else None,
     }
-
-
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, L) cross-entropy of every token."""
-    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 
 
 def most_common_codes(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:

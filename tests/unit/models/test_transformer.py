@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from job.config import Stage2Config
@@ -13,6 +14,8 @@ from job.models.transformer import (
     PREDICTION,
     UNCONDITIONAL,
     MaskedVideoTransformer,
+    SelfAttention,
+    masked_accuracy,
     masked_token_loss,
 )
 
@@ -120,12 +123,10 @@ def test_frame_masking_masks_prediction_samples_as_predict_decodes_them_frame_by
 def test_masked_token_loss_is_low_only_for_the_right_answer():
     net = model()
     batch = net.mask_for_training(codes(8), torch.zeros(8, dtype=torch.long), generator=torch.Generator().manual_seed(3))
-    right = torch.nn.functional.one_hot(batch.targets, CODEBOOK).float() * 20
-    loss, accuracy = masked_token_loss(right, batch)
-    assert float(loss) < 1e-3 and float(accuracy) == 1.0
-    wrong = torch.nn.functional.one_hot((batch.targets + 1) % CODEBOOK, CODEBOOK).float() * 20
-    loss, accuracy = masked_token_loss(wrong, batch)
-    assert float(loss) > 10 and float(accuracy) == 0.0
+    right = torch.nn.functional.one_hot(batch.targets[batch.masked], CODEBOOK).float() * 20
+    assert float(masked_token_loss(right, batch)) < 1e-3 and float(masked_accuracy(right, batch)) == 1.0
+    wrong = torch.nn.functional.one_hot((batch.targets[batch.masked] + 1) % CODEBOOK, CODEBOOK).float() * 20
+    assert float(masked_token_loss(wrong, batch)) > 10 and float(masked_accuracy(wrong, batch)) == 0.0
 
 
 def test_generation_keeps_the_given_frames_and_is_repeatable():
@@ -158,11 +159,11 @@ def test_classifier_free_guidance_changes_class_conditional_samples_only():
 def test_object_weight_weighs_tokens_other_than_the_background_code():
     net = model()
     batch = net.mask_for_training(codes(8), torch.zeros(8, dtype=torch.long), generator=torch.Generator().manual_seed(7))
-    logits = torch.randn(8, net.length, CODEBOOK, generator=torch.Generator().manual_seed(8))
-    plain, _ = masked_token_loss(logits, batch)
-    assert torch.allclose(masked_token_loss(logits, batch, common_code=0, object_weight=1.0)[0], plain)
-    weighted, _ = masked_token_loss(logits, batch, common_code=0, object_weight=5.0)
-    per_token = torch.nn.functional.cross_entropy(logits[batch.masked], batch.targets[batch.masked], reduction="none")
+    logits = torch.randn(int(batch.masked.sum()), CODEBOOK, generator=torch.Generator().manual_seed(8))
+    plain = masked_token_loss(logits, batch)
+    assert torch.allclose(masked_token_loss(logits, batch, common_code=0, object_weight=1.0), plain)
+    weighted = masked_token_loss(logits, batch, common_code=0, object_weight=5.0)
+    per_token = torch.nn.functional.cross_entropy(logits, batch.targets[batch.masked], reduction="none")
     weights = torch.where(batch.targets[batch.masked] == 0, 1.0, 5.0)
     assert torch.allclose(weighted, (per_token * weights).sum() / weights.sum())
 
@@ -216,3 +217,37 @@ def test_patches_join_the_codes_of_a_square_of_one_latent_frame_and_nothing_else
     expected[1, 2:4, 2:4] = True
     assert torch.equal(moved, expected)
     assert net.position.shape[1] == 2 * 2 * 2  # positions per patch, not per code
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "sdpa"])
+def test_self_attention_is_pytorchs_multihead_attention(explicit):
+    """SelfAttention computes what nn.MultiheadAttention does, by either path (the explicit one
+    the CPU takes, PyTorch's fused kernel elsewhere), and keeps its parameter names and initial
+    weights: the checkpoints of runs trained with nn.MultiheadAttention load unchanged, and a seed
+    gives the initial transformer it gave before."""
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    torch.manual_seed(0)
+    ours = SelfAttention(16, 4)
+    theirs, mine = reference.state_dict(), ours.state_dict()
+    assert list(mine) == list(theirs) and all(torch.equal(mine[key], theirs[key]) for key in theirs)
+    ours.explicit = explicit
+    x = torch.randn(6, 9, 16, requires_grad=True)
+    expected = reference(x, x, x, need_weights=False)[0]
+    got = ours(x)
+    assert torch.allclose(got, expected, atol=1e-6)
+    grad = torch.randn_like(got)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    assert torch.allclose(got_grad, expected_grad, atol=1e-6)
+
+
+def test_logits_at_the_masked_positions_are_those_of_the_full_forward():
+    """Training asks for logits only where the loss is computed: the same numbers as the full
+    forward's there, in the order of ``masked`` read row by row."""
+    net = model().eval()
+    batch = net.mask_for_training(codes(4), torch.arange(4), generator=torch.Generator().manual_seed(9))
+    full = net(batch.tokens, batch.classes)
+    picked = net(batch.tokens, batch.classes, at=batch.masked)
+    assert picked.shape == (int(batch.masked.sum()), CODEBOOK)
+    assert torch.allclose(picked, full[batch.masked], atol=1e-6)

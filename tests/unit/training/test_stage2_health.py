@@ -25,7 +25,7 @@ def planted_batch() -> tuple[MaskedBatch, torch.Tensor, torch.Tensor]:
 def test_a_class_used_only_on_the_object_shows_on_the_object_tokens_undiluted():
     batch, objects, labels = planted_batch()
 
-    def model(tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def model(tokens: torch.Tensor, classes: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         # Background certain everywhere but on the object's cells; there, the object's code is
         # certain under the true class and one of the 8 codes at random under any other.
         logits = torch.zeros(2, 10, CODES)
@@ -33,7 +33,7 @@ def test_a_class_used_only_on_the_object_shows_on_the_object_tokens_undiluted():
         logits[objects] = 0.0
         knows = objects & (classes == labels)[:, None]
         logits[knows, 5] = 30.0
-        return logits
+        return logits[at]
 
     lookup = torch.full((10,), BACKGROUND)
     metrics = health_metrics(health_sums(model, batch, objects, labels, lookup, CLASSES), videos=2)

@@ -15,9 +15,11 @@ from job.runtime.signals import stop_point
 
 log = structlog.get_logger("job.sampling")
 
-# Videos decoded together: fixed, so that a seed gives the same videos on any run; 32 keeps
-# evaluate's peak memory under its budget on `small` (docs/evaluation.md).
-GENERATION_BATCH = 32
+# Videos decoded together: fixed, so that a seed gives the same videos on any run. 8 keeps a
+# pass's logits on `small` (8 x 2,048 tokens x 256 codes, 17 MB) under glibc's largest mmap
+# threshold (32 MB): a larger tensor is mapped fresh for every pass and faults in its pages one
+# by one, and 32 videos at a time took 1.5x as long (docs/benchmarks.md).
+GENERATION_BATCH = 8
 
 
 def sampling_generator(seed: int, device: torch.device) -> torch.Generator:

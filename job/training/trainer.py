@@ -9,6 +9,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import structlog
@@ -69,6 +70,7 @@ class Trainer:
         # importing matplotlib) in the middle of its few seconds of training.
         self.plots_started = time.monotonic()
         self.last_plot: dict[str, float] = {}
+        self.last_picture: tuple[int, str, dict[str, Any]] | None = None  # (step, plot, arguments)
 
     def run(self, total_steps: int) -> None:
         cfg, state, topology, batch_size = self.cfg, self.state, self.topology, self.batch_size
@@ -163,8 +165,7 @@ class Trainer:
     def picture_for_tensorboard(self, epoch: int, step: int) -> None:
         """The stage's picture of this epoch, drawn by the plot worker into TensorBoard's events
         (a forward pass of one validation video per class here; the drawing off this thread)."""
-        with self.evaluating():
-            plot, arguments = self.task.picture(self.picture_indices, f"{self.stage.name} epoch {epoch}")
+        plot, arguments = self.picture(f"{self.stage.name} epoch {epoch}")
         events = self.events
         self.plots.submit_to(
             f"{self.stage.layout.tensorboard}/epoch-{epoch}", lambda _key, png: events.picture(epoch, step, png),
@@ -177,9 +178,18 @@ class Trainer:
         name = self.checkpoints.save(reason, val_loss)
         picture = self.stage.layout.picture_plot
         if reason != SIGNAL and self.plot_due(picture, final=reason == FINAL):
-            with self.evaluating():
-                plot, arguments = self.task.picture(self.picture_indices, f"{self.stage.name} {name}")
+            plot, arguments = self.picture(f"{self.stage.name} {name}")
             self.plots.submit(picture, plot, **arguments)
+
+    def picture(self, title: str) -> tuple[str, dict[str, Any]]:
+        """The stage's picture of the model as it is now (a forward pass of one validation video
+        per class; stage 2 decodes each in dozens): the checkpoint's and TensorBoard's of one
+        step come from one pass."""
+        if self.last_picture is None or self.last_picture[0] != self.state.step:
+            with self.evaluating():
+                self.last_picture = (self.state.step, *self.task.picture(self.picture_indices, title))
+        _, plot, arguments = self.last_picture
+        return plot, {**arguments, "title": title}
 
     def plot_due(self, rel: str, final: bool) -> bool:
         """Rendering costs a CPU core (in the plot worker) and the arrays cost a forward pass, so a

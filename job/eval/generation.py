@@ -79,6 +79,7 @@ def generation_section(
             "presence": presence(generated[mine]), "real_presence": presence(real[theirs]),
             "smoothness_px": second_difference(generated[mine], threshold),
             "real_smoothness_px": second_difference(real[theirs], threshold),
+            "reconstructed_smoothness_px": second_difference(reconstructed[theirs], threshold),
             "diversity": diversity(generated[mine]), "real_diversity": diversity(real[theirs]),
             "track_accuracy": judges.track_accuracy(generated[mine], generated_labels[mine]),
             "single_object": single_object_share(generated[mine]),
@@ -103,6 +104,7 @@ def generation_section(
         "reconstructed": {
             "presence": presence(reconstructed), "single_object": single_object_share(reconstructed),
             "track_accuracy": judges.track_accuracy(reconstructed, real_labels),
+            "smoothness_px": second_difference(reconstructed, threshold),
         },
         "frechet": {
             "generated": judges.frechet(generated, real),

@@ -43,6 +43,8 @@ def goals_table(report_goals: dict[str, dict[str, Any]]) -> list[str]:
             target += f", above all-black ({formatted(g['baseline_black'], '{:.3f}')})"
         if "bounds" in g:
             target = f"within {g['bounds'][0]:g}-{g['bounds'][1]:g} in every class"
+        if "through_tokenizer" in g:
+            target += f" (the real videos through the tokenizer: {formatted(g['through_tokenizer']['value'], '{:.3f}')})"
         lines.append(f"| {name} | {formatted(g['value'], '{:.3f}')} | {target} | {'yes' if g['met'] else 'no'} |")
     return lines
 
@@ -240,20 +242,21 @@ def generation_markdown(report: dict[str, Any]) -> str:
         "",
         *(f"Judged in pixels: {line}." for line in pixel_judge_lines(generation)),
         "",
-        "| class | recognised | real | presence | real | smoothness (px) | real | diversity | real |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| class | recognised | real | presence | real | smoothness (px) | real | real through the tokenizer | diversity | real |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = {**generation["per_class"], "all": {
         "accuracy": generation["accuracy"], "real_accuracy": generation["real_accuracy"],
         "presence": generation["presence"], "real_presence": generation["real_presence"],
         "smoothness_px": generation["smoothness_px"], "real_smoothness_px": generation["real_smoothness_px"],
+        "reconstructed_smoothness_px": generation["reconstructed"].get("smoothness_px"),
         "diversity": generation["diversity"], "real_diversity": generation["real_diversity"],
     }}
     for name, c in rows.items():
         lines.append(
             f"| {name} | {f(c['accuracy'], '{:.1%}')} | {f(c['real_accuracy'], '{:.1%}')} | {f(c['presence'], '{:.1%}')} | "
             f"{f(c['real_presence'], '{:.1%}')} | {f(c['smoothness_px'], '{:.3f}')} | {f(c['real_smoothness_px'], '{:.3f}')} | "
-            f"{f(c['diversity'], '{:.4f}')} | {f(c['real_diversity'], '{:.4f}')} |"
+            f"{f(c.get('reconstructed_smoothness_px'), '{:.3f}')} | {f(c['diversity'], '{:.4f}')} | {f(c['real_diversity'], '{:.4f}')} |"
         )
     lines += [
         "",

@@ -159,7 +159,8 @@ def test_evaluate_reports_generation_and_prediction(stage2_run):
     # The ceiling: the real test videos through the tokenizer, judged as generated ones are.
     ceiling = generation["reconstructed"]
     assert all(0.0 <= ceiling[key] <= 1.0 for key in ("presence", "single_object", "track_accuracy"))
-    assert finite(generation["frechet"]["reconstructed"])
+    assert finite(generation["frechet"]["reconstructed"]) and finite(ceiling["smoothness_px"])
+    assert "through_tokenizer" in report["goals"]["generated_smoothness_ratio"]
     assert "real through the tokenizer" in outputs["evaluate"]
     assert prediction["videos"] == 16 and set(prediction["per_class"]) <= set(classes)
     for by_kind in (prediction["overall"], *prediction["per_class"].values()):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from job.eval.goals import code_classifier_goal, far_background_goal, generated_class_goal, goal, worst_ratio
+from job.eval.goals import (
+    code_classifier_goal, far_background_goal, generated_class_goal, goal, smoothness_goal, worst_ratio,
+)
 
 
 def test_a_goal_without_a_value_is_not_met():
@@ -29,6 +31,23 @@ def test_a_ratio_goal_is_met_only_when_every_class_is_within_bounds():
     assert worst_ratio(per_class, "diversity", (0.5, 2.0))["met"]
     per_class["c"]["diversity"] = None  # a class without a number cannot pass
     assert not worst_ratio(per_class, "diversity", (0.5, 2.0))["met"]
+
+
+def test_the_smoothness_goal_shows_what_the_tokenizers_own_reconstructions_score():
+    """A straight path's second difference is a fraction of a pixel, so the tokenizer's wobble alone
+    can put a class past 1.5x: the report says so beside the goal."""
+    per_class = {
+        "linear": {"smoothness_px": 0.5, "real_smoothness_px": 0.25, "reconstructed_smoothness_px": 0.42},
+        "circular": {"smoothness_px": 4.0, "real_smoothness_px": 4.0, "reconstructed_smoothness_px": 4.0},
+    }
+    result = smoothness_goal(per_class)
+    assert not result["met"] and result["value"] == 2.0
+    floor = result["through_tokenizer"]
+    assert floor["per_class"] == {"linear": 1.68, "circular": 1.0} and not floor["met"]
+    per_class["linear"]["reconstructed_smoothness_px"] = 0.3
+    assert smoothness_goal(per_class)["through_tokenizer"]["met"]
+    del per_class["linear"]["reconstructed_smoothness_px"]  # a report from before the floor was measured
+    assert smoothness_goal(per_class)["through_tokenizer"]["per_class"]["linear"] is None
 
 
 def test_the_codes_say_the_class_if_either_judge_of_codes_reads_it():

@@ -105,13 +105,22 @@ def health_sums(model, batch: MaskedBatch, objects: torch.Tensor, labels: torch.
     common code at each position."""
     masked, truth = batch.masked, batch.targets[batch.masked]
 
-    def losses(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch.tokens, classes, at=masked).float()
-        return F.cross_entropy(logits, truth, reduction="none"), logits.argmax(-1) == truth
+    per_video = masked.sum(1)
 
-    loss, right = losses(batch.classes)
+    def losses(classes: torch.Tensor, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and hit per masked token of ``videos`` (a bool per video), in ``masked``'s order."""
+        logits = model(batch.tokens[videos], classes[videos], at=masked[videos]).float()
+        wanted = truth[videos.repeat_interleave(per_video)]
+        return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(-1) == wanted
+
+    every = torch.ones_like(labels, dtype=torch.bool)
+    loss, right = losses(batch.classes, every)
     on_object = objects[masked]
-    effect = losses((labels + 1) % num_classes)[0] - losses(labels)[0]  # a wrong class against the true one
+    # Under the true class, a sample whose task gave it its class has the loss just computed.
+    true_class, unconditioned = loss.clone(), batch.classes != labels
+    if bool(unconditioned.any()):
+        true_class[unconditioned.repeat_interleave(per_video)] = losses(labels, unconditioned)[0]
+    effect = losses((labels + 1) % num_classes, every)[0] - true_class  # a wrong class against the true one
     videos = len(labels)
     return {
         "loss": float(loss.mean()) * videos,

@@ -166,8 +166,8 @@ def generation_goals(generation: dict[str, Any], prediction: dict[str, Any]) -> 
 
 def smoothness_goal(per_class: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Generated tracks as smooth as the real class's, beside what the tokenizer's own
-    reconstructions of the real videos score: their centroids are off by about 0.15 px a frame,
-    which on a straight path's tiny second difference is 1.7x (docs/generation.md), and no stage 2
+    reconstructions of the real videos score: their centroids are slightly off in every frame, which
+    is a large share of a straight path's tiny second difference (docs/generation.md), and no stage 2
     can pass a class where they fail."""
     result = worst_ratio(per_class, "smoothness_px", (0.0, MAX_SMOOTHNESS_RATIO))
     result["through_tokenizer"] = worst_ratio(

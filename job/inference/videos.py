@@ -18,7 +18,7 @@ log = structlog.get_logger("job.sampling")
 # Videos decoded together: fixed, so that a seed gives the same videos on any run. 8 keeps a
 # pass's logits on `small` (8 x 2,048 tokens x 256 codes, 17 MB) under glibc's largest mmap
 # threshold (32 MB): a larger tensor is mapped fresh for every pass and faults in its pages one
-# by one, and 32 videos at a time took 1.5x as long (docs/benchmarks.md).
+# by one (docs/benchmarks.md, "Why the code is as it is").
 GENERATION_BATCH = 8
 
 

@@ -62,11 +62,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 2,048 tokens per video (8 x 16 x 16), 512 positions for stage 2's blocks.
         **STAGE2,
         # docs/generation.md, "Training prediction as predict decodes it": the prediction task masked
-        # from a frame on, as predict meets it frame by frame (linear paths 3.1-3.4 px off, not
-        # 4.2), and 8 steps a predicted frame, where 3 drew two objects in 7-10% of them: one
-        # object in 96-98% over three sampling seeds, for 1.23x evaluate's time.
+        # from a frame on, as predict meets it frame by frame (linear paths 3.1-3.4 px off, not 4.2).
         "stage2.frame_masking": 1.0,
-        "stage2.predict_frame_steps": 8,
+        # docs/generation.md, "Training seeds, and four more changes": 4 steps a predicted frame, each
+        # keeping at most 2 uncertain tokens, draw one object in more predicted frames than 8 steps.
+        "stage2.predict_frame_steps": 4,
+        "stage2.predict_uncertain_per_step": 2,
         # docs/generation.md, "Patches of codes": the blocks see 2 x 2 codes as one position, so a
         # stage 2 twice as wide and one layer deeper trains 16 epochs in the minutes 14 took.
         "stage2.patch": 2,

@@ -119,7 +119,7 @@ def validate(config: Config) -> None:
         "stage2.unconditional_weight": s2.unconditional_weight, "stage2.class_weight": s2.class_weight,
         "stage2.predict_weight": s2.predict_weight, "stage2.guidance": s2.guidance,
         "stage2.object_weight": s2.object_weight, "stage2.predict_frame_steps": s2.predict_frame_steps,
-        "stage2.sample_frame_steps": s2.sample_frame_steps,
+        "stage2.sample_frame_steps": s2.sample_frame_steps, "stage2.predict_uncertain_per_step": s2.predict_uncertain_per_step,
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")

@@ -151,6 +151,10 @@ class Stage2Config:
     # one latent frame after another in N steps each, so that each frame's object is drawn beside
     # the one before it (docs/generation.md: more predicted frames show exactly one object).
     predict_frame_steps: int = 0
+    # N > 0: a step of predict keeps at most N tokens a video whose drawn code is uncertain (below
+    # job.models.maskgit.CERTAIN), and decoding takes the extra steps that needs, so that a predicted
+    # object's codes are drawn a few at a time (docs/generation.md: one object in more predicted frames).
+    predict_uncertain_per_step: int = 0
     # The same for generation (sample, evaluate): 0, every latent frame at once in sample_steps
     # steps; N, one latent frame after another in N steps each.
     sample_frame_steps: int = 0
@@ -221,7 +225,8 @@ STAGE2_MATH_SECTIONS = (*MATH_SECTIONS, "stage2")
 # Stage 2's sampling settings: how sample, predict and evaluate draw from a trained stage 2, always
 # the command line's (job.inference.load), never part of what was trained.
 SAMPLING_KEYS = (
-    "sample_steps", "temperature", "choice_temperature", "predict_frame_steps", "sample_frame_steps", "guidance",
+    "sample_steps", "temperature", "choice_temperature", "predict_frame_steps", "predict_uncertain_per_step",
+    "sample_frame_steps", "guidance",
     "samples_per_class", "sample_seed", "eval_videos",
 )
 # data.uri only says where the same shards live, so moving them is not a change of math; the

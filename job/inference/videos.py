@@ -81,9 +81,15 @@ def predict_videos(model: VideoModels, videos: torch.Tensor, generator: torch.Ge
     none = torch.full((len(videos),), transformer.num_classes, dtype=torch.long, device=model.device)
     predicted = transformer.generate(
         none, given=codes, given_frames=transformer.predict_frames(), generator=generator,
-        frame_steps=transformer.cfg.predict_frame_steps,
+        frame_steps=transformer.cfg.predict_frame_steps, uncertain_per_step=transformer.cfg.predict_uncertain_per_step,
     )
     return decode(model, predicted)
+
+
+def prediction_settings(model: VideoModels) -> dict[str, int]:
+    """How predict decodes, beside the sampling settings, for the reports."""
+    s2 = model.transformer.cfg
+    return {"predict_frame_steps": s2.predict_frame_steps, "predict_uncertain_per_step": s2.predict_uncertain_per_step}
 
 
 def prediction_indices(dataset: VideoDataset, eval_videos: int) -> np.ndarray:

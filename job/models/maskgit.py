@@ -45,6 +45,11 @@ def draw_codes(probs: torch.Tensor, generator: torch.Generator | None = None) ->
     return inverse_cdf(probs, torch.rand(len(probs), generator=generator, device=probs.device))
 
 
+# A drawn code this probable counts as certain for ``decode``'s ``uncertain_per_step``: black
+# cells' code is near certain, and where the object's codes go is not.
+CERTAIN = 0.9
+
+
 def decode(
     tokens: torch.Tensor,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -56,6 +61,7 @@ def decode(
     temperature: float = 1.0,
     choice_temperature: float = 1.0,
     positions: torch.Tensor | None = None,
+    uncertain_per_step: int = 0,
 ) -> torch.Tensor:
     """Fill the ``mask_id`` positions of ``tokens`` (B, L) int64 by iterative parallel decoding.
 
@@ -69,12 +75,17 @@ def decode(
     draws come from ``generator`` (torch's global one if None): the same generator state gives
     the same tokens. ``positions`` (L,) bool, if given: the only positions this call fills; masked
     tokens elsewhere stay masked, and the logits function sees them so.
+    ``uncertain_per_step`` N > 0: of the tokens a step would keep, at most N a row whose drawn code
+    is less probable than ``CERTAIN`` (the most confident of them), so that an object's codes
+    are drawn a few at a time, each given the ones before; decoding then goes on past ``steps``,
+    on the schedule's end, until nothing is masked (docs/generation.md).
     Returns the (B, L) tokens, none of them masked (within ``positions``).
     """
     device = tokens.device
     open_positions = torch.ones(tokens.shape[1], dtype=torch.bool, device=device) if positions is None else positions
     total = ((tokens == mask_id) & open_positions).sum(1)
-    for step in range(steps):
+    step = 0
+    while True:
         still_masked = (tokens == mask_id) & open_positions
         # Only the unknown tokens are scored and drawn: beside a small model, softmax and sampling
         # over every position are most of a step, and the known ones (given, or fixed by an
@@ -83,17 +94,26 @@ def decode(
         drawn = draw_codes(probs, generator)
         noise = -torch.log(-torch.log(torch.rand(len(drawn), generator=generator, device=device) + 1e-20) + 1e-20)
         tokens = tokens.masked_scatter(still_masked, drawn)
+        progress = min((step + 1) / steps, 1.0)
+        drawn_probs = probs.gather(-1, drawn[:, None]).squeeze(1)
         # Known tokens are never re-masked: infinitely confident.
         confidence = torch.full(tokens.shape, math.inf, device=device).masked_scatter(
-            still_masked, probs.gather(-1, drawn[:, None]).squeeze(1).log() + choice_temperature * (1 - (step + 1) / steps) * noise
+            still_masked, drawn_probs.log() + choice_temperature * (1 - progress) * noise
         )
-        left = (schedule((step + 1) / steps) * total).floor().long()
-        if step + 1 == steps or not bool((left > 0).any()):
-            break
+        # The last scheduled step, and every one after it, leaves nothing masked by the schedule.
+        left = (schedule(progress) * total).floor().long() if progress < 1 else torch.zeros_like(total)
         # Re-mask the least confident of this step's choices; earlier choices stay.
         ranks = confidence.argsort(dim=1).argsort(dim=1)
-        tokens = torch.where(ranks < left[:, None], torch.full_like(tokens, mask_id), tokens)
-    return tokens
+        remask = still_masked & (ranks < left[:, None])
+        if uncertain_per_step:
+            uncertain = torch.zeros_like(still_masked).masked_scatter(still_masked, drawn_probs < CERTAIN)
+            kept_uncertain = still_masked & uncertain & ~remask
+            order = confidence.masked_fill(~kept_uncertain, -math.inf).argsort(dim=1, descending=True).argsort(dim=1)
+            remask |= kept_uncertain & (order >= uncertain_per_step)
+        tokens = torch.where(remask, torch.full_like(tokens, mask_id), tokens)
+        step += 1
+        if not bool(remask.any()):
+            return tokens
 
 
 def decode_frame_by_frame(

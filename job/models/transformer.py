@@ -240,12 +240,13 @@ class MaskedVideoTransformer(nn.Module):
     def generate(
         self, classes: torch.Tensor, given: torch.Tensor | None = None, given_frames: int = 0,
         steps: int | None = None, temperature: float | None = None, generator: torch.Generator | None = None,
-        frame_steps: int = 0,
+        frame_steps: int = 0, uncertain_per_step: int = 0,
     ) -> torch.Tensor:
         """Codes (B, t, h, w) by MaskGIT's iterative decoding. ``classes`` (B,): a class id, or
         ``num_classes`` for none; ``given`` (B, t, h, w): codes whose first ``given_frames``
         latent frames are kept as they are (frame prediction). ``frame_steps`` > 0 decodes one
-        latent frame after another in that many steps each, instead of all at once in ``steps``."""
+        latent frame after another in that many steps each, instead of all at once in ``steps``;
+        ``uncertain_per_step``: ``job.models.maskgit.decode``'s."""
         batch, device = len(classes), classes.device
         tokens = torch.full((batch, self.length), self.mask_id, dtype=torch.long, device=device)
         if given is not None and given_frames:
@@ -263,7 +264,7 @@ class MaskedVideoTransformer(nn.Module):
         options = dict(
             mask_id=self.mask_id, schedule=cosine_schedule, generator=generator,
             temperature=self.cfg.temperature if temperature is None else temperature,
-            choice_temperature=self.cfg.choice_temperature,
+            choice_temperature=self.cfg.choice_temperature, uncertain_per_step=uncertain_per_step,
         )
         if frame_steps:
             decoded = decode_frame_by_frame(

@@ -49,6 +49,7 @@ from job.inference.videos import (
     given_video_frames,
     predict_test_videos,
     prediction_indices,
+    prediction_settings,
 )
 from job.models.tokenizer import codebook_stats, trained_tokenizer
 from job.modes.common import open_run
@@ -152,7 +153,7 @@ def add_generation_sections(
     health = {key: value for key, value in (history[-1] if history else {}).items() if key.startswith("val_")}
     report["generation"] = {**settings, "samples_per_class": s2.samples_per_class, "stage2_validation": health,
                             **generation}
-    report["prediction"] = {**settings, "predict_frame_steps": s2.predict_frame_steps, **prediction}
+    report["prediction"] = {**settings, **prediction_settings(model), **prediction}
     report["goals"].update(generation_goals(report["generation"], report["prediction"]))
     report["stage2_seconds"] = round(time.monotonic() - started, 2)
 

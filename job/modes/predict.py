@@ -20,6 +20,7 @@ from job.inference.videos import (
     given_video_frames,
     predict_test_videos,
     prediction_indices,
+    prediction_settings,
 )
 from job.modes.common import open_run
 from job.monitoring.progress import utc_now
@@ -61,7 +62,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         "split": "test",
         "given_frames": given,
         "given_latent_frames": model.transformer.predict_frames(),
-        "predict_frame_steps": model.transformer.cfg.predict_frame_steps,
+        **prediction_settings(model),
         "frames": list(truth.shape[1:]),
         "videos": videos,
         "summary": {kind: prediction_summary(kind_scores, given) for kind, kind_scores in scores.items()},

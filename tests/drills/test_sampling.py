@@ -127,6 +127,23 @@ def test_predict_writes_a_strip_per_test_video(stage2_run):
     assert "baseline_constant_velocity" in outputs["predict"]
 
 
+def test_predict_takes_its_decoding_from_the_command_line_and_says_so(stage2_run, tmp_path):
+    """stage2.predict_uncertain_per_step reaches predict's decoding; predictions/index.json says
+    how its frames were drawn."""
+    run, _ = stage2_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "predictions")
+    result = run_job("predict", "--preset", "smoke", "--run-uri", str(copy), "--set", "stage2.predict_uncertain_per_step=1",
+                     "--set", "stage2.predict_frame_steps=1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    index = json.loads((run / "predictions" / "index.json").read_text())
+    capped = json.loads((copy / "predictions" / "index.json").read_text())
+    assert (index["predict_uncertain_per_step"], index["predict_frame_steps"]) == (0, 2)  # smoke's
+    assert (capped["predict_uncertain_per_step"], capped["predict_frame_steps"]) == (1, 1)
+    assert len(capped["videos"]) == len(index["videos"])
+
+
 def finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 

@@ -224,3 +224,47 @@ def test_frame_by_frame_draws_a_joint_that_parallel_decoding_cannot():
     assert (by_frame == first).all()
     at_once = decode(tokens, copy_the_frame_before, mask_id=MASK, steps=1, generator=generator)
     assert float((at_once[:, 2 * SPAN :] == first).double().mean()) < 0.3
+
+
+def half_known_logits(answer: torch.Tensor, known: torch.Tensor, calls: list[torch.Tensor]):
+    """The planted answer where ``known`` (certain tokens); uniform over the codebook elsewhere."""
+    planted = planted_logits(answer)
+
+    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+        calls.append(tokens.clone())
+        return torch.where(known[..., None], planted(tokens), uniform_logits(tokens))
+
+    return logits_fn
+
+
+def test_a_step_keeps_at_most_uncertain_per_step_uncertain_tokens_and_decoding_goes_on_until_none_is_masked():
+    """uncertain_per_step: tokens the model is sure of follow the schedule; of the others (the drawn
+    code's probability below CERTAIN), a step keeps at most that many a row, so that they are drawn
+    a few at a time, each step given the ones before; decoding takes the steps it needs."""
+    generator = torch.Generator().manual_seed(4)
+    answer = torch.randint(0, VOCAB, (2, 40), generator=generator)
+    known = torch.rand(2, 40, generator=generator) < 0.5
+    tokens = torch.full_like(answer, MASK)
+    tokens[1, :5] = answer[1, :5]  # given tokens, certain or not, are never drawn
+    calls: list[torch.Tensor] = []
+    decoded = decode(tokens, half_known_logits(answer, known, calls), mask_id=MASK, steps=4, generator=generator,
+                     uncertain_per_step=2)
+    given = tokens != MASK
+    assert not (decoded == MASK).any()
+    assert torch.equal(decoded[given], tokens[given])
+    assert torch.equal(decoded[known & ~given], answer[known & ~given])
+    uncertain_open = (~known & ~given).sum(1)
+    for before, after in zip(calls, [*calls[1:], decoded]):
+        newly = (before == MASK) & (after != MASK)
+        assert ((newly & ~known).sum(1) <= 2).all()
+        assert torch.equal(after[before != MASK], before[before != MASK])
+    assert len(calls) >= math.ceil(int(uncertain_open.max()) / 2) > 4  # more passes than the 4 steps
+
+
+def test_without_uncertain_tokens_the_cap_changes_nothing():
+    answer = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(5))
+    tokens = torch.full_like(answer, MASK)
+    capped = decode(tokens, planted_logits(answer), mask_id=MASK, steps=6, generator=torch.Generator().manual_seed(6),
+                    uncertain_per_step=1)
+    plain = decode(tokens, planted_logits(answer), mask_id=MASK, steps=6, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(capped, plain) and torch.equal(capped, answer)

@@ -66,16 +66,23 @@ def test_sample_writes_n_videos_per_class(stage2_run):
         assert 0.0 <= array.min() and array.max() <= 1.0
 
 
-def test_sample_is_deterministic_for_a_seed(stage2_run, tmp_path):
-    run, _ = stage2_run
+def rerun_on_a_copy(run: Path, tmp_path: Path, mode: str, folder: str, *settings: str) -> tuple[dict, dict, Path]:
+    """``mode`` again on a copy of ``run`` without its ``folder``, with ``--set`` each of
+    ``settings``: (the run's index.json, the copy's, the copy)."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    shutil.rmtree(copy / "samples")
-    result = run_job("sample", "--preset", "smoke", "--run-uri", str(copy), "--set", "stage2.samples_per_class=3",
-                     "--set", "stage2.sample_seed=1", timeout=300)
+    shutil.rmtree(copy / folder)
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    result = run_job(mode, "--preset", "smoke", "--run-uri", str(copy), *sets, timeout=300)
     assert result.returncode == 0, result.stderr
-    index = json.loads((run / "samples" / "index.json").read_text())
-    other = json.loads((copy / "samples" / "index.json").read_text())
+    return (json.loads((run / folder / "index.json").read_text()), json.loads((copy / folder / "index.json").read_text()),
+            copy)
+
+
+def test_sample_is_deterministic_for_a_seed(stage2_run, tmp_path):
+    run, _ = stage2_run
+    index, other, copy = rerun_on_a_copy(run, tmp_path, "sample", "samples", "stage2.samples_per_class=3",
+                                         "stage2.sample_seed=1")
     assert other["seed"] == 1
     differ = [not np.array_equal(np.load(run / "samples" / a["npy"]), np.load(copy / "samples" / b["npy"]))
               for a, b in zip(index["videos"], other["videos"])]
@@ -97,15 +104,8 @@ def test_sample_takes_its_sampling_settings_from_the_command_line(stage2_run, tm
     one latent frame after another) reach the sampler (the same seed draws other videos) and
     samples/index.json says what made them."""
     run, _ = stage2_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "samples")
-    result = run_job("sample", "--preset", "smoke", "--run-uri", str(copy), "--set", "stage2.samples_per_class=3",
-                     "--set", "stage2.guidance=3", "--set", "stage2.choice_temperature=0",
-                     "--set", "stage2.sample_frame_steps=2", timeout=300)
-    assert result.returncode == 0, result.stderr
-    index = json.loads((run / "samples" / "index.json").read_text())
-    guided = json.loads((copy / "samples" / "index.json").read_text())
+    index, guided, copy = rerun_on_a_copy(run, tmp_path, "sample", "samples", "stage2.samples_per_class=3",
+                                          "stage2.guidance=3", "stage2.choice_temperature=0", "stage2.sample_frame_steps=2")
     assert (index["guidance"], guided["guidance"], guided["choice_temperature"]) == (0.0, 3.0, 0.0)
     assert (index["sample_frame_steps"], guided["sample_frame_steps"]) == (0, 2)
     assert guided["seed"] == index["seed"]
@@ -131,14 +131,8 @@ def test_predict_takes_its_decoding_from_the_command_line_and_says_so(stage2_run
     """stage2.predict_uncertain_per_step reaches predict's decoding; predictions/index.json says
     how its frames were drawn."""
     run, _ = stage2_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "predictions")
-    result = run_job("predict", "--preset", "smoke", "--run-uri", str(copy), "--set", "stage2.predict_uncertain_per_step=1",
-                     "--set", "stage2.predict_frame_steps=1", timeout=300)
-    assert result.returncode == 0, result.stderr
-    index = json.loads((run / "predictions" / "index.json").read_text())
-    capped = json.loads((copy / "predictions" / "index.json").read_text())
+    index, capped, _ = rerun_on_a_copy(run, tmp_path, "predict", "predictions", "stage2.predict_uncertain_per_step=1",
+                                       "stage2.predict_frame_steps=1")
     assert (index["predict_uncertain_per_step"], index["predict_frame_steps"]) == (0, 2)  # smoke's
     assert (capped["predict_uncertain_per_step"], capped["predict_frame_steps"]) == (1, 1)
     assert len(capped["videos"]) == len(index["videos"])
